@@ -1,0 +1,27 @@
+"""The ``vggt-turbo`` command. Each subcommand lives in its own module exposing ``add_parser(subparsers)``,
+which registers the subcommand and sets ``func`` (called with the parsed arguments, returns the exit code)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Optional, Sequence
+
+COMMANDS = ("vggt_turbo.reconstruct", "vggt_turbo.bench")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="vggt-turbo", description="Faster, leaner upstream VGGT.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what is patched and why")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        importlib.import_module(name).add_parser(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The typed configuration: one field per optimization, validated before anything is patched.
+
+Presets:
+  - ``"exact"`` (default): every patch that keeps upstream's outputs (within the dtype's rounding).
+  - ``"fast"``: ``"exact"`` plus the approximations (today: early global layers run as frame attention).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping, Union
+
+SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+
+# Layers that the "fast" preset runs as frame attention. The first five global layers were swapped by the
+# project's seed; AVGGT (arXiv 2512.02541) reports early global layers attend mostly within a frame.
+FAST_GLOBAL_TO_FRAME_LAYERS = (0, 1, 2, 3, 4)
+
+
+@dataclass(frozen=True)
+class TurboConfig:
+    """Which optimizations to apply. Every field is independent so that each can be ablated.
+
+    Attributes:
+        fused_frame_batching: run each frame-attention step as one call over all B*S frames on a contiguous
+            (B*S, P, C) layout (exact).
+        sdpa: replace ``Attention.forward`` by a version with contiguous q/k/v and an explicit SDPA backend (exact
+            up to the chosen kernel's rounding).
+        sdpa_backend: ``"auto"`` (fastest available: cuDNN first on CUDA), or force one of ``"cudnn"``,
+            ``"flash"``, ``"efficient"``, ``"math"``. Only used when ``sdpa`` is on.
+        sync_free_rope: RoPE-2D without upstream's per-call ``int(positions.max())`` device-to-host sync (exact).
+        global_to_frame_layers: indices of global blocks that run as frame attention. APPROXIMATION: changes
+            outputs, off (empty) in ``"exact"``.
+        nvtx: NVTX ranges around patch embed, every block and every head, for Nsight Systems (exact; off by
+            default because each range costs a few microseconds of host time).
+    """
+
+    fused_frame_batching: bool = True
+    sdpa: bool = True
+    sdpa_backend: str = "auto"
+    sync_free_rope: bool = True
+    global_to_frame_layers: tuple[int, ...] = ()
+    nvtx: bool = False
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("bool", bool) and not isinstance(value, bool):
+                raise TypeError(f"TurboConfig.{f.name} must be a bool, got {value!r}")
+        if not isinstance(self.sdpa_backend, str) or self.sdpa_backend not in SDPA_BACKENDS:
+            raise ValueError(f"TurboConfig.sdpa_backend must be one of {SDPA_BACKENDS}, got {self.sdpa_backend!r}")
+        object.__setattr__(self, "global_to_frame_layers", _layer_tuple(self.global_to_frame_layers))
+
+    @property
+    def is_exact(self) -> bool:
+        """True when no approximation is enabled."""
+        return not self.global_to_frame_layers
+
+    def replace(self, **flags: Any) -> "TurboConfig":
+        """A copy with some fields changed; unknown names raise ``TypeError``."""
+        unknown = sorted(set(flags) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"unknown vggt_turbo flag(s) {unknown}; valid flags: {field_names()}")
+        return dataclasses.replace(self, **flags)
+
+    @classmethod
+    def preset(cls, name: str) -> "TurboConfig":
+        """The named preset (``"exact"`` or ``"fast"``)."""
+        try:
+            return PRESETS[name]
+        except (KeyError, TypeError):
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _layer_tuple(value: Any) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise TypeError(f"TurboConfig.global_to_frame_layers must be a sequence of ints, got {value!r}")
+    layers = tuple(value)
+    for i in layers:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"TurboConfig.global_to_frame_layers must hold ints, got {i!r}")
+        if i < 0:
+            raise ValueError(f"TurboConfig.global_to_frame_layers must be >= 0, got {i}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"TurboConfig.global_to_frame_layers has duplicates: {layers}")
+    return tuple(sorted(layers))
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(TurboConfig)]
+
+
+PRESETS: Mapping[str, TurboConfig] = {
+    "exact": TurboConfig(),
+    "fast": TurboConfig(global_to_frame_layers=FAST_GLOBAL_TO_FRAME_LAYERS),
+}
+
+ConfigLike = Union[TurboConfig, str, None]
+
+
+def resolve(config: ConfigLike = None, **flags: Any) -> TurboConfig:
+    """Turn ``apply_optimizations``' ``config`` and ``**flags`` into one validated ``TurboConfig``."""
+    if config is None:
+        base = PRESETS["exact"]
+    elif isinstance(config, str):
+        base = TurboConfig.preset(config)
+    elif isinstance(config, TurboConfig):
+        base = config
+    else:
+        raise TypeError(f"config must be a TurboConfig, a preset name or None, got {type(config).__name__}")
+    return base.replace(**flags) if flags else base

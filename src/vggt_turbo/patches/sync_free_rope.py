@@ -1,0 +1,95 @@
+"""sync_free_rope — replaces ``RotaryPositionEmbedding2D.forward(tokens, positions)`` (and wraps
+``Aggregator.forward(images)`` to tell it the patch grid).
+
+Why faster: upstream sizes its cos/sin table with ``int(positions.max()) + 1`` in every call, a device-to-host
+synchronisation in each of the 48 attention layers that stalls the CPU until the GPU catches up (the 1-frame
+regime is host-bound). The aggregator already knows the largest position: patch positions are the grid indices
+plus one (special tokens sit at 0), so the table length is ``max(H, W) // patch_size + 1``. The patched
+aggregator publishes that length for the duration of its forward; the patched RoPE uses it and upstream's own
+cached table (same cache key as upstream's).
+
+Exact: the same table entries, the same lookups and arithmetic as upstream. Called outside its aggregator's
+forward (no length published), the RoPE falls back to upstream's code, sync included.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..config import TurboConfig
+from ..upstream import Requirement, aggregator_of, rope_of
+from ._base import Patch, Target, aggregator_path, join
+
+# (the RoPE module, its table length) while a patched Aggregator.forward runs.
+_TABLE: contextvars.ContextVar[Optional[tuple[nn.Module, int]]] = contextvars.ContextVar(
+    "vggt_turbo_rope_table", default=None
+)
+
+
+def _images(images: torch.Tensor) -> torch.Tensor:
+    return images
+
+
+def _tokens_positions(tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return tokens, positions
+
+
+def table_length(aggregator: nn.Module, height: int, width: int) -> int:
+    """Upstream's ``int(positions.max()) + 1`` for a ``height`` x ``width`` image, computed on the host."""
+    largest = max(height // aggregator.patch_size, width // aggregator.patch_size)  # grid index + 1
+    if aggregator.patch_start_idx == 0:  # no special tokens: positions are not shifted by one
+        largest -= 1
+    return largest + 1
+
+
+def aggregator_forward(wrapped: Any, aggregator: nn.Module, args: tuple, kwargs: dict) -> Any:
+    images = _images(*args, **kwargs)
+    token = _TABLE.set((aggregator.rope, table_length(aggregator, images.shape[-2], images.shape[-1])))
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        _TABLE.reset(token)
+
+
+def rope_forward(wrapped: Any, rope: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    published = _TABLE.get()
+    if published is None or published[0] is not rope:
+        return wrapped(*args, **kwargs)
+    tokens, positions = _tokens_positions(*args, **kwargs)
+    half = tokens.size(-1) // 2
+    cos, sin = rope._compute_frequency_components(half, published[1], tokens.device, tokens.dtype)
+    vertical, horizontal = tokens.chunk(2, dim=-1)
+    vertical = rope._apply_1d_rope(vertical, positions[..., 0], cos, sin)
+    horizontal = rope._apply_1d_rope(horizontal, positions[..., 1], cos, sin)
+    return torch.cat((vertical, horizontal), dim=-1)
+
+
+def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
+    if rope_of(root) is None:  # rope_freq <= 0: no RoPE, nothing to do
+        return []
+    agg = aggregator_path(root)
+    return [Target(agg, "forward", aggregator_forward), Target(join(agg, "rope"), "forward", rope_forward)]
+
+
+PATCH = Patch(
+    name="sync_free_rope",
+    exact=True,
+    requirements=(
+        Requirement("Aggregator", "forward", aggregator_of, ("images",)),
+        Requirement("Aggregator", "patch_size", aggregator_of),
+        Requirement("Aggregator", "patch_start_idx", aggregator_of),
+        Requirement("RotaryPositionEmbedding2D", "forward", rope_of, ("tokens", "positions")),
+        Requirement(
+            "RotaryPositionEmbedding2D", "_compute_frequency_components", rope_of, ("dim", "seq_len", "device", "dtype")
+        ),
+        Requirement(
+            "RotaryPositionEmbedding2D", "_apply_1d_rope", rope_of, ("tokens", "positions", "cos_comp", "sin_comp")
+        ),
+    ),
+    enabled=lambda c: c.sync_free_rope,
+    targets=_targets,
+)

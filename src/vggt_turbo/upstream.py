@@ -1,0 +1,111 @@
+"""The contract with upstream VGGT: what the patches rely on, checked before anything is touched.
+
+Upstream (facebookresearch/vggt) has no version number that changes (it is always 0.0.1), so support is declared
+by structure: each patch lists the upstream methods it replaces or calls, with their parameter names, and the
+attributes it reads. ``check`` compares them with the *installed* classes of the instance being patched and raises
+``IncompatibleUpstreamError`` naming the symbol and what differs. Nothing is patched when any check fails.
+
+Tested against the pinned commit ``PINNED_COMMIT`` and against the older layout of 2025-10 (``44b3afbd``), whose
+``Aggregator`` keeps all 24 intermediates instead of the four the heads read; both satisfy the contract.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from torch import nn
+
+PINNED_COMMIT = "a288dd0f14786c93483e45524328726ab7b1b4ce"
+
+
+class IncompatibleUpstreamError(RuntimeError):
+    """The installed upstream VGGT lacks something a requested patch needs (symbol and difference named)."""
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """One upstream symbol a patch relies on.
+
+    ``owner`` names the upstream class (for messages); ``locate`` finds an instance of it in the model being
+    patched (None when the model has no such part, e.g. no RoPE); ``params`` are the expected parameter names
+    (without ``self``) of a method, or None for a plain attribute.
+    """
+
+    owner: str
+    attr: str
+    locate: Callable[[nn.Module], Optional[object]]
+    params: Optional[tuple[str, ...]] = None
+
+    @property
+    def symbol(self) -> str:
+        if self.params is None:
+            return f"{self.owner}.{self.attr}"
+        return f"{self.owner}.{self.attr}({', '.join(self.params)})"
+
+    def check(self, root: nn.Module, patch: str) -> None:
+        target = self.locate(root)
+        if target is None:
+            return
+        where = f"{type(target).__module__}.{type(target).__qualname__}"
+        if not hasattr(target, self.attr):
+            raise IncompatibleUpstreamError(
+                f"patch {patch!r} needs upstream {self.symbol}, but {where} has no attribute {self.attr!r}"
+            )
+        if self.params is None:
+            return
+        member = inspect.getattr_static(type(target), self.attr, None)
+        if not callable(member):
+            raise IncompatibleUpstreamError(f"patch {patch!r} needs upstream method {self.symbol}; {where}.{self.attr} is not a method")
+        found = tuple(p for p in inspect.signature(member).parameters if p != "self")
+        if found != self.params:
+            raise IncompatibleUpstreamError(
+                f"patch {patch!r} needs upstream {self.symbol}, but the installed {where}.{self.attr} "
+                f"takes ({', '.join(found)})"
+            )
+
+
+def aggregator_of(root: nn.Module) -> nn.Module:
+    """The Aggregator of a VGGT, or the module itself when it is an Aggregator."""
+    return root.aggregator if hasattr(root, "aggregator") else root
+
+
+def first_attention(root: nn.Module) -> Optional[nn.Module]:
+    blocks = getattr(aggregator_of(root), "frame_blocks", None)
+    return blocks[0].attn if blocks else None
+
+
+def rope_of(root: nn.Module) -> Optional[nn.Module]:
+    return getattr(aggregator_of(root), "rope", None)
+
+
+def looks_like_vggt(model: object) -> bool:
+    return isinstance(model, nn.Module) and hasattr(model, "aggregator") and looks_like_aggregator(model.aggregator)
+
+
+def looks_like_aggregator(model: object) -> bool:
+    return isinstance(model, nn.Module) and all(
+        hasattr(model, name) for name in ("frame_blocks", "global_blocks", "patch_embed", "aa_order")
+    )
+
+
+def check(root: nn.Module, requirements: dict[str, tuple[Requirement, ...]]) -> None:
+    """Check every requirement of every requested patch; raise on the first mismatch."""
+    for patch, reqs in requirements.items():
+        for req in reqs:
+            req.check(root, patch)
+
+
+def keeps_all_intermediates(root: nn.Module) -> bool:
+    """True for upstream before ``cached_layer_indices`` (2025-10 and older): every layer's output is kept."""
+    return not hasattr(aggregator_of(root), "cached_layer_indices")
+
+
+# Requirements shared by several patches.
+AGGREGATOR_LAYOUT = (
+    Requirement("Aggregator", "frame_blocks", aggregator_of),
+    Requirement("Aggregator", "global_blocks", aggregator_of),
+    Requirement("Aggregator", "aa_block_size", aggregator_of),
+    Requirement("Aggregator", "aa_order", aggregator_of),
+)
