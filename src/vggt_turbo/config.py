@@ -11,6 +11,9 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
+# Flags that only work on top of others (a CUDA graph cannot capture a host sync or a host-to-device copy).
+REQUIRES: Mapping[str, tuple[str, ...]] = {"cuda_graphs": ("sync_free_rope", "cached_positions")}
+
 SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 
 # Layers that the "fast" preset runs as frame attention. The first five global layers were swapped by the
@@ -34,6 +37,11 @@ class TurboConfig:
             outputs, off (empty) in ``"exact"``.
         nvtx: NVTX ranges around patch embed, every block and every head, for Nsight Systems (exact; off by
             default because each range costs a few microseconds of host time).
+        cached_positions: build RoPE positions once per shape on the device instead of a CPU tensor copied to
+            the GPU in every forward (exact).
+        cuda_graphs: capture the forward in a CUDA graph per input shape and replay it (exact; needs
+            ``sync_free_rope`` and ``cached_positions``; eager on CPU, in training or with autograd on).
+        cuda_graph_max_frames: longest sequence (frames) captured; longer ones run eagerly, being GPU-bound.
     """
 
     fused_frame_batching: bool = True
@@ -42,6 +50,9 @@ class TurboConfig:
     sync_free_rope: bool = True
     global_to_frame_layers: tuple[int, ...] = ()
     nvtx: bool = False
+    cached_positions: bool = True
+    cuda_graphs: bool = True
+    cuda_graph_max_frames: int = 8
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -51,6 +62,14 @@ class TurboConfig:
         if not isinstance(self.sdpa_backend, str) or self.sdpa_backend not in SDPA_BACKENDS:
             raise ValueError(f"TurboConfig.sdpa_backend must be one of {SDPA_BACKENDS}, got {self.sdpa_backend!r}")
         object.__setattr__(self, "global_to_frame_layers", _layer_tuple(self.global_to_frame_layers))
+        if isinstance(self.cuda_graph_max_frames, bool) or not isinstance(self.cuda_graph_max_frames, int):
+            raise TypeError(f"TurboConfig.cuda_graph_max_frames must be an int, got {self.cuda_graph_max_frames!r}")
+        if self.cuda_graph_max_frames < 1:
+            raise ValueError(f"TurboConfig.cuda_graph_max_frames must be >= 1, got {self.cuda_graph_max_frames}")
+        for flag, needs in REQUIRES.items():
+            missing = [n for n in needs if getattr(self, flag) and not getattr(self, n)]
+            if missing:
+                raise ValueError(f"TurboConfig.{flag}=True needs {missing} on as well")
 
     @property
     def is_exact(self) -> bool:

@@ -12,6 +12,7 @@ Tested against the pinned commit ``PINNED_COMMIT`` and against the older layout 
 from __future__ import annotations
 
 import inspect
+import types
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -48,14 +49,15 @@ class Requirement:
         target = self.locate(root)
         if target is None:
             return
-        where = f"{type(target).__module__}.{type(target).__qualname__}"
+        where = target.__name__ if isinstance(target, types.ModuleType) else f"{type(target).__module__}.{type(target).__qualname__}"
         if not hasattr(target, self.attr):
             raise IncompatibleUpstreamError(
                 f"patch {patch!r} needs upstream {self.symbol}, but {where} has no attribute {self.attr!r}"
             )
         if self.params is None:
             return
-        member = inspect.getattr_static(type(target), self.attr, None)
+        owner = target if isinstance(target, types.ModuleType) else type(target)
+        member = inspect.getattr_static(owner, self.attr, None)
         if not callable(member):
             raise IncompatibleUpstreamError(f"patch {patch!r} needs upstream method {self.symbol}; {where}.{self.attr} is not a method")
         found = tuple(p for p in inspect.signature(member).parameters if p != "self")
@@ -69,6 +71,13 @@ class Requirement:
 def aggregator_of(root: nn.Module) -> nn.Module:
     """The Aggregator of a VGGT, or the module itself when it is an Aggregator."""
     return root.aggregator if hasattr(root, "aggregator") else root
+
+
+def upstream_module(name: str) -> Callable[[nn.Module], types.ModuleType]:
+    """A ``locate`` for a module-level upstream helper, e.g. ``upstream_module("vggt.models.aggregator")``."""
+    import importlib
+
+    return lambda root: importlib.import_module(name)
 
 
 def first_attention(root: nn.Module) -> Optional[nn.Module]:

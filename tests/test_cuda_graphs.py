@@ -1,0 +1,131 @@
+"""cuda_graphs: eager fallback with a logged reason on CPU, and on a GPU replay that equals eager execution,
+never returns stale or aliased outputs, and recaptures when shapes or parameters change."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import vggt_turbo
+from vggt_turbo.patches import cuda_graphs
+from vggt_turbo.random_model import build_vggt, random_images
+
+OUTPUTS = ("pose_enc", "depth", "depth_conf", "world_points", "world_points_conf")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_needs_its_prerequisites():
+    with pytest.raises(ValueError, match="sync_free_rope"):
+        vggt_turbo.TurboConfig(sync_free_rope=False)
+    with pytest.raises(ValueError, match="cached_positions"):
+        vggt_turbo.TurboConfig(cached_positions=False)
+    assert vggt_turbo.TurboConfig(cuda_graphs=False, sync_free_rope=False).cuda_graphs is False
+
+
+@pytest.mark.parametrize("bad", [0, -3])
+def test_max_frames_validated(bad):
+    with pytest.raises(ValueError):
+        vggt_turbo.TurboConfig(cuda_graph_max_frames=bad)
+    with pytest.raises(TypeError):
+        vggt_turbo.TurboConfig(cuda_graph_max_frames=2.0)
+
+
+def test_cpu_runs_eagerly_and_says_why_once(caplog):
+    model = build_vggt("small", enable_track=False)
+    images = random_images(2)
+    with torch.no_grad():
+        ref = model(images)
+        vggt_turbo.apply_optimizations(model)
+        with caplog.at_level(logging.INFO, logger=cuda_graphs.__name__):
+            out = model(images)
+            model(images)
+    reasons = [r.getMessage() for r in caplog.records if "running eagerly" in r.getMessage()]
+    assert reasons == ["vggt_turbo cuda_graphs: running eagerly: input is not on a CUDA device"]
+    for k in OUTPUTS:
+        assert torch.equal(out[k], ref[k]), k
+
+
+def _cuda_model(max_frames: int = 8):
+    model = build_vggt("small", enable_track=False).cuda()
+    return model, vggt_turbo.TurboConfig(cuda_graph_max_frames=max_frames)
+
+
+def _run(model, images):
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        return model(images)
+
+
+@needs_cuda
+def test_replay_equals_eager_and_is_fresh_each_call():
+    model, cfg = _cuda_model()
+    a, b = random_images(3, seed=1).cuda(), random_images(3, seed=2).cuda()
+    vggt_turbo.apply_optimizations(model, cfg.replace(cuda_graphs=False))
+    eager_a, eager_b = _run(model, a), _run(model, b)
+    vggt_turbo.apply_optimizations(model, cfg)
+    graph_a = _run(model, a)  # captures
+    graph_b = _run(model, b)  # replays with new inputs
+    graph_a2 = _run(model, a)
+    for k in OUTPUTS:
+        assert rel(graph_a[k], eager_a[k]) < 1e-6, k
+        assert rel(graph_b[k], eager_b[k]) < 1e-6, k
+        assert rel(graph_a2[k], eager_a[k]) < 1e-6, k
+        assert graph_a[k].data_ptr() != graph_a2[k].data_ptr(), "outputs must not alias the graph's buffers"
+    assert graph_b["images"].data_ptr() == b.data_ptr()  # upstream returns the caller's images
+    entries = cuda_graphs.graph_cache(model).entries
+    assert len(entries) == 1 and next(iter(entries.values())).graph is not None
+
+
+@needs_cuda
+def test_new_shapes_recapture_within_the_bound_and_long_runs_stay_eager():
+    model, cfg = _cuda_model(max_frames=4)
+    vggt_turbo.apply_optimizations(model, cfg)
+    for frames in (1, 2, 3):
+        images = random_images(frames, seed=frames).cuda()
+        out = _run(model, images)
+        vggt_turbo.revert_optimizations(model)
+        ref = _run(model, images)
+        vggt_turbo.apply_optimizations(model, cfg)
+        assert rel(out["depth"], ref["depth"]) < 2e-2
+    # the cache was dropped by revert; fill it past its bound
+    for frames in (1, 2, 3):
+        _run(model, random_images(frames).cuda())
+    assert len(cuda_graphs.graph_cache(model).entries) == cuda_graphs.MAX_GRAPHS
+    _run(model, random_images(5).cuda())  # > max frames: eager, nothing captured
+    assert all(k[0][1] != 5 for k in cuda_graphs.graph_cache(model).entries)
+
+
+@needs_cuda
+def test_parameters_replaced_or_reloaded_are_seen():
+    model, cfg = _cuda_model()
+    images = random_images(2).cuda()
+    vggt_turbo.apply_optimizations(model, cfg)
+    first = _run(model, images)
+    state = {k: v * 1.5 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.load_state_dict(state)  # in place: the next replay must see it
+    reloaded = _run(model, images)
+    vggt_turbo.revert_optimizations(model)
+    expected = _run(model, images)
+    assert rel(reloaded["depth"], expected["depth"]) < 2e-2
+    assert rel(reloaded["depth"], first["depth"]) > 1e-3
+    vggt_turbo.apply_optimizations(model, cfg)
+    _run(model, images)
+    model.to(torch.float64).to(torch.float32)  # new storage: must recapture, not replay on freed memory
+    moved = _run(model, images)
+    assert rel(moved["depth"], expected["depth"]) < 2e-2
+
+
+@needs_cuda
+def test_grad_mode_runs_eagerly():
+    model, cfg = _cuda_model()
+    vggt_turbo.apply_optimizations(model, cfg)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(random_images(1).cuda())
+    assert out["depth"].requires_grad
+    assert not cuda_graphs.graph_cache(model).entries
+    assert cuda_graphs.graph_cache(model).reported == {"autograd is enabled (call under torch.no_grad() or torch.inference_mode())"}
