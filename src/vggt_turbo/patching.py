@@ -93,17 +93,26 @@ def _state(model: nn.Module) -> Optional[TurboState]:
 
 
 def _check_model(model: Any) -> None:
+    """Refuse what is not a VGGT/Aggregator, and a model part of which is patched through another root."""
     if not (upstream.looks_like_vggt(model) or upstream.looks_like_aggregator(model)):
         raise TypeError(
             "vggt_turbo patches an upstream vggt.models.vggt.VGGT or vggt.models.aggregator.Aggregator instance, "
             f"got {type(model).__module__}.{type(model).__qualname__}"
         )
+    state = _state(model)
+    owned = {(s.path, s.attr) for s in state.saved} if state is not None else set()
     for name, sub in model.named_modules():
         if name and _state(sub) is not None:
             raise ValueError(
                 f"model.{name} was optimized on its own; call vggt_turbo.revert_optimizations(model.{name}) "
                 "before optimizing the whole model"
             )
+        for attr, value in vars(sub).items():
+            if isinstance(value, _InstanceWrapper) and (name, attr) not in owned:
+                raise ValueError(
+                    f"{name or type(model).__name__}.{attr} is already patched by vggt_turbo through another model "
+                    "(e.g. its parent VGGT); revert that one first"
+                )
 
 
 def _module(root: nn.Module, path: str) -> nn.Module:
@@ -129,15 +138,9 @@ def _install(model: nn.Module, config: TurboConfig, targets: list[Target], names
     try:
         for t in targets:
             module = _module(model, t.path)
-            current = module.__dict__.get(t.attr)
             if (t.path, t.attr) not in seen:
-                if isinstance(current, _InstanceWrapper):
-                    raise ValueError(
-                        f"{t.path or type(model).__name__}.{t.attr} is already patched by vggt_turbo through "
-                        "another model (e.g. its parent VGGT); revert that one first"
-                    )
                 seen.add((t.path, t.attr))
-                state.saved.append(_Saved(t.path, t.attr, t.attr in module.__dict__, current))
+                state.saved.append(_Saved(t.path, t.attr, t.attr in module.__dict__, module.__dict__.get(t.attr)))
             setattr(module, t.attr, _InstanceWrapper(getattr(module, t.attr), t.wrapper))
     except BaseException:
         _restore(model, state.saved)

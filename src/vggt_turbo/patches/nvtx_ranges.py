@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import nvtx as _nvtx
 from torch import nn
 
 from ..config import TurboConfig
@@ -25,6 +24,7 @@ HEADS = ("camera_head", "depth_head", "point_head", "track_head")
 
 def make_wrapper(name: str):
     """A wrapper that runs the wrapped call inside the NVTX range ``name``."""
+    import nvtx as _nvtx  # here, not at import time: the package costs nothing until the flag is used
 
     def in_range(wrapped: Any, instance: nn.Module, args: tuple, kwargs: dict) -> Any:
         with _nvtx.annotate(name, domain=DOMAIN):

@@ -1,0 +1,210 @@
+"""Writers for what ``vggt-turbo reconstruct`` leaves on disk: predictions (npz), a coloured point cloud (PLY),
+cameras (COLMAP text), the preprocessed images and the run report (JSON); and the staging that makes the output
+folder appear whole or not at all.
+
+Everything here is plain numpy, PIL and the standard library, so that the formats can be checked by independent
+readers (``plyfile``, ``pycolmap``) in the tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+# COLMAP's points3D.txt is text: a few million lines would take minutes to write and to read. Upstream's
+# demo_colmap.py samples 100,000 points for the same reason; the full cloud is in points.ply.
+MAX_COLMAP_POINTS = 100_000
+
+
+@contextlib.contextmanager
+def staged_directory(out: Path, force: bool) -> Iterator[Path]:
+    """Yield an empty sibling of ``out`` to write into; on success it replaces ``out``, on failure it vanishes.
+
+    Why: a reconstruction interrupted halfway (an exception, Ctrl-C) must not leave files that look like a
+    result. The sibling is on the same file system, so the final renames are atomic; an existing ``out`` (only
+    with ``force``) is moved aside first and deleted only once the new one is in place.
+    """
+    out = out.absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes it private (0700); the result gets a new folder's mode
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    old: Optional[Path] = None
+    if out.exists():
+        if any(out.iterdir()) and not force:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise FileExistsError(f"{out} appeared while reconstructing; nothing was overwritten")
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+    os.replace(stage, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def images_to_uint8(images: np.ndarray) -> np.ndarray:
+    """(S, 3, H, W) floats in [0, 1] -> (S, H, W, 3) uint8, the colours of the points and the saved images."""
+    return (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def confident_points(
+    world_points: np.ndarray, conf: np.ndarray, colors: np.ndarray, percentile: float
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """The points whose confidence is at least the ``percentile``-th percentile of all, with their colours.
+
+    Returns (xyz float32 (N, 3), rgb uint8 (N, 3), threshold). Non-finite points are dropped as well: a PLY
+    viewer would choke on them and they carry no geometry.
+    """
+    threshold = float(np.percentile(conf, percentile))
+    keep = (conf >= threshold) & np.isfinite(world_points).all(axis=-1)
+    return world_points[keep].astype(np.float32), colors[keep], threshold
+
+
+def write_ply(path: Path, xyz: np.ndarray, rgb: np.ndarray, comments: Sequence[str] = ()) -> None:
+    """Binary little-endian PLY with float x, y, z and uchar red, green, blue per vertex."""
+    fields = [("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")]
+    vertex = np.empty(len(xyz), dtype=fields)
+    for i, axis in enumerate("xyz"):
+        vertex[axis] = xyz[:, i]
+    for i, channel in enumerate(("red", "green", "blue")):
+        vertex[channel] = rgb[:, i]
+    header = ["ply", "format binary_little_endian 1.0", *(f"comment {c}" for c in comments)]
+    header += [f"element vertex {len(vertex)}"]
+    header += [f"property float {a}" for a in "xyz"] + [f"property uchar {c}" for c in ("red", "green", "blue")]
+    header += ["end_header"]
+    with open(path, "wb") as f:
+        f.write(("\n".join(header) + "\n").encode("ascii"))
+        f.write(vertex.tobytes())
+
+
+def quaternions_from_rotations(rotations: np.ndarray) -> np.ndarray:
+    """(S, 3, 3) rotation matrices -> (S, 4) unit quaternions (qw, qx, qy, qz) with qw >= 0, COLMAP's order.
+
+    Bar-Itzhack's method (the eigenvector of the largest eigenvalue of a symmetric 4x4 matrix built from R): it
+    returns the nearest rotation's quaternion even when R is not exactly orthonormal, as predicted and
+    float-rounded matrices are not, and it has no branch that loses precision near 180 degrees.
+    """
+    r = rotations.astype(np.float64)
+    xx, xy, xz = r[:, 0, 0], r[:, 0, 1], r[:, 0, 2]
+    yx, yy, yz = r[:, 1, 0], r[:, 1, 1], r[:, 1, 2]
+    zx, zy, zz = r[:, 2, 0], r[:, 2, 1], r[:, 2, 2]
+    k = np.stack(
+        [
+            np.stack([xx - yy - zz, yx + xy, zx + xz, zy - yz], -1),
+            np.stack([yx + xy, yy - xx - zz, zy + yz, xz - zx], -1),
+            np.stack([zx + xz, zy + yz, zz - xx - yy, yx - xy], -1),
+            np.stack([zy - yz, xz - zx, yx - xy, xx + yy + zz], -1),
+        ],
+        -2,
+    ) / 3.0
+    _, vectors = np.linalg.eigh(k)
+    xyzw = vectors[..., -1]  # eigenvalues ascend: the last column belongs to the largest
+    wxyz = np.concatenate([xyzw[:, 3:], xyzw[:, :3]], axis=1)
+    wxyz *= np.where(wxyz[:, :1] < 0, -1.0, 1.0)
+    return wxyz / np.linalg.norm(wxyz, axis=1, keepdims=True)
+
+
+def write_colmap(
+    sparse: Path,
+    extrinsics: np.ndarray,
+    intrinsics: np.ndarray,
+    names: Sequence[str],
+    width: int,
+    height: int,
+    xyz: np.ndarray,
+    rgb: np.ndarray,
+    comments: Sequence[str] = (),
+) -> tuple[int, list[str]]:
+    """COLMAP text model: one PINHOLE camera per image, poses, and up to ``MAX_COLMAP_POINTS`` points.
+
+    VGGT's extrinsics are camera-from-world in OpenCV axes (x right, y down, z forward), which is exactly the
+    world-to-camera pose COLMAP stores in images.txt, so R and t are written as they are (R as a quaternion).
+    The intrinsics are at the processed resolution (``width`` x ``height``), the resolution of the images
+    written beside ``sparse/``. Image and camera ids are the frame's position + 1. The points have empty tracks
+    (there are no 2D keypoints).
+
+    A frame whose camera is degenerate (non-finite values, focal length <= 0) cannot be represented, and COLMAP
+    refuses the whole model if it is there: such frames are left out (they stay in the npz) and named in the
+    return value ``(points written, names of the frames left out)``.
+    """
+    sparse.mkdir(parents=True, exist_ok=True)
+    valid = (
+        np.isfinite(extrinsics).all(axis=(1, 2))
+        & np.isfinite(intrinsics).all(axis=(1, 2))
+        & (intrinsics[:, 0, 0] > 0)
+        & (intrinsics[:, 1, 1] > 0)
+    )
+    skipped = [name for name, ok in zip(names, valid) if not ok]
+    if skipped:
+        log.warning("left out of the COLMAP model, their predicted cameras are degenerate: %s", ", ".join(skipped))
+    notes = "".join(f"# {c}\n" for c in comments)
+    quats = quaternions_from_rotations(extrinsics[:, :, :3])
+    cameras = [notes, "# Camera list with one line of data per camera:\n", "#   CAMERA_ID, MODEL, WIDTH, HEIGHT, PARAMS[]\n"]
+    images = [notes, "# Image list with two lines of data per image:\n",
+              "#   IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME\n", "#   POINTS2D[] as (X, Y, POINT3D_ID)\n"]
+    for i in np.flatnonzero(valid):
+        k, t = intrinsics[i].astype(np.float64), extrinsics[i, :, 3].astype(np.float64)
+        params = " ".join(repr(float(v)) for v in (k[0, 0], k[1, 1], k[0, 2], k[1, 2]))
+        cameras.append(f"{i + 1} PINHOLE {width} {height} {params}\n")
+        pose = " ".join(repr(float(v)) for v in (*quats[i], *t))
+        images.append(f"{i + 1} {pose} {i + 1} {names[i]}\n\n")
+    (sparse / "cameras.txt").write_text("".join(cameras))
+    (sparse / "images.txt").write_text("".join(images))
+
+    if len(xyz) > MAX_COLMAP_POINTS:
+        pick = np.sort(np.random.default_rng(0).choice(len(xyz), MAX_COLMAP_POINTS, replace=False))
+        xyz, rgb = xyz[pick], rgb[pick]
+    lines = [notes, "# 3D point list with one line of data per point:\n",
+             "#   POINT3D_ID, X, Y, Z, R, G, B, ERROR, TRACK[] as (IMAGE_ID, POINT2D_IDX)\n"]
+    lines += [
+        f"{i} {p[0]!r} {p[1]!r} {p[2]!r} {c[0]} {c[1]} {c[2]} 0\n"
+        for i, (p, c) in enumerate(zip(xyz.astype(np.float64).tolist(), rgb.tolist()), start=1)
+    ]
+    (sparse / "points3D.txt").write_text("".join(lines))
+    return len(xyz), skipped
+
+
+def output_image_name(name: str) -> str:
+    """The name a frame is saved under in ``images/`` (and named by in COLMAP and the npz).
+
+    The original name when it is a PNG or JPEG, so outputs line up with the inputs; otherwise ``.png`` is
+    appended, because PIL cannot write every format it reads (and a video's frames are PNG already).
+    """
+    return name if Path(name).suffix.lower() in (".png", ".jpg", ".jpeg") else f"{name}.png"
+
+
+def write_images(folder: Path, colors: np.ndarray, names: Sequence[str]) -> None:
+    """The preprocessed frames: the images (and resolution) that the COLMAP cameras describe."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for rgb, name in zip(colors, names):
+        Image.fromarray(rgb).save(folder / name, quality=95)  # quality: JPEG only, PNG ignores it
+
+
+def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    """Uncompressed: the arrays are float noise to zlib, compressing them costs seconds and saves little."""
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")

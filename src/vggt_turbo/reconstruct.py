@@ -1,0 +1,341 @@
+"""``vggt-turbo reconstruct INPUT --out DIR``: images or a video in, cameras, depth and a point cloud out.
+
+The user's main job. It runs upstream's own pipeline (``load_and_preprocess_images``, ``VGGT.forward``,
+``pose_encoding_to_extri_intri``) on a model patched by ``apply_optimizations``, and writes, all at once or not
+at all (see ``export.staged_directory``):
+
+  predictions.npz   extrinsics (S,3,4) camera-from-world, intrinsics (S,3,3), depth (S,H,W,1), depth_conf (S,H,W),
+                    world_points (S,H,W,3), world_points_conf (S,H,W), image_names, weights, random_weights
+  points.ply        world points whose confidence is >= the --conf-percentile, coloured by the images
+  images/           the preprocessed frames (the resolution the cameras describe)
+  sparse/           COLMAP text model: cameras.txt (PINHOLE), images.txt, points3D.txt
+  report.json       timings per phase, peak memory, patches applied, versions, frames, weights
+
+Problems the user can fix exit with code 2 and one line on stderr (``-v`` adds the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import apply_optimizations, describe, export, inputs, memory
+from .config import PRESETS
+from .errors import UserError
+from .inference import phases, predict
+from .random_model import SMALL_IMAGE
+from .report import RANDOM_WEIGHTS_NOTE, build_report, print_summary
+from .weights import DEFAULT_WEIGHTS, load_model
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+OUTPUTS = ("predictions.npz", "points.ply", "images/", "sparse/cameras.txt", "sparse/images.txt",
+           "sparse/points3D.txt", "report.json")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "reconstruct",
+        help="reconstruct a scene (cameras, depth, point cloud) from a folder of images or a video",
+        description="Reconstruct a scene from a folder of images or a video with upstream VGGT, made faster\n"
+        "by vggt_turbo. Writes into --out, all at once or not at all:\n\n" + __doc__.split("\n\n")[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("input", type=Path, help="folder of images (sorted by name) or a video file")
+    p.add_argument("--out", type=Path, required=True, help="output folder (must be absent or empty unless --force)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="exact", help="vggt_turbo preset (default: exact)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--weights", help="Hugging Face id, or a local .pt/.pth/.safetensors file or save_pretrained "
+                        f"folder (default: {DEFAULT_WEIGHTS})")
+    source.add_argument("--random-weights", action="store_true", help="random weights: no download, MEANINGLESS results")
+    count = p.add_mutually_exclusive_group()
+    count.add_argument("--frames", type=_positive_int, metavar="N",
+                       help=f"use N evenly spaced frames (default: all images; {inputs.DEFAULT_VIDEO_FRAMES} of a video)")
+    count.add_argument("--stride", type=_positive_int, metavar="K", help="use every K-th frame")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
+                   help="autocast dtype (auto: bf16 on Ampere+ CUDA, fp16 on older CUDA, fp32 on the CPU)")
+    p.add_argument("--mode", choices=("crop", "pad"), default="crop",
+                   help="upstream preprocessing: 518 px wide and crop the height, or fit in 518x518 and pad")
+    p.add_argument("--conf-percentile", type=_percentile, default=50.0, metavar="P",
+                   help="points.ply keeps the points whose confidence is at or above this percentile (default: 50)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--quiet", action="store_true", help="print errors only")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log details, tracebacks on errors")
+    # Test-only: upstream's classes at toy width (random_model.build_vggt("small")), images resized to 56x56.
+    p.add_argument("--model-size", choices=("full", "small"), default="full", help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The command: 0 on success, 2 with a one-line message for a problem the user can fix."""
+    with _quiet(args.quiet):
+        try:
+            result = reconstruct(args)
+        except UserError as exc:
+            if getattr(args, "verbose", False):
+                traceback.print_exc()
+            print(f"vggt-turbo reconstruct: error: {exc}", file=sys.stderr)
+            return 2
+    if not args.quiet:
+        print_summary(result)
+    return 0
+
+
+@dataclass
+class Result:
+    """What a run did: the summary table shows it, report.json records it."""
+
+    args: argparse.Namespace
+    weights: str
+    frames: int
+    frames_in_input: int
+    input_kind: str
+    image_names: list[str]
+    width: int
+    height: int
+    device: torch.device
+    dtype: torch.dtype
+    optimizations: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+    peak_bytes: Optional[int] = None
+    peak_measured: str = ""
+    points: int = 0
+    colmap_points: int = 0
+    colmap_skipped: list[str] = field(default_factory=list)
+    conf_threshold: float = 0.0
+    outputs: tuple[str, ...] = OUTPUTS
+
+    @property
+    def random_weights(self) -> bool:
+        return bool(self.args.random_weights)
+
+
+def reconstruct(args: argparse.Namespace) -> Result:
+    """Load, build, infer, export; each phase timed. Raises ``UserError`` for what the user can fix."""
+    device = _device(args.device)
+    dtype = _dtype(args.dtype, device)
+    _check_out(args.out, args.input, args.force)
+    memory.reset_peak(device)
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    images, names, kind, available = _load(args)
+    if args.model_size == "small":  # test-only path: the toy model expects a 4x4 patch grid
+        images = F.interpolate(images, size=(SMALL_IMAGE, SMALL_IMAGE), mode="bilinear", align_corners=False, antialias=True)
+    frames, _, height, width = images.shape
+    timings["load"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    with _bar("model", 1, "model", args.quiet) as bar:
+        bar.set_postfix_str("random weights" if args.random_weights else (args.weights or DEFAULT_WEIGHTS))
+        loaded = load_model(args.weights, args.random_weights, args.model_size)
+        memory.check_fits(loaded.model, frames, height, width, device, dtype)
+        # One forward per run: CUDA-graph capture (two warm-ups, then capture) would cost more than it saves.
+        model = apply_optimizations(loaded.model.to(device), args.preset, cuda_graphs=False)
+        applied = describe(model)
+        _step(bar, f"{loaded.source} on {device}, preset {args.preset}")
+    timings["model"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    with _bar("inference", len(phases(model)), "phase", args.quiet) as bar:
+        try:
+            predictions, inner = predict(model, images.to(device), dtype, lambda name: _step(bar, name))
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not _out_of_memory(exc):
+                raise
+            raise UserError(f"out of memory on {device} with {frames} frames at {width}x{height}. {memory.advice()}") from exc
+    timings["inference"] = time.perf_counter() - start
+    timings.update(inner)
+    weights = loaded.source
+    del model, loaded  # free the weights before export allocates the point cloud
+
+    result = Result(
+        args=args, weights=weights, frames=frames, frames_in_input=available, input_kind=kind,
+        image_names=[export.output_image_name(n) for n in names], width=width, height=height, device=device,
+        dtype=dtype, timings=timings,
+        optimizations={"config": applied.config.as_dict() if applied.config else None, "exact": applied.exact,
+                       "patched": applied.targets},
+    )
+    _export(result, predictions, export.images_to_uint8(images.numpy()))
+    return result
+
+
+def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarray) -> None:
+    """Write every output into a staging folder that replaces ``--out`` only once all are written."""
+    args, names = result.args, result.image_names
+    start = time.perf_counter()
+    notes = [RANDOM_WEIGHTS_NOTE] if result.random_weights else []
+    steps = ("predictions.npz", "points.ply", "images/", "sparse/", "report.json")
+    with _bar("export", len(steps), "step", args.quiet) as bar, export.staged_directory(args.out, args.force) as stage:
+        arrays = dict(predictions, image_names=np.array(names), weights=np.array(result.weights),
+                      random_weights=np.array(result.random_weights))
+        export.write_npz(stage / "predictions.npz", arrays)
+        _step(bar, steps[0])
+
+        xyz, rgb, result.conf_threshold = export.confident_points(
+            predictions["world_points"], predictions["world_points_conf"], colors, args.conf_percentile
+        )
+        export.write_ply(stage / "points.ply", xyz, rgb, comments=[*notes, f"weights: {result.weights}"])
+        result.points = len(xyz)
+        _step(bar, steps[1])
+
+        export.write_images(stage / "images", colors, names)
+        _step(bar, steps[2])
+
+        result.colmap_points, result.colmap_skipped = export.write_colmap(
+            stage / "sparse", predictions["extrinsics"], predictions["intrinsics"], names, result.width,
+            result.height, xyz, rgb, comments=notes,
+        )
+        _step(bar, steps[3])
+
+        result.timings["export"] = time.perf_counter() - start
+        result.peak_bytes, result.peak_measured = memory.peak(result.device)
+        export.write_json(stage / "report.json", build_report(result))
+        _step(bar, steps[4])
+
+
+def _load(args: argparse.Namespace) -> tuple[torch.Tensor, list[str], str, int]:
+    """(images (S, 3, H, W) from upstream's loader, their names, "folder" or "video", frames in the input).
+
+    One progress bar: a step per file checked or frame decoded, and a last one for upstream's preprocessing.
+    """
+    source: Path = args.input
+    if not source.exists():
+        raise UserError(f"input not found: {source}")
+    if source.is_dir():
+        files = inputs.list_images(source)
+        chosen = inputs.select(len(files), args.frames, args.stride)
+        with _bar("load", len(files) + 1, "file", args.quiet) as bar:
+            problems, used = {}, set(chosen)
+            for i, path in enumerate(files):
+                problem = inputs.image_problem(path, decode=i in used)
+                if problem:
+                    problems[path] = problem
+                _step(bar, path.name)
+            inputs.raise_for_problems(problems)
+            paths = [files[i] for i in chosen]
+            images = inputs.load_images(paths, args.mode)
+            _step(bar, "preprocessed")
+        return images, [p.name for p in paths], "folder", len(files)
+
+    count = inputs.video_frame_count(source)
+    wanted = inputs.select(count, args.frames or (None if args.stride else inputs.DEFAULT_VIDEO_FRAMES), args.stride)
+    with tempfile.TemporaryDirectory(prefix="vggt-turbo-frames-") as workdir, \
+            _bar("load", len(wanted) + 1, "frame", args.quiet) as bar:
+        paths = []
+        for index, rgb in inputs.video_frames(source, wanted):
+            paths.append(Path(workdir) / f"frame_{index:06d}.png")
+            inputs.save_frame(rgb, paths[-1])
+            _step(bar, paths[-1].name)
+        if not paths:
+            raise UserError(f"{source}: no frame could be decoded")
+        if len(paths) < len(wanted):
+            log.warning("%s: decoded %d of the %d frames asked for (the video is shorter than its header says)",
+                        source, len(paths), len(wanted))
+        images = inputs.load_images(paths, args.mode)
+        _step(bar, "preprocessed")
+    return images, [p.name for p in paths], "video", count
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """CUDA's caching allocator raises OutOfMemoryError; the CPU allocator and cuBLAS raise RuntimeErrors."""
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text or "ALLOC_FAILED" in text
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise UserError(f"--device cuda: CUDA is not available ({why}, torch {torch.__version__}); use --device cpu")
+    return torch.device(name)
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    cuda = device.type == "cuda"
+    if name == "auto":
+        if not cuda:
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--dtype bf16: {torch.cuda.get_device_name(device)} has no bf16 support; use --dtype fp16")
+    return DTYPES[name]
+
+
+def _check_out(out: Path, source: Path, force: bool) -> None:
+    if out.resolve() == source.resolve() or out.resolve() in source.resolve().parents:
+        raise UserError(f"--out {out} is or contains the input {source}: choose another folder")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"--out {out} exists and is not empty; pass --force to replace it")
+
+
+def _bar(desc: str, total: int, unit: str, quiet: bool) -> tqdm:
+    return tqdm(total=total, desc=f"{desc:<9}", unit=unit, disable=quiet, file=sys.stderr, dynamic_ncols=True)
+
+
+def _step(bar: tqdm, name: str) -> None:
+    bar.set_postfix_str(name, refresh=False)
+    bar.update()
+
+
+@contextlib.contextmanager
+def _quiet(quiet: bool) -> Iterator[None]:
+    """With ``--quiet``, silence log records below ERROR, Python warnings and Hugging Face's download bars for
+    the duration of the run."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    with warnings.catch_warnings():
+        # Upstream's forward uses the deprecated torch.cuda.amp.autocast on every call; not the user's to fix.
+        warnings.filterwarnings("ignore", message=r".*torch\.cuda\.amp\.autocast", category=FutureWarning)
+        if not quiet:
+            yield
+            return
+        hub_bars_were_off = are_progress_bars_disabled()
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+        disable_progress_bars()
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
+            if not hub_bars_were_off:
+                enable_progress_bars()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _percentile(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 100, got {text!r}") from None
+    if not 0.0 <= value <= 100.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 100, got {text}")
+    return value

@@ -1,0 +1,92 @@
+"""TurboConfig: defaults, presets, validation (every bad value refused before anything is patched)."""
+
+from __future__ import annotations
+
+import pytest
+
+from helpers import BOOL_FLAGS
+
+from vggt_turbo import PRESETS, TurboConfig
+from vggt_turbo.config import FAST_GLOBAL_TO_FRAME_LAYERS, resolve
+
+
+def test_exact_preset_is_the_default() -> None:
+    cfg = TurboConfig()
+    assert PRESETS["exact"] == cfg == TurboConfig.preset("exact") == resolve(None)
+    assert cfg.is_exact
+    assert (cfg.fused_frame_batching, cfg.sdpa, cfg.sync_free_rope, cfg.nvtx) == (True, True, True, False)
+    assert cfg.sdpa_backend == "auto" and cfg.global_to_frame_layers == ()
+
+
+def test_fast_preset_adds_only_the_layer_swap() -> None:
+    fast = TurboConfig.preset("fast")
+    assert not fast.is_exact
+    assert fast.global_to_frame_layers == FAST_GLOBAL_TO_FRAME_LAYERS
+    assert fast.replace(global_to_frame_layers=()) == PRESETS["exact"]
+
+
+def test_layers_are_normalised_to_a_sorted_tuple() -> None:
+    assert TurboConfig(global_to_frame_layers=[4, 0, 2]).global_to_frame_layers == (0, 2, 4)
+    assert TurboConfig(global_to_frame_layers=range(3)).global_to_frame_layers == (0, 1, 2)
+
+
+def test_resolve_applies_flags_over_a_preset() -> None:
+    cfg = resolve("fast", sdpa_backend="math", nvtx=True)
+    assert cfg == PRESETS["fast"].replace(sdpa_backend="math", nvtx=True)
+    assert resolve(cfg) is cfg
+    assert cfg.as_dict()["sdpa_backend"] == "math"
+
+
+def test_config_is_frozen() -> None:
+    with pytest.raises(AttributeError):
+        TurboConfig().sdpa = False  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("flag", BOOL_FLAGS)
+@pytest.mark.parametrize("value", [1, 0, "yes", None])
+def test_non_bool_flag_refused(flag: str, value: object) -> None:
+    with pytest.raises(TypeError, match=flag):
+        TurboConfig(**{flag: value})
+
+
+@pytest.mark.parametrize("value", ["x", "", "CUDNN", 3, None])
+def test_unknown_sdpa_backend_refused(value: object) -> None:
+    with pytest.raises(ValueError, match="sdpa_backend"):
+        TurboConfig(sdpa_backend=value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("layers", "error"),
+    [
+        ((-1,), ValueError),
+        ((1, 1), ValueError),
+        (("a",), TypeError),
+        ((True,), TypeError),
+        ((1.0,), TypeError),
+        ("01", TypeError),
+        (3, TypeError),
+        (None, TypeError),
+    ],
+)
+def test_bad_layers_refused(layers: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="global_to_frame_layers"):
+        TurboConfig(global_to_frame_layers=layers)  # type: ignore[arg-type]
+
+
+def test_unknown_flag_refused() -> None:
+    with pytest.raises(TypeError, match="unknown vggt_turbo flag"):
+        TurboConfig().replace(turbo=True)
+    with pytest.raises(TypeError, match="unknown vggt_turbo flag"):
+        resolve("exact", fused_frame=True)
+
+
+@pytest.mark.parametrize("name", ["turbo", "EXACT", "", 3])
+def test_unknown_preset_refused(name: object) -> None:
+    with pytest.raises(ValueError, match="unknown preset"):
+        TurboConfig.preset(name)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("config", [3, {"sdpa": False}, ["exact"]])
+def test_config_of_wrong_type_refused(config: object) -> None:
+    with pytest.raises(TypeError, match="config must be"):
+        resolve(config)  # type: ignore[arg-type]

@@ -1,0 +1,111 @@
+"""GPU-only checks (skipped without CUDA): bf16 autocast, a forced cuDNN attention backend, and the absence of
+device-to-host synchronisation that ``sync_free_rope`` (and the exact preset as a whole) promise.
+
+Sync detection uses ``torch.cuda.set_sync_debug_mode("error")``: every synchronising CUDA call then raises.
+Each check also runs upstream under the same detector and expects it to raise, so a detector that sees nothing
+cannot make the test pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+from helpers import errors, only, run
+
+import vggt_turbo
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+BF16_FLOOR = 2e-2  # relative error two bf16 runs may differ by whatever their kernels
+
+
+@pytest.fixture
+def cuda_inputs(model, images, query_points) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The small model and its inputs already on the GPU, so that no copy happens inside a forward."""
+    return model.cuda(), images.cuda(), query_points.cuda()
+
+
+def test_bf16_autocast_matches_upstream(cuda_inputs, capsys) -> None:
+    """Patched and upstream under bf16 autocast differ by no more than bf16 itself moves upstream from fp32
+    (twice that, or ``BF16_FLOOR``): kernel choice and contiguity change rounding only."""
+    model, images, query_points = cuda_inputs
+    fp32 = run(model, images, query_points)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        upstream = run(model, images, query_points)
+        vggt_turbo.apply_optimizations(model)
+        patched = run(model, images, query_points)
+    patched_err, bf16_err = errors(patched, upstream), errors(upstream, fp32)
+    with capsys.disabled():
+        print("\nbf16 autocast, relative error per output: patched vs upstream (upstream bf16 vs fp32)")
+        for key, err in patched_err.items():
+            print(f"  {key:>18}: {err:.2e} ({bf16_err[key]:.2e})")
+    too_far = {k: e for k, e in patched_err.items() if not e <= max(BF16_FLOOR, 2 * bf16_err[k])}
+    assert not too_far, too_far
+
+
+def test_forced_cudnn_backend_runs(cuda_inputs) -> None:
+    if torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("cuDNN attention needs compute capability 8.0 or newer")
+    model, images, _ = cuda_inputs
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        upstream = model.aggregator(images)[0][-1]
+        vggt_turbo.apply_optimizations(model, "exact", sdpa_backend="cudnn")
+        patched = model.aggregator(images)[0][-1]
+    assert torch.isfinite(patched).all()
+    assert errors({"tokens": patched}, {"tokens": upstream})["tokens"] < BF16_FLOOR
+
+
+def arm(*_: object) -> None:
+    torch.cuda.set_sync_debug_mode("error")
+
+
+def disarm(*_: object) -> None:
+    torch.cuda.set_sync_debug_mode("default")
+
+
+@contextlib.contextmanager
+def syncs_raise(blocks: tuple[nn.Module, ...] = ()) -> Iterator[None]:
+    """Make synchronising CUDA calls raise: only inside ``blocks`` if given (via forward hooks), else throughout."""
+    handles = [h for b in blocks for h in (b.register_forward_pre_hook(arm), b.register_forward_hook(disarm))]
+    if not blocks:
+        arm()
+    try:
+        yield
+    finally:
+        disarm()
+        for handle in handles:
+            handle.remove()
+        torch.cuda.synchronize()
+
+
+def aggregate(model: nn.Module, images: torch.Tensor) -> None:
+    with torch.no_grad():
+        model.aggregator(images)
+
+
+def test_sync_free_rope_issues_no_sync_in_attention(cuda_inputs) -> None:
+    """The detector is armed only inside the attention blocks, where upstream's RoPE syncs in every layer
+    (upstream's forward also copies the special tokens' positions from the host, outside the blocks)."""
+    model, images, _ = cuda_inputs
+    blocks = (*model.aggregator.frame_blocks, *model.aggregator.global_blocks)
+    with pytest.raises(RuntimeError, match="synchroniz"), syncs_raise(blocks):
+        aggregate(model, images)
+    vggt_turbo.apply_optimizations(model, only("sync_free_rope"))
+    with syncs_raise(blocks):
+        aggregate(model, images)
+
+
+def test_exact_preset_aggregator_forward_never_syncs(cuda_inputs) -> None:
+    """The whole patched aggregator forward (after one warm-up call that fills the caches) has no sync at all."""
+    model, images, _ = cuda_inputs
+    with pytest.raises(RuntimeError, match="synchroniz"), syncs_raise():
+        aggregate(model, images)
+    vggt_turbo.apply_optimizations(model, "exact")
+    aggregate(model, images)
+    with syncs_raise():
+        aggregate(model, images)
