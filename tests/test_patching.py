@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from helpers import (
+    BOOL_FLAGS,
     NO_FLAGS,
     assert_close,
     assert_equal,
@@ -30,6 +31,7 @@ from vggt_turbo import patching
 from vggt_turbo.patches import ALL_PATCHES, Target
 
 EXACT = TurboConfig.preset("exact")
+EVERY_EXACT = TurboConfig(**{f: True for f in BOOL_FLAGS})  # every exact patch, those off by default included
 
 
 # --- revert ---------------------------------------------------------------------------------------------------
@@ -175,7 +177,7 @@ def test_state_dict_unchanged(model, config) -> None:
 
 
 def test_deepcopy_is_patched_and_independent(model, images, query_points, reference) -> None:
-    vggt_turbo.apply_optimizations(model, nvtx=True)
+    vggt_turbo.apply_optimizations(model, EVERY_EXACT)
     twin = copy.deepcopy(model)
     assert describe(twin) == describe(model)
     assert patched_methods(twin).keys() == patched_methods(model).keys()
@@ -191,11 +193,11 @@ def test_deepcopy_is_patched_and_independent(model, images, query_points, refere
     vggt_turbo.revert_optimizations(twin)
     assert_equal(run(twin, images, query_points), changed)
     assert not patched_methods(twin)
-    assert describe(model).config == EXACT.replace(nvtx=True) and patched_methods(model)
+    assert describe(model).config == EVERY_EXACT and patched_methods(model)
 
     twin = copy.deepcopy(model)
     vggt_turbo.revert_optimizations(model)
-    assert describe(twin).config == EXACT.replace(nvtx=True)
+    assert describe(twin).config == EVERY_EXACT
     assert_close(run(twin, images, query_points), reference)
 
 
@@ -333,9 +335,9 @@ def test_describe_unpatched(model) -> None:
 
 
 def test_describe_reports_config_and_targets(model) -> None:
-    vggt_turbo.apply_optimizations(model, "exact", nvtx=True)
+    vggt_turbo.apply_optimizations(model, EVERY_EXACT)
     d = describe(model)
-    assert d.config == EXACT.replace(nvtx=True) and d.exact
+    assert d.config == EVERY_EXACT and d.exact
     enabled = {p.name for p in ALL_PATCHES if p.enabled(d.config)}
     assert set(d.targets) == enabled
     assert "aggregator._process_frame_attention" in d.targets["fused_frame_batching"]
