@@ -59,8 +59,9 @@ def make_wrapper(backend_name: str):
         qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
-        if attn.rope is not None:
-            q, k = attn.rope(q, pos), attn.rope(k, pos)
+        if attn.rope is not None:  # one at a time, so the pre-RoPE q is freed before k is rotated
+            q = attn.rope(q, pos)
+            k = attn.rope(k, pos)
         try:
             with context():
                 out = F.scaled_dot_product_attention(q, k, v)
