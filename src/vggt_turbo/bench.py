@@ -205,16 +205,19 @@ class Clock:
 
 
 class Memory:
-    """Peak allocation above the memory allocated when the variant started (weights and inputs), None on the CPU.
+    """Peak memory above what was there when the variant started (weights and inputs), None on the CPU.
 
-    The base is read once per variant, before its first call, so memory a variant keeps between calls (e.g. the
-    pool of a captured CUDA graph) counts in its peak; the peak statistic is reset before every call.
+    ``peak_gib``: the peak of *allocated* memory. A captured CUDA graph's private pool is invisible to it (the
+    graph's intermediates are freed back to the pool after capture and replays allocate nothing), so
+    ``reserved_gib`` also reports the peak of *reserved* memory above the reserve at the variant's start (after
+    ``empty_cache``): that includes the graph pools a variant holds between calls, and the allocator's slack.
+    Both bases are read once per variant, before its first call; the peak statistics are reset before every call.
     """
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.device = device
-        self.base = 0
+        self.base = self.base_reserved = 0
 
     def begin_variant(self) -> None:
         gc.collect()
@@ -222,6 +225,7 @@ class Memory:
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
             self.base = torch.cuda.memory_allocated(self.device)
+            self.base_reserved = torch.cuda.memory_reserved(self.device)
 
     def start_call(self) -> None:
         if self.cuda:
@@ -232,6 +236,11 @@ class Memory:
         if not self.cuda:
             return None
         return (torch.cuda.max_memory_allocated(self.device) - self.base) / GIB
+
+    def reserved_gib(self) -> Optional[float]:
+        if not self.cuda:
+            return None
+        return (torch.cuda.max_memory_reserved(self.device) - self.base_reserved) / GIB
 
 
 @functools.lru_cache(maxsize=1)
@@ -492,8 +501,9 @@ def make_meta(args: argparse.Namespace, device: torch.device, started: datetime.
         if args.part == "both"
         else ("model.aggregator called alone" if args.part == "aggregator" else None),
         "peak_memory": "max over timed calls of torch.cuda.max_memory_allocated() (reset before each call) minus "
-        "memory_allocated() when the variant started (weights, inputs): memory a variant keeps between calls, "
-        "e.g. a CUDA graph's pool, counts; base_gib in each row is that start value"
+        "memory_allocated() when the variant started (weights, inputs); base_gib in each row is that start value. A CUDA graph's private pool is not allocated memory: see "
+        "reserved_gib (peak memory_reserved above the reserve at the variant's start, after empty_cache; includes "
+        "graph pools and allocator slack; null for aggregator rows timed inside full calls)"
         if cuda
         else None,
         "errors": "||a-b||/||b|| in float32 of the first call's outputs vs upstream's on the same inputs; "
@@ -553,6 +563,7 @@ class Calls:
 
     times: list[float] = dataclasses.field(default_factory=list)
     peaks: list[Optional[float]] = dataclasses.field(default_factory=list)
+    reserved: list[Optional[float]] = dataclasses.field(default_factory=list)  # whole calls (see Memory)
     agg_times: list[float] = dataclasses.field(default_factory=list)
     agg_peaks: list[Optional[float]] = dataclasses.field(default_factory=list)
     agg_separable: bool = True
@@ -607,6 +618,7 @@ class Bench:
             if i >= warmup:
                 res.times.append(self.clock.seconds(start, end))
                 res.peaks.append(self.memory.peak_gib())
+                res.reserved.append(self.memory.reserved_gib())
                 if probe is not None:
                     if probe.fired == 1:
                         res.agg_times.append(probe.seconds())
@@ -731,6 +743,7 @@ class Bench:
                 "seconds_min": round_or_none(min(secs), 6) if secs else None,
                 "seconds_all": [round_or_none(x, 6) for x in secs] if secs else [],
                 "base_gib": round_or_none(measured.base_gib, 3) if measured is not None and measured.base_gib is not None else None,
+                "reserved_gib": _reserved(name, measured, res),
                 "config": variant.config_dict(),
             }
             if errs and any(not math.isfinite(v) for v in errs.values()):
@@ -759,6 +772,16 @@ class Bench:
         other = statistics.median(t - s for t, s in zip(res.times, inside))
         rows.append({**base, "phase": "other", "seconds": round_or_none(max(0.0, other), 6)})
         return rows + [total]
+
+
+def _reserved(part: str, measured: Optional[Calls], full: Optional[Calls]) -> Optional[float]:
+    """Peak reserved GiB of the calls behind a row; None for an aggregator row timed inside full-model calls
+    (those calls' reserve is the full model's, not the aggregator's)."""
+    if measured is None or not measured.reserved or measured.reserved[0] is None:
+        return None
+    if part == "aggregator" and measured is full:
+        return None
+    return round_or_none(max(measured.reserved), 3)
 
 
 def describe_rows(rows: list[dict]) -> str:

@@ -170,8 +170,8 @@ def _cell(row: Optional[dict], what: str) -> str:
         sp = row.get("speedup_vs_upstream")
         alone = " †" if row.get("aggregator_timing") else ""
         return fmt_seconds(row.get("seconds")) + (f" ({sp:.2f}×)" if sp else "") + alone
-    if what == "memory":
-        p = row.get("peak_gib")
+    if what in ("memory", "reserved"):
+        p = row.get("peak_gib" if what == "memory" else "reserved_gib")
         return "–" if p is None else f"{p:.2f}"
     return fmt_err(row.get("max_rel_err_vs_upstream"))
 
@@ -204,8 +204,14 @@ def markdown(data: dict) -> str:
         frames, variants, cells = _pivot(rows, part)
         if not frames:
             continue
-        for what, title in (("latency", "seconds (speedup vs upstream)"), ("memory", "peak GiB above weights"), ("error", "max rel. error vs upstream")):
-            if what == "memory" and all(cells[k].get("peak_gib") is None for k in cells):
+        for what, title in (
+            ("latency", "seconds (speedup vs upstream)"),
+            ("memory", "peak GiB above weights"),
+            ("reserved", "peak GiB reserved above the start (includes CUDA-graph pools; – = not measured)"),
+            ("error", "max rel. error vs upstream"),
+        ):
+            key = {"memory": "peak_gib", "reserved": "reserved_gib"}.get(what)
+            if key and all(cells[k].get(key) is None for k in cells):
                 continue
             lines += [f"## {titles[part]}: {title}", ""]
             lines.append("| variant | " + " | ".join(f"{s} frames" for s in frames) + " |")
