@@ -51,6 +51,7 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse(argv)
     import torch
+from torch.autograd import DeviceType
 
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*autocast.*")  # upstream's heads
 
@@ -224,8 +225,10 @@ def write_torch_table(prof: Any, md: Path, name: str, frames: int, cuda: bool, t
 
     events = list(prof.key_averages())
     if cuda:
-        key, what = device_us, "self device time (kernels and copies)"
-        events = [e for e in events if device_us(e) > 0]
+        key, what = device_us, "device time (kernels and copies)"
+        # Only the GPU-side events: CPU operators and record_function labels also carry the device time of the
+        # kernels they launched, and would count it twice.
+        events = [e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA and device_us(e) > 0]
     else:
         key, what = (lambda e: float(e.self_cpu_time_total)), "self CPU time (operators)"
     events.sort(key=key, reverse=True)

@@ -527,26 +527,27 @@ def make_meta(args: argparse.Namespace, device: torch.device, started: datetime.
 class Budget:
     """``--deadline``: start no row whose estimated cost would end past it (seconds since the process started).
 
-    A call's cost at S frames is the longest call seen at S, else extrapolated from the largest smaller count
-    seen as (S / S') ** 1.7 (between linear frame attention and quadratic global attention).
+    A call's cost at S frames is the median call seen at S (the median: a CUDA-graph capture is one slow outlier),
+    else extrapolated from the largest smaller count seen as (S / S') ** 1.7 (between linear frame attention and
+    quadratic global attention).
     """
 
     def __init__(self, deadline: Optional[float], t0: float):
         self.deadline, self.t0 = deadline, t0
-        self.per_call: dict[int, float] = {}  # frames -> longest wall-clock seconds of one call seen
+        self.per_call: dict[int, list[float]] = {}  # frames -> wall-clock seconds of each call seen
         self.skipped: list[str] = []
 
     def note(self, frames: int, seconds: float) -> None:
-        self.per_call[frames] = max(self.per_call.get(frames, 0.0), seconds)
+        self.per_call.setdefault(frames, []).append(seconds)
 
     def estimate(self, frames: int) -> float:
         if frames in self.per_call:
-            return self.per_call[frames]
+            return statistics.median(self.per_call[frames])
         smaller = [s for s in self.per_call if s < frames]
         if not smaller:
             return 0.0
         s = max(smaller)
-        return self.per_call[s] * (frames / s) ** 1.7
+        return statistics.median(self.per_call[s]) * (frames / s) ** 1.7
 
     def allows(self, frames: int, calls: int, what: str) -> bool:
         if self.deadline is None:

@@ -214,7 +214,7 @@ def markdown(data: dict) -> str:
             if key and all(cells[k].get(key) is None for k in cells):
                 continue
             lines += [f"## {titles[part]}: {title}", ""]
-            lines.append("| variant | " + " | ".join(f"{s} frames" for s in frames) + " |")
+            lines.append("| variant | " + " | ".join(f"{s} frame{'' if s == 1 else 's'}" for s in frames) + " |")
             lines.append("|---|" + "---:|" * len(frames))
             for v in variants:
                 name = v + ("" if exact.get(v, True) else " *")
