@@ -51,7 +51,6 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse(argv)
     import torch
-from torch.autograd import DeviceType
 
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*autocast.*")  # upstream's heads
 
@@ -217,6 +216,8 @@ def profile_once(args: argparse.Namespace, device: Any, out: Path, under_nsys: b
 
 
 def write_torch_table(prof: Any, md: Path, name: str, frames: int, cuda: bool, top: int, seconds: float) -> None:
+    from torch.autograd import DeviceType
+
     def device_us(e: Any) -> float:
         for attr in ("self_device_time_total", "self_cuda_time_total"):
             if hasattr(e, attr):
