@@ -21,6 +21,7 @@ import argparse
 import csv
 import gzip
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,6 +32,8 @@ from typing import Any, Optional
 
 INNER = "VGGT_TURBO_PROFILE_UNDER_NSYS"
 MAX_TRACE_BYTES = 15 * 2**20
+# The record_function labels that label_hooks opens (kept out of the kernel table: they span their kernels).
+LABEL = re.compile(r"patch_embed|(frame|global)_block\[\d+\]|camera_head|depth_head|point_head")
 
 
 def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -229,7 +232,12 @@ def write_torch_table(prof: Any, md: Path, name: str, frames: int, cuda: bool, t
         key, what = device_us, "device time (kernels and copies)"
         # Only the GPU-side events: CPU operators and record_function labels also carry the device time of the
         # kernels they launched, and would count it twice.
-        events = [e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA and device_us(e) > 0]
+        # The labels also appear on the GPU timeline as user annotations spanning their kernels: skip those too.
+        events = [
+            e for e in events
+            if getattr(e, "device_type", None) == DeviceType.CUDA and device_us(e) > 0
+            and not getattr(e, "is_user_annotation", False) and not LABEL.fullmatch(e.key)
+        ]
     else:
         key, what = (lambda e: float(e.self_cpu_time_total)), "self CPU time (operators)"
     events.sort(key=key, reverse=True)
