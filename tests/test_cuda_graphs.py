@@ -121,6 +121,18 @@ def test_parameters_replaced_or_reloaded_are_seen():
 
 
 @needs_cuda
+def test_inference_mode_and_no_grad_get_their_own_graphs():
+    model, cfg = _cuda_model()
+    images = random_images(2).cuda()
+    vggt_turbo.apply_optimizations(model, cfg)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        first = model(images)
+    second = _run(model, images)  # no_grad: must not copy into the inference-mode graph's buffers
+    assert rel(second["depth"], first["depth"]) < 1e-6
+    assert len(cuda_graphs.graph_cache(model).entries) == 2
+
+
+@needs_cuda
 def test_grad_mode_runs_eagerly():
     model, cfg = _cuda_model()
     vggt_turbo.apply_optimizations(model, cfg)

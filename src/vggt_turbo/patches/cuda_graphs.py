@@ -6,13 +6,13 @@ time than the GPU needs to run it (measured on an H100: one graph cut the full m
 0.035 s). A captured graph replays all launches at once. Capture needs a forward with no device-to-host sync and
 no host-to-device copy, hence the prerequisites ``sync_free_rope`` and ``cached_positions``.
 
-How: per model and input signature (shape, dtype, device, autocast state, parameter storage), the first call
-warms up on a side stream and captures; later calls copy the input into the graph's static buffer, replay, and
-return clones of the outputs (so a later call never overwrites what the caller holds). At most ``MAX_GRAPHS``
-signatures are kept (least recently used evicted): each holds the activation memory of its shape. Autocast's
-weight-cast cache is disabled while capturing, so casts are part of the graph instead of reading tensors that
-die when the caller's autocast region ends. Moving or replacing parameters changes the signature (recapture);
-``load_state_dict`` copies in place and is seen by the next replay.
+How: per model and input signature (shape, dtype, device, autocast and inference-mode state, parameter
+storage), the first call warms up on a side stream and captures; later calls copy the input into the graph's
+static buffer, replay, and return clones of the outputs (so a later call never overwrites what the caller holds).
+At most ``MAX_GRAPHS`` signatures are kept (least recently used evicted): each holds the activation memory of its
+shape. Autocast's weight-cast cache is disabled while capturing, so casts are part of the graph instead of
+reading tensors that die when the caller's autocast region ends. Moving or replacing parameters changes the
+signature (recapture); ``load_state_dict`` copies in place and is seen by the next replay.
 
 When the graph path does not apply the upstream forward runs eagerly and the reason is logged once per model:
 CPU tensors, training mode, autograd enabled, more than ``cuda_graph_max_frames`` frames (long sequences are
@@ -100,7 +100,10 @@ class GraphCache:
 
     def key(self, model: nn.Module, images: torch.Tensor) -> tuple:
         storage = hash(tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers())))
-        return (tuple(images.shape), images.dtype, images.device, _autocast_state(), storage)
+        # inference mode is part of the signature: buffers captured under it are inference tensors, which a
+        # later call under plain no_grad could not copy into.
+        mode = torch.is_inference_mode_enabled()
+        return (tuple(images.shape), images.dtype, images.device, _autocast_state(), mode, storage)
 
     def capture(self, wrapped: Any, images: torch.Tensor, kwargs: dict) -> _Entry:
         enabled, dtype = _autocast_state()
