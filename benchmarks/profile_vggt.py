@@ -152,7 +152,7 @@ def profile_once(args: argparse.Namespace, device: Any, out: Path, under_nsys: b
     import torch
 
     import vggt_turbo
-    from vggt_turbo.bench import select_variants
+    from vggt_turbo.bench.variants import select_variants
     from vggt_turbo.random_model import SMALL_IMAGE, build_vggt, random_images
 
     size = args.size or ("full" if device.type == "cuda" else "small")

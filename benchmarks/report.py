@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vggt_turbo.bench import report_main
+from vggt_turbo.bench.report import report_main
 
 
 def main() -> int:

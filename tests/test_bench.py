@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from vggt_turbo import TurboConfig
-from vggt_turbo.bench import flag_variants, main, select_variants
-from vggt_turbo.bench_report import report_main
+from vggt_turbo.bench import main
+from vggt_turbo.bench.report import report_main
+from vggt_turbo.bench.variants import flag_variants, select_variants
 from vggt_turbo.config import PRESETS, REQUIRES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,10 +126,11 @@ def test_aggregator_timed_alone_when_hooks_see_nothing(monkeypatch: pytest.Monke
     """On CUDA the presets replay the whole forward as one CUDA graph at <= 8 frames: hooks inside it never fire.
     Emulated here by hiding the hooks for ``exact``: the aggregator row then comes from the aggregator patched and
     called alone, and the phase split reports the total only."""
-    import vggt_turbo.bench as bench_mod
+    import vggt_turbo.bench.measure as measure_mod
+    import vggt_turbo.bench.sweep as sweep_mod
 
     hidden = {"on": False}
-    run_variant = bench_mod.Bench.run_variant
+    run_variant = sweep_mod.Bench.run_variant
 
     def hiding(self, variant, *args, **kwargs):  # type: ignore[no-untyped-def]
         hidden["on"] = variant.name == "exact"
@@ -137,8 +139,8 @@ def test_aggregator_timed_alone_when_hooks_see_nothing(monkeypatch: pytest.Monke
         finally:
             hidden["on"] = False
 
-    monkeypatch.setattr(bench_mod.Bench, "run_variant", hiding)
-    monkeypatch.setattr(bench_mod, "_capturing", lambda: hidden["on"])
+    monkeypatch.setattr(sweep_mod.Bench, "run_variant", hiding)
+    monkeypatch.setattr(measure_mod, "_capturing", lambda: hidden["on"])
     assert bench(tmp_path, "--frames", "2", "--variants", "upstream,exact", "--phases", "2", "--warmup", "0") == 0
     data = load(tmp_path / "cpu")
     rows = {(r["variant"], r["part"]): r for r in data["rows"]}

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .config import PRESETS, field_names
+from ..config import PRESETS, field_names
 
 log = logging.getLogger(__name__)
 

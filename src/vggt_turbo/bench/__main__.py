@@ -1,0 +1,7 @@
+"""``python -m vggt_turbo.bench``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,102 @@
+"""The benchmarked configurations: upstream, each ``TurboConfig`` flag alone, and the presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .. import config as config_module
+from ..config import PRESETS, TurboConfig
+from .report import UPSTREAM
+
+log = logging.getLogger(__name__)
+
+PRESET_NAMES = ("exact", "fast")
+# Non-boolean fields that only modify another flag: no standalone variant.
+MODIFIER_FIELDS = frozenset({"sdpa_backend"})
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One benchmarked configuration; ``config`` None means upstream, unpatched."""
+
+    name: str
+    config: Optional[TurboConfig]
+
+    @property
+    def exact(self) -> bool:
+        return self.config is None or self.config.is_exact
+
+    def config_dict(self) -> Optional[dict[str, Any]]:
+        if self.config is None:
+            return None
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.config.as_dict().items()}
+
+
+def flag_variants() -> list[Variant]:
+    """Each ``TurboConfig`` field alone: every boolean field False except that one (plus the flags it cannot work
+    without, ``config.REQUIRES``).
+
+    A non-boolean field (e.g. ``global_to_frame_layers``) gets the ``fast`` preset's value when it is the flag and
+    its default otherwise; fields whose ``fast`` value equals the default (nothing to switch on, e.g.
+    ``cuda_graph_max_frames``) and the modifier fields (``sdpa_backend``) get no standalone variant.
+    """
+    default, fast = TurboConfig(), PRESETS["fast"]
+    requires = getattr(config_module, "REQUIRES", {})
+    fields = dataclasses.fields(TurboConfig)
+    is_bool = {f.name: isinstance(getattr(default, f.name), bool) for f in fields}
+    off = {f.name: False if is_bool[f.name] else getattr(default, f.name) for f in fields}
+    out = []
+    for f in fields:
+        if f.name in MODIFIER_FIELDS:
+            continue
+        if is_bool[f.name]:
+            value: Any = True
+        else:
+            value = getattr(fast, f.name)
+            if value == getattr(default, f.name):
+                log.debug("no standalone variant for %s: the fast preset keeps its default", f.name)
+                continue
+        flags = {f.name: value}
+        pending = list(requires.get(f.name, ()))
+        while pending:  # the flags this one needs, transitively
+            need = pending.pop()
+            if need not in flags:
+                flags[need] = True
+                pending += list(requires.get(need, ()))
+        try:
+            out.append(Variant(f.name, TurboConfig(**{**off, **flags})))
+        except (TypeError, ValueError) as err:  # a flag that cannot stand alone: say so, keep the others
+            log.warning("no standalone variant for %s: %s", f.name, err)
+    return out
+
+
+def all_variants() -> list[Variant]:
+    """upstream, each flag alone, then the presets."""
+    return [Variant(UPSTREAM, None), *flag_variants(), *(Variant(p, PRESETS[p]) for p in PRESET_NAMES)]
+
+
+def select_variants(spec: Optional[str]) -> list[Variant]:
+    """Parse ``--variants``: names, or the groups ``all``, ``presets`` (upstream, exact, fast), ``flags``."""
+    available = all_variants()
+    by_name = {v.name: v for v in available}
+    if not spec:
+        return available
+    chosen: list[str] = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        if item == "all":
+            names = [v.name for v in available]
+        elif item == "presets":
+            names = [UPSTREAM, *PRESET_NAMES]
+        elif item == "flags":
+            names = [v.name for v in flag_variants()]
+        elif item in by_name:
+            names = [item]
+        else:
+            raise ValueError(f"unknown variant {item!r}; choose from {sorted(by_name)} or all, presets, flags")
+        chosen += [n for n in names if n not in chosen]
+    return [v for v in available if v.name in chosen]  # canonical order, upstream first
