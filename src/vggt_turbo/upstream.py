@@ -106,9 +106,11 @@ def check(root: nn.Module, requirements: dict[str, tuple[Requirement, ...]]) -> 
             req.check(root, patch)
 
 
-def keeps_all_intermediates(root: nn.Module) -> bool:
-    """True for upstream before ``cached_layer_indices`` (2025-10 and older): every layer's output is kept."""
-    return not hasattr(aggregator_of(root), "cached_layer_indices")
+def members(
+    owner: str, locate: Callable[[nn.Module], Optional[object]], *specs: tuple[str, Optional[tuple[str, ...]]]
+) -> tuple[Requirement, ...]:
+    """Requirements on several members of one upstream class: ``(name, parameter names or None)`` each."""
+    return tuple(Requirement(owner, name, locate, params) for name, params in specs)
 
 
 # Requirements shared by several patches.

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..config import TurboConfig
-from ..upstream import AGGREGATOR_LAYOUT, Requirement, aggregator_of, upstream_module
+from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, members, upstream_module
 from ._base import Patch, Target, aggregator_path
 
 _MAX_CACHED_SHAPES = 8
@@ -118,23 +118,26 @@ PATCH = Patch(
     name="cached_positions",
     exact=True,
     requirements=AGGREGATOR_LAYOUT
-    + tuple(
-        Requirement("Aggregator", name, aggregator_of, params)
-        for name, params in (
-            ("forward", ("images",)),
-            ("_process_frame_attention", ("tokens", "B", "S", "P", "C", "frame_idx", "pos")),
-            ("_process_global_attention", ("tokens", "B", "S", "P", "C", "global_idx", "pos")),
-            ("aa_block_num", None),
-            ("patch_start_idx", None),
-            ("patch_size", None),
-            ("position_getter", None),
-            ("camera_token", None),
-            ("register_token", None),
-            ("_resnet_mean", None),
-            ("_resnet_std", None),
-        )
+    + members(
+        "Aggregator",
+        aggregator_of,
+        ("forward", ("images",)),
+        ("_process_frame_attention", ("tokens", "B", "S", "P", "C", "frame_idx", "pos")),
+        ("_process_global_attention", ("tokens", "B", "S", "P", "C", "global_idx", "pos")),
+        ("aa_block_num", None),
+        ("patch_start_idx", None),
+        ("patch_size", None),
+        ("position_getter", None),
+        ("camera_token", None),
+        ("register_token", None),
+        ("_resnet_mean", None),
+        ("_resnet_std", None),
     )
-    + (Requirement("vggt.models.aggregator", "slice_expand_and_flatten", upstream_module("vggt.models.aggregator"), ("token_tensor", "B", "S")),),
+    + members(
+        "vggt.models.aggregator",
+        upstream_module("vggt.models.aggregator"),
+        ("slice_expand_and_flatten", ("token_tensor", "B", "S")),
+    ),
     enabled=lambda c: c.cached_positions,
     targets=_targets,
 )

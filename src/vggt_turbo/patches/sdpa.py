@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TurboConfig
-from ..upstream import AGGREGATOR_LAYOUT, Requirement, aggregator_of, first_attention
+from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, first_attention, members
 from ._base import Patch, Target, aggregator_path, join
 
 try:
@@ -94,19 +94,18 @@ PATCH = Patch(
     name="sdpa",
     exact=True,
     requirements=AGGREGATOR_LAYOUT
-    + tuple(
-        Requirement("Attention", name, first_attention, params)
-        for name, params in (
-            ("forward", ("x", "pos")),
-            ("qkv", None),
-            ("q_norm", None),
-            ("k_norm", None),
-            ("rope", None),
-            ("proj", None),
-            ("proj_drop", None),
-            ("num_heads", None),
-            ("head_dim", None),
-        )
+    + members(
+        "Attention",
+        first_attention,
+        ("forward", ("x", "pos")),
+        ("qkv", None),
+        ("q_norm", None),
+        ("k_norm", None),
+        ("rope", None),
+        ("proj", None),
+        ("proj_drop", None),
+        ("num_heads", None),
+        ("head_dim", None),
     ),
     enabled=lambda c: c.sdpa,
     targets=_targets,

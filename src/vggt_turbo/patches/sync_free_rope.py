@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..config import TurboConfig
-from ..upstream import Requirement, aggregator_of, rope_of
+from ..upstream import aggregator_of, members, rope_of
 from ._base import Patch, Target, aggregator_path, join
 
 # (the RoPE module, its table length) while a patched Aggregator.forward runs.
@@ -78,17 +78,19 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="sync_free_rope",
     exact=True,
-    requirements=(
-        Requirement("Aggregator", "forward", aggregator_of, ("images",)),
-        Requirement("Aggregator", "patch_size", aggregator_of),
-        Requirement("Aggregator", "patch_start_idx", aggregator_of),
-        Requirement("RotaryPositionEmbedding2D", "forward", rope_of, ("tokens", "positions")),
-        Requirement(
-            "RotaryPositionEmbedding2D", "_compute_frequency_components", rope_of, ("dim", "seq_len", "device", "dtype")
-        ),
-        Requirement(
-            "RotaryPositionEmbedding2D", "_apply_1d_rope", rope_of, ("tokens", "positions", "cos_comp", "sin_comp")
-        ),
+    requirements=members(
+        "Aggregator",
+        aggregator_of,
+        ("forward", ("images",)),
+        ("patch_size", None),
+        ("patch_start_idx", None),
+    )
+    + members(
+        "RotaryPositionEmbedding2D",
+        rope_of,
+        ("forward", ("tokens", "positions")),
+        ("_compute_frequency_components", ("dim", "seq_len", "device", "dtype")),
+        ("_apply_1d_rope", ("tokens", "positions", "cos_comp", "sin_comp")),
     ),
     enabled=lambda c: c.sync_free_rope,
     targets=_targets,
