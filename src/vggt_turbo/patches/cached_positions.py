@@ -61,7 +61,9 @@ def make_wrapper():
     def aggregator_forward(wrapped: Any, agg: nn.Module, args: tuple, kwargs: dict) -> Any:
         if agg.training or agg.rope is None:
             return wrapped(*args, **kwargs)
-        cache = caches.setdefault(agg, PositionCache())
+        cache = caches.get(agg)
+        if cache is None:
+            cache = caches[agg] = PositionCache()
         # Built inside the call expression: no local of this frame keeps the first tokens alive during the loop.
         return _alternate(agg, *_embed(agg, _images(*args, **kwargs), cache)), agg.patch_start_idx
 

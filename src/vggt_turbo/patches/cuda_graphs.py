@@ -141,7 +141,9 @@ def make_wrapper(max_frames: int):
 
     def forward(wrapped: Any, model: nn.Module, args: tuple, kwargs: dict) -> Any:
         images, query_points = _images_query(*args, **kwargs)
-        cache = caches.setdefault(model, GraphCache(max_frames))
+        cache = caches.get(model)
+        if cache is None:
+            cache = caches[model] = GraphCache(max_frames)
         reason = cache.eager_reason(model, images, query_points)
         if reason is not None:
             cache.report(reason)
