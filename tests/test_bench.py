@@ -163,6 +163,12 @@ def test_variants_follow_the_config() -> None:
     assert [v.name for v in select_variants("fast,presets")] == ["upstream", "exact", "fast"]
     with pytest.raises(ValueError):
         select_variants("nope")
+    extra = select_variants("exact,exact+compile+sdpa")
+    assert [v.name for v in extra] == ["exact", "exact+compile+sdpa"]
+    assert extra[1].config == PRESETS["exact"].replace(compile=True, sdpa=True)
+    for bad in ("exact+nope", "nope+compile"):
+        with pytest.raises(ValueError, match="nope"):
+            select_variants(bad)
 
 
 def test_cli_registers_bench() -> None:

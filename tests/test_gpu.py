@@ -109,3 +109,28 @@ def test_exact_preset_aggregator_forward_never_syncs(cuda_inputs) -> None:
     aggregate(model, images)
     with syncs_raise():
         aggregate(model, images)
+
+
+def test_exact_preset_under_bf16_autocast_never_syncs(cuda_inputs) -> None:
+    """Also with ``bf16_weights`` engaged (its copies are checked by address and version, never by value)."""
+    model, images, _ = cuda_inputs
+    vggt_turbo.apply_optimizations(model, "exact", cuda_graphs=False)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        aggregate(model, images)
+        with syncs_raise():
+            aggregate(model, images)
+
+
+def test_compile_matches_upstream_under_bf16(cuda_inputs) -> None:
+    from vggt_turbo.patches import compile_blocks
+
+    model, images, query_points = cuda_inputs
+    torch._dynamo.reset()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        upstream = run(model, images, query_points)
+        vggt_turbo.apply_optimizations(model, only("compile"))
+        compiled = run(model, images, query_points)
+    assert compile_blocks.compiled.cache_info().currsize >= 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    errs = errors(compiled, upstream)
+    assert max(errs.values()) < BF16_FLOOR, errs

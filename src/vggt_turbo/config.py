@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
 # Flags that only work on top of others (a CUDA graph cannot capture a host sync or a host-to-device copy).
-REQUIRES: Mapping[str, tuple[str, ...]] = {"cuda_graphs": ("sync_free_rope", "cached_positions")}
+REQUIRES: Mapping[str, tuple[str, ...]] = {
+    "cuda_graphs": ("sync_free_rope", "cached_positions"),
+    "fused_qk_norm_rope": ("sync_free_rope",),  # reads the RoPE table length it publishes
+}
 
 SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 
@@ -44,6 +47,17 @@ class TurboConfig:
         cuda_graphs: capture the forward in a CUDA graph per input shape and replay it (exact; needs
             ``sync_free_rope`` and ``cached_positions``; eager on CPU, in training or with autograd on).
         cuda_graph_max_frames: longest sequence (frames) captured; longer ones run eagerly, being GPU-bound.
+        bf16_weights: under bf16 autocast, run the aggregator natively in bf16 from a bf16 copy of its weights
+            (residual stream, norms and RoPE in bf16) and hand the heads their fp32 inputs; the heads keep upstream's
+            fp32. Exact to bf16 rounding (the difference is measured per output in the benchmarks); no effect
+            without bf16 autocast.
+        chunked_mlp: run the frame and global blocks' MLP over slices of tokens, so its 4x-wide hidden activation never
+            exists for the whole sequence at once (exact; only long sequences are sliced).
+        compile: ``torch.compile`` each aggregator block on CUDA (exact to the fused kernels' rounding). Off by
+            default: the first call per input shape compiles for tens of seconds.
+        fused_qk_norm_rope: qk-norm and RoPE-2D of every block's attention in one kernel (Triton on CUDA) writing
+            q and k in place into the qkv projection's output (exact: upstream's fp32 arithmetic, rounded once to
+            the attention dtype; needs ``sync_free_rope``). Off until measured on a GPU.
     """
 
     fused_frame_batching: bool = False
@@ -55,6 +69,10 @@ class TurboConfig:
     cached_positions: bool = True
     cuda_graphs: bool = True
     cuda_graph_max_frames: int = 8
+    bf16_weights: bool = True
+    chunked_mlp: bool = True
+    compile: bool = False
+    fused_qk_norm_rope: bool = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

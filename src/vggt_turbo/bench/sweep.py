@@ -80,6 +80,7 @@ class Calls:
     agg_peaks: list[Optional[float]] = dataclasses.field(default_factory=list)
     agg_separable: bool = True
     base_gib: Optional[float] = None
+    first_call_s: Optional[float] = None  # wall time of the first (untimed) call: compile and capture cost
     phase_runs: list[Optional[dict[str, tuple[float, int]]]] = dataclasses.field(default_factory=list)
 
 
@@ -126,7 +127,10 @@ class Bench:
             out = self.call(module, images)
             end = self.clock.stamp()
             self.clock.sync()
-            self.budget.note(frames, time.perf_counter() - wall)
+            wall = time.perf_counter() - wall
+            self.budget.note(frames, wall)
+            if i == 0:
+                res.first_call_s = wall
             if i >= warmup:
                 res.times.append(self.clock.seconds(start, end))
                 res.peaks.append(self.memory.peak_gib())
@@ -256,6 +260,7 @@ class Bench:
                 "seconds_all": [round_or_none(x, 6) for x in secs] if secs else [],
                 "base_gib": round_or_none(measured.base_gib, 3) if measured is not None and measured.base_gib is not None else None,
                 "reserved_gib": _reserved(name, measured, res),
+                "first_call_s": round_or_none(measured.first_call_s, 3) if measured is not None else None,
                 "config": variant.config_dict(),
             }
             if errs and any(not math.isfinite(v) for v in errs.values()):

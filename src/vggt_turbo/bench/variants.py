@@ -78,8 +78,20 @@ def all_variants() -> list[Variant]:
     return [Variant(UPSTREAM, None), *flag_variants(), *(Variant(p, PRESETS[p]) for p in PRESET_NAMES)]
 
 
+def combined(spec: str) -> Variant:
+    """``PRESET+FLAG[+FLAG...]``: the preset with those boolean flags on (``ValueError`` for unknown names)."""
+    preset, *flags = spec.split("+")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r} in variant {spec!r}; choose one of {sorted(PRESETS)}")
+    try:
+        return Variant(spec, PRESETS[preset].replace(**{flag: True for flag in flags}))
+    except TypeError as err:
+        raise ValueError(f"variant {spec!r}: {err}") from None
+
+
 def select_variants(spec: Optional[str]) -> list[Variant]:
-    """Parse ``--variants``: names, or the groups ``all``, ``presets`` (upstream, exact, fast), ``flags``."""
+    """Parse ``--variants``: names, the groups ``all``, ``presets`` (upstream, exact, fast), ``flags``, or a preset
+    with boolean flags switched on, ``PRESET+FLAG[+FLAG...]`` (e.g. ``exact+compile``)."""
     available = all_variants()
     by_name = {v.name: v for v in available}
     if not spec:
@@ -96,6 +108,11 @@ def select_variants(spec: Optional[str]) -> list[Variant]:
             names = [v.name for v in flag_variants()]
         elif item in by_name:
             names = [item]
+        elif "+" in item:  # a preset with extra flags on, e.g. exact+compile
+            extra = combined(item)
+            available.append(extra)
+            by_name[extra.name] = extra
+            names = [extra.name]
         else:
             raise ValueError(f"unknown variant {item!r}; choose from {sorted(by_name)} or all, presets, flags")
         chosen += [n for n in names if n not in chosen]

@@ -1,9 +1,13 @@
 """One module per optimization. ``ALL_PATCHES`` is the order in which wrappers are stacked (last = outermost)."""
 
 from ._base import Patch, Target
+from .bf16_weights import PATCH as BF16_WEIGHTS
 from .cached_positions import PATCH as CACHED_POSITIONS
+from .chunked_mlp import PATCH as CHUNKED_MLP
+from .compile_blocks import PATCH as COMPILE
 from .cuda_graphs import PATCH as CUDA_GRAPHS
 from .fused_frame_batching import PATCH as FUSED_FRAME_BATCHING
+from .fused_qk_norm_rope import PATCH as FUSED_QK_NORM_ROPE
 from .global_to_frame import PATCH as GLOBAL_TO_FRAME
 from .nvtx_ranges import PATCH as NVTX
 from .sdpa import PATCH as SDPA
@@ -12,9 +16,13 @@ from .sync_free_rope import PATCH as SYNC_FREE_ROPE
 ALL_PATCHES: tuple[Patch, ...] = (
     CACHED_POSITIONS,  # replaces Aggregator.forward without calling upstream's: must sit below sync_free_rope
     SYNC_FREE_ROPE,
+    BF16_WEIGHTS,  # above the Aggregator.forward wrappers it runs in bf16
     SDPA,
+    FUSED_QK_NORM_ROPE,  # above sdpa: computes the attention itself (sdpa_backend), falls back to sdpa's wrapper
     FUSED_FRAME_BATCHING,
     GLOBAL_TO_FRAME,
+    CHUNKED_MLP,
+    COMPILE,  # above chunked_mlp: long sequences fall through to it; compiles upstream's Block.forward otherwise
     NVTX,
     CUDA_GRAPHS,  # outermost: captures everything below it
 )

@@ -12,7 +12,9 @@ static buffer, replay, and return clones of the outputs (so a later call never o
 At most ``MAX_GRAPHS`` signatures are kept (least recently used evicted): each holds the activation memory of its
 shape. Autocast's weight-cast cache is disabled while capturing, so casts are part of the graph instead of
 reading tensors that die when the caller's autocast region ends. Moving or replacing parameters changes the
-signature (recapture); ``load_state_dict`` copies in place and is seen by the next replay.
+signature, and so does changing them in place (``load_state_dict``, an optimizer step: their version counters
+move): the next call recaptures. The replay cannot see such changes by itself when a patch below keeps derived
+copies of the weights (``bf16_weights``).
 
 When the graph path does not apply the upstream forward runs eagerly and the reason is logged once per model:
 CPU tensors, training mode, autograd enabled, more than ``cuda_graph_max_frames`` frames (long sequences are
@@ -67,6 +69,14 @@ def _clone(out: Any) -> Any:
     return out
 
 
+def _version(t: torch.Tensor) -> int:
+    """The tensor's in-place version counter (inference tensors have none: they cannot change in place)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return -1
+
+
 def _images_query(images: torch.Tensor, query_points: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Any]:
     return images, query_points
 
@@ -99,7 +109,7 @@ class GraphCache:
             log.info("vggt_turbo cuda_graphs: running eagerly: %s", reason)
 
     def key(self, model: nn.Module, images: torch.Tensor) -> tuple:
-        storage = hash(tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers())))
+        storage = hash(tuple((t.data_ptr(), _version(t)) for t in (*model.parameters(), *model.buffers())))
         # inference mode is part of the signature: buffers captured under it are inference tensors, which a
         # later call under plain no_grad could not copy into.
         mode = torch.is_inference_mode_enabled()

@@ -1,0 +1,214 @@
+"""bf16_weights — wraps ``Aggregator.forward(images)`` and its ``patch_embed.forward``, and the heads' entry points
+``CameraHead.forward(aggregated_tokens_list, ...)`` and ``DPTHead._forward_impl(aggregated_tokens_list, images,
+patch_start_idx, frames_start_idx, frames_end_idx)`` (depth, point and the track head's feature extractor).
+
+Why faster: under ``torch.autocast(dtype=torch.bfloat16)`` upstream keeps fp32 weights and an fp32 residual stream:
+every LayerNorm runs in fp32 (autocast's policy), every matmul input is cast to bf16 first, LayerScale and the
+residual adds write fp32, and RoPE runs in fp32 — a large share of the GPU time at 10+ frames is this fp32
+elementwise traffic (measured: fp32 layer_norm alone was 15 % of the kernel time at 10 frames on an H100). This
+patch runs the aggregator natively in bf16 instead: from a bf16 copy of its weights, with autocast off inside it,
+so the residual stream, norms, RoPE and activations are bf16 (half the bytes). The heads keep upstream's fp32: they
+receive the intermediates upcast to fp32, one chunk of frames at a time, so the kept intermediates are stored in
+bf16 (half of upstream's memory for them).
+
+The bf16 copy (half the aggregator's fp32 size, about 1.7 GiB for the full model) is made on the first call and
+kept for later calls; it is rebuilt when a parameter is moved, replaced or changed in place (tracked by storage
+address and version counter). Upstream's autocast keeps the same bf16 copies in its cast cache during a forward,
+so the peak is not higher; between calls the copy stays allocated. During the forward the aggregator's
+parameters point at their bf16 copies (``param.data`` is swapped, as ``Module.half()`` does, and restored after),
+so a model must not run the same aggregator from two threads at once.
+
+When it applies: inference (eval mode, autograd off), under bf16 autocast on the input's device, with fp32
+parameters. Otherwise (fp32 runs, fp16 autocast, training, a model already converted to bf16) upstream runs as is.
+
+Exact to bf16 rounding, not bit-exact: the same operations, rounded to bf16 at more places than under autocast
+(residual adds, norms, RoPE tables). The benchmarks report the difference per output against upstream-autocast.
+Called alone, ``model.aggregator(images)`` returns bf16 intermediates when this patch is applied to the whole VGGT
+(the heads upcast them); applied to an Aggregator alone it returns fp32, as upstream.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import weakref
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ..config import TurboConfig
+from ..upstream import Requirement, aggregator_of, looks_like_vggt
+from ._base import Patch, Target, aggregator_path, join
+
+# True while a patched aggregator runs in bf16: tells its patch_embed to take bf16 input.
+_ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("vggt_turbo_bf16_active", default=False)
+
+
+def _images(images: torch.Tensor) -> torch.Tensor:
+    return images
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype active for ``device_type``, or None when autocast is off there."""
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        return torch.get_autocast_dtype(device_type)
+    except TypeError:  # torch < 2.4: per-device functions
+        if device_type == "cuda":
+            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        return None
+
+
+class Shadow:
+    """The bf16 copies of one module's fp32 parameters, valid while the parameters keep address and version."""
+
+    def __init__(self) -> None:
+        self._params: list[nn.Parameter] = []
+        self._copies: list[torch.Tensor] = []
+        self._key: Optional[tuple] = None
+
+    def refresh(self, module: nn.Module) -> None:
+        params = [p for p in module.parameters() if p.dtype == torch.float32]
+        key = tuple((p.data_ptr(), p._version) for p in params)
+        if key != self._key:
+            self._copies = []  # free the old copies before making the new ones
+            with torch.no_grad(), torch.inference_mode(False):  # plain tensors: .data may be swapped to them
+                self._copies = [p.detach().to(torch.bfloat16) for p in params]
+            self._params, self._key = params, key
+
+    def swap(self) -> None:
+        """Exchange every parameter's data with its copy (called twice: in, then out)."""
+        for i, p in enumerate(self._params):
+            p.data, self._copies[i] = self._copies[i], p.data
+
+
+def make_aggregator_wrapper(upcast_outputs: bool):
+    """The ``Aggregator.forward`` wrapper; ``upcast_outputs``: return fp32 intermediates (no patched heads)."""
+    shadows: "weakref.WeakKeyDictionary[nn.Module, Shadow]" = weakref.WeakKeyDictionary()
+
+    def aggregator_forward(wrapped: Any, agg: nn.Module, args: tuple, kwargs: dict) -> Any:
+        device_type = _images(*args, **kwargs).device.type
+        first = next(agg.parameters(), None)
+        if (
+            agg.training
+            or torch.is_grad_enabled()
+            or _autocast_dtype(device_type) != torch.bfloat16
+            or first is None
+            or first.dtype != torch.float32
+        ):
+            return wrapped(*args, **kwargs)
+        shadow = shadows.get(agg)
+        if shadow is None:
+            shadow = shadows[agg] = Shadow()
+        shadow.refresh(agg)
+        token = _ACTIVE.set(True)
+        shadow.swap()
+        try:
+            with torch.autocast(device_type, enabled=False):
+                outputs, patch_start_idx = wrapped(*args, **kwargs)
+        finally:
+            shadow.swap()
+            _ACTIVE.reset(token)
+        if upcast_outputs:
+            outputs = [None if t is None else t.float() for t in outputs]
+        return outputs, patch_start_idx
+
+    return aggregator_forward
+
+
+def patch_embed_forward(wrapped: Any, embed: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Cast the normalised images to the weights' bf16, as autocast's cast before the first convolution does."""
+    if _ACTIVE.get() and args and isinstance(args[0], torch.Tensor):
+        args = (args[0].to(torch.bfloat16), *args[1:])
+    return wrapped(*args, **kwargs)
+
+
+def _param_dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def _camera_args(aggregated_tokens_list: list, num_iterations: int = 4) -> tuple[list, int]:
+    return aggregated_tokens_list, num_iterations
+
+
+def camera_head_forward(wrapped: Any, head: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Give the camera head fp32 camera tokens: it reads only token 0 of each frame of the last layer."""
+    tokens, num_iterations = _camera_args(*args, **kwargs)
+    last = tokens[-1]
+    if last.dtype == _param_dtype(head):
+        return wrapped(*args, **kwargs)
+    return wrapped([*tokens[:-1], last[:, :, :1].to(_param_dtype(head))], num_iterations)
+
+
+def _dpt_args(
+    aggregated_tokens_list: list,
+    images: torch.Tensor,
+    patch_start_idx: int,
+    frames_start_idx: Optional[int] = None,
+    frames_end_idx: Optional[int] = None,
+) -> tuple[list, torch.Tensor, int, Optional[int], Optional[int]]:
+    return aggregated_tokens_list, images, patch_start_idx, frames_start_idx, frames_end_idx
+
+
+def dpt_forward_impl(wrapped: Any, head: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Upcast only the layers this DPT head reads, only for the frames of this chunk, just before it runs."""
+    tokens, images, patch_start_idx, start, end = _dpt_args(*args, **kwargs)
+    dtype = _param_dtype(head)
+    layers = sorted(set(head.intermediate_layer_idx))
+    if all(tokens[i].dtype == dtype for i in layers):
+        return wrapped(*args, **kwargs)
+    frames = slice(start, end) if start is not None and end is not None else slice(None)
+    chunk = list(tokens)
+    for i in layers:
+        chunk[i] = tokens[i][:, frames].to(dtype)
+    return wrapped(chunk, images[:, frames], patch_start_idx)
+
+
+def _head_targets(root: nn.Module) -> list[Target]:
+    targets = []
+    if getattr(root, "camera_head", None) is not None:
+        targets.append(Target("camera_head", "forward", camera_head_forward))
+    for path in ("depth_head", "point_head"):
+        if getattr(root, path, None) is not None:
+            targets.append(Target(path, "_forward_impl", dpt_forward_impl))
+    if getattr(root, "track_head", None) is not None:
+        targets.append(Target("track_head.feature_extractor", "_forward_impl", dpt_forward_impl))
+    return targets
+
+
+def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
+    agg = aggregator_path(root)
+    whole_model = looks_like_vggt(root)
+    targets = [
+        Target(agg, "forward", make_aggregator_wrapper(upcast_outputs=not whole_model)),
+        Target(join(agg, "patch_embed"), "forward", patch_embed_forward),
+    ]
+    return targets + (_head_targets(root) if whole_model else [])
+
+
+def _head(name: str) -> Callable[[nn.Module], Optional[nn.Module]]:
+    """A ``locate`` for one of a VGGT's heads (None when patching an Aggregator alone or the head is off)."""
+    return lambda root: getattr(root, name, None) if looks_like_vggt(root) else None
+
+
+PATCH = Patch(
+    name="bf16_weights",
+    exact=True,
+    requirements=(
+        Requirement("Aggregator", "forward", aggregator_of, ("images",)),
+        Requirement("Aggregator", "patch_embed", aggregator_of),
+        Requirement("CameraHead", "forward", _head("camera_head"), ("aggregated_tokens_list", "num_iterations")),
+        Requirement(
+            "DPTHead",
+            "_forward_impl",
+            _head("depth_head"),
+            ("aggregated_tokens_list", "images", "patch_start_idx", "frames_start_idx", "frames_end_idx"),
+        ),
+        Requirement("DPTHead", "intermediate_layer_idx", _head("depth_head")),
+    ),
+    enabled=lambda c: c.bf16_weights,
+    targets=_targets,
+)

@@ -1,0 +1,82 @@
+"""chunked_mlp — replaces ``Block.forward(x, pos=None)`` of every frame and global block.
+
+Why leaner: a block's MLP widens each token to 4x the model width (4,096 values for the full model) and its
+activation keeps a second such tensor: at 200 frames (274,800 tokens) that is 2 x 2.1 GiB in bf16 at once,
+the largest transient of the whole forward. Every MLP step (LayerNorm, the two linears, GELU, LayerScale) works
+token by token, so this version adds the MLP's residual in place, ``CHUNK_TOKENS`` tokens at a time: the wide
+activation never exists for more than one slice. The slices are large enough (32,768 tokens) for the matmuls to
+run at full speed; sequences with fewer tokens run upstream's code unchanged.
+
+Exact: the same operations on the same rows (a matmul over fewer rows may pick another kernel, whose rounding can
+differ in the last bits). In training or with autograd on, upstream's forward runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..config import TurboConfig
+from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, members
+from ._base import Patch, Target, aggregator_path, join
+
+CHUNK_TOKENS = 32768
+
+
+def _x_pos(x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    return x, pos
+
+
+def block_forward(wrapped: Any, block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    x, pos = _x_pos(*args, **kwargs)
+    tokens = x.numel() // x.shape[-1]
+    if block.training or torch.is_grad_enabled() or tokens <= CHUNK_TOKENS:
+        return wrapped(*args, **kwargs)
+    x = x + block.ls1(block.attn(block.norm1(x), pos=pos))
+    rows = x.view(tokens, x.shape[-1])
+    for start in range(0, tokens, CHUNK_TOKENS):
+        part = rows[start : start + CHUNK_TOKENS]
+        update = block.ls2(block.mlp(block.norm2(part)))
+        if update.dtype != rows.dtype:  # upstream's out-of-place add would promote: do the same, once
+            x = x.to(torch.promote_types(x.dtype, update.dtype))
+            rows = x.view(tokens, x.shape[-1])
+            part = rows[start : start + CHUNK_TOKENS]
+        part += update
+    return x
+
+
+def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
+    agg = aggregator_of(root)
+    path = aggregator_path(root)
+    return [
+        Target(join(path, kind, str(i)), "forward", block_forward)
+        for kind in ("frame_blocks", "global_blocks")
+        for i in range(len(getattr(agg, kind)))
+    ]
+
+
+def _first_block(root: nn.Module) -> Optional[nn.Module]:
+    blocks = getattr(aggregator_of(root), "frame_blocks", None)
+    return blocks[0] if blocks else None
+
+
+PATCH = Patch(
+    name="chunked_mlp",
+    exact=True,
+    requirements=AGGREGATOR_LAYOUT
+    + members(
+        "Block",
+        _first_block,
+        ("forward", ("x", "pos")),
+        ("norm1", None),
+        ("attn", None),
+        ("ls1", None),
+        ("norm2", None),
+        ("mlp", None),
+        ("ls2", None),
+    ),
+    enabled=lambda c: c.chunked_mlp,
+    targets=_targets,
+)
