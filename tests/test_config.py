@@ -7,7 +7,7 @@ import pytest
 from helpers import BOOL_FLAGS
 
 from vggt_turbo import PRESETS, TurboConfig
-from vggt_turbo.config import FAST_GLOBAL_TO_FRAME_LAYERS, resolve
+from vggt_turbo.config import FAST_GLOBAL_TO_FRAME_LAYERS, FAST_KV_SUBSAMPLE, resolve
 
 
 def test_exact_preset_is_the_default() -> None:
@@ -20,11 +20,11 @@ def test_exact_preset_is_the_default() -> None:
     assert cfg.sdpa_backend == "auto" and cfg.global_to_frame_layers == ()
 
 
-def test_fast_preset_adds_only_the_layer_swap() -> None:
+def test_fast_preset_adds_only_the_approximations() -> None:
     fast = TurboConfig.preset("fast")
     assert not fast.is_exact
-    assert fast.global_to_frame_layers == FAST_GLOBAL_TO_FRAME_LAYERS
-    assert fast.replace(global_to_frame_layers=()) == PRESETS["exact"]
+    assert fast.global_to_frame_layers == FAST_GLOBAL_TO_FRAME_LAYERS and fast.kv_subsample == FAST_KV_SUBSAMPLE
+    assert fast.replace(global_to_frame_layers=(), kv_subsample=1) == PRESETS["exact"]
 
 
 def test_layers_are_normalised_to_a_sorted_tuple() -> None:

@@ -89,7 +89,7 @@ def test_incompatible_upstream_refused_and_model_untouched(model, break_upstream
 
 def test_requirements_of_disabled_patches_are_not_checked(model) -> None:
     rope_without_table(model)
-    vggt_turbo.apply_optimizations(model, "exact", sync_free_rope=False, cuda_graphs=False)
+    vggt_turbo.apply_optimizations(model, "exact", sync_free_rope=False, cuda_graphs=False, fused_qk_norm_rope=False)
     assert "sync_free_rope" not in describe(model).targets and "cached_positions" in describe(model).targets
 
 

@@ -25,7 +25,7 @@ def test_needs_its_prerequisites():
         vggt_turbo.TurboConfig(sync_free_rope=False)
     with pytest.raises(ValueError, match="cached_positions"):
         vggt_turbo.TurboConfig(cached_positions=False)
-    assert vggt_turbo.TurboConfig(cuda_graphs=False, sync_free_rope=False).cuda_graphs is False
+    assert vggt_turbo.TurboConfig(cuda_graphs=False, fused_qk_norm_rope=False, sync_free_rope=False).cuda_graphs is False
 
 
 @pytest.mark.parametrize("bad", [0, -3])

@@ -100,7 +100,7 @@ def frame_attention_reference(pristine: nn.Module, layers: tuple[int, ...], fram
 
 
 LAYER_CONFIGS = {
-    "fast": TurboConfig.preset("fast"),
+    "fast-layers": TurboConfig.preset("fast").replace(kv_subsample=1),  # fast's K/V subsampling: test_kv_subsample
     "scattered-alone": NO_FLAGS.replace(global_to_frame_layers=(1, 7, 23)),
 }
 
@@ -122,5 +122,5 @@ def test_global_to_frame_layers_exact_for_one_frame(model, query_points) -> None
     """With S = 1 a global layer already attends within the one frame: the swap changes nothing."""
     images = random_images(1, seed=3)
     expected = run(model, images, query_points)
-    vggt_turbo.apply_optimizations(model, "fast")
+    vggt_turbo.apply_optimizations(model, "fast", kv_subsample=1)
     assert_close(run(model, images, query_points), expected)

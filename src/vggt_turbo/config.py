@@ -4,7 +4,8 @@ Presets:
   - ``"exact"`` (default): every patch that keeps upstream's outputs (within the dtype's rounding) and was
     measured faster or leaner. ``fused_frame_batching`` and ``sdpa`` are exact but measured no gain on an H100 with
     torch 2.11 (benchmarks/results), so they are off by default and stay available for ablations.
-  - ``"fast"``: ``"exact"`` plus the approximations (today: early global layers run as frame attention).
+  - ``"fast"``: ``"exact"`` plus the approximations: early global layers run as frame attention, the others
+    attend to subsampled keys/values (``kv_subsample``).
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
+from .distributed import OUTPUTS as SEQUENCE_PARALLEL_OUTPUTS
+from .distributed import describe_group, is_process_group
+
 # Flags that only work on top of others (a CUDA graph cannot capture a host sync or a host-to-device copy).
 REQUIRES: Mapping[str, tuple[str, ...]] = {
     "cuda_graphs": ("sync_free_rope", "cached_positions"),
     "fused_qk_norm_rope": ("sync_free_rope",),  # reads the RoPE table length it publishes
+    "offload_intermediates": ("cached_positions",),  # hooks into its loop
 }
 
 SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
@@ -24,6 +29,11 @@ SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
 # Layers that the "fast" preset runs as frame attention. The first five global layers were swapped by the
 # project's seed; AVGGT (arXiv 2512.02541) reports early global layers attend mostly within a frame.
 FAST_GLOBAL_TO_FRAME_LAYERS = (0, 1, 2, 3, 4)
+# Grid stride of the "fast" preset's K/V subsampling in the other global layers (1/4 of the patch keys). AVGGT's
+# recommended setting, as reported, is a stride of 4 after converting 9 early layers; whether its 4 counts per axis
+# (1/16 of the keys) or in all (1/4) could not be checked, so the preset takes 2 per axis: no more aggressive than
+# the paper under either reading.
+FAST_KV_SUBSAMPLE = 2
 
 
 @dataclass(frozen=True)
@@ -55,9 +65,23 @@ class TurboConfig:
             exists for the whole sequence at once (exact; only long sequences are sliced).
         compile: ``torch.compile`` each aggregator block on CUDA (exact to the fused kernels' rounding). Off by
             default: the first call per input shape compiles for tens of seconds.
+        offload_intermediates: move the layer outputs the heads read to pinned host memory as soon as they exist
+            and bring back each head's chunk of frames just before it runs (exact; CUDA, whole VGGT only). Off by
+            default: it trades PCIe transfers (a few % of the time) for the largest block of long-sequence memory.
         fused_qk_norm_rope: qk-norm and RoPE-2D of every block's attention in one kernel (Triton on CUDA) writing
             q and k in place into the qkv projection's output (exact: upstream's fp32 arithmetic, rounded once to
-            the attention dtype; needs ``sync_free_rope``). Off until measured on a GPU.
+            the attention dtype; needs ``sync_free_rope``; a PyTorch path with upstream's arithmetic elsewhere).
+        sequence_parallel: split each sequence's frames over the ranks of a torch.distributed process group
+            (``True``: the default group, or a ``ProcessGroup``); every rank calls the model with the same images
+            (exact; inference only; see ``patches/sequence_parallel.py``). Off (``False``) by default.
+        sequence_parallel_output: ``"gathered"`` (default): every rank gets every frame's predictions, as
+            upstream returns them; ``"sharded"``: each rank gets its own frames' only
+            (``vggt_turbo.distributed.Shard``).
+        kv_subsample: r >= 2: global attention's keys/values are every frame's special tokens and its patch tokens
+            every r rows and columns, plus each query's own key and the dropped keys' mean (AVGGT; see
+            ``patches/kv_subsample.py``). APPROXIMATION: changes outputs; 1 (default) is off.
+        kv_subsample_layers: the global layers ``kv_subsample`` applies to; empty (default): every global layer not
+            in ``global_to_frame_layers``. Needs ``kv_subsample`` >= 2; a layer cannot be in both lists.
     """
 
     fused_frame_batching: bool = False
@@ -72,7 +96,12 @@ class TurboConfig:
     bf16_weights: bool = True
     chunked_mlp: bool = True
     compile: bool = False
-    fused_qk_norm_rope: bool = False
+    offload_intermediates: bool = False
+    fused_qk_norm_rope: bool = True
+    sequence_parallel: Any = False  # False, True (the default process group) or a torch.distributed.ProcessGroup
+    sequence_parallel_output: str = "gathered"
+    kv_subsample: int = 1
+    kv_subsample_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -81,11 +110,14 @@ class TurboConfig:
                 raise TypeError(f"TurboConfig.{f.name} must be a bool, got {value!r}")
         if not isinstance(self.sdpa_backend, str) or self.sdpa_backend not in SDPA_BACKENDS:
             raise ValueError(f"TurboConfig.sdpa_backend must be one of {SDPA_BACKENDS}, got {self.sdpa_backend!r}")
-        object.__setattr__(self, "global_to_frame_layers", _layer_tuple(self.global_to_frame_layers))
+        for name in ("global_to_frame_layers", "kv_subsample_layers"):
+            object.__setattr__(self, name, _layer_tuple(getattr(self, name), name))
+        _check_kv_subsample(self.kv_subsample, self.kv_subsample_layers, self.global_to_frame_layers)
         if isinstance(self.cuda_graph_max_frames, bool) or not isinstance(self.cuda_graph_max_frames, int):
             raise TypeError(f"TurboConfig.cuda_graph_max_frames must be an int, got {self.cuda_graph_max_frames!r}")
         if self.cuda_graph_max_frames < 1:
             raise ValueError(f"TurboConfig.cuda_graph_max_frames must be >= 1, got {self.cuda_graph_max_frames}")
+        _check_sequence_parallel(self.sequence_parallel, self.sequence_parallel_output)
         for flag, needs in REQUIRES.items():
             missing = [n for n in needs if getattr(self, flag) and not getattr(self, n)]
             if missing:
@@ -94,7 +126,7 @@ class TurboConfig:
     @property
     def is_exact(self) -> bool:
         """True when no approximation is enabled."""
-        return not self.global_to_frame_layers
+        return not self.global_to_frame_layers and self.kv_subsample == 1
 
     def replace(self, **flags: Any) -> "TurboConfig":
         """A copy with some fields changed; unknown names raise ``TypeError``."""
@@ -112,21 +144,44 @@ class TurboConfig:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
 
     def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields as plain values; a process group becomes a short description, so that the dict serialises."""
+        return {f.name: describe_group(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
-def _layer_tuple(value: Any) -> tuple[int, ...]:
+def _check_sequence_parallel(value: Any, output: Any) -> None:
+    if not isinstance(value, bool) and not is_process_group(value):
+        raise TypeError(f"TurboConfig.sequence_parallel must be a bool or a torch.distributed.ProcessGroup, got {value!r}")
+    if not isinstance(output, str) or output not in SEQUENCE_PARALLEL_OUTPUTS:
+        raise ValueError(f"TurboConfig.sequence_parallel_output must be one of {SEQUENCE_PARALLEL_OUTPUTS}, got {output!r}")
+
+
+def _layer_tuple(value: Any, name: str) -> tuple[int, ...]:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise TypeError(f"TurboConfig.global_to_frame_layers must be a sequence of ints, got {value!r}")
+        raise TypeError(f"TurboConfig.{name} must be a sequence of ints, got {value!r}")
     layers = tuple(value)
     for i in layers:
         if isinstance(i, bool) or not isinstance(i, int):
-            raise TypeError(f"TurboConfig.global_to_frame_layers must hold ints, got {i!r}")
+            raise TypeError(f"TurboConfig.{name} must hold ints, got {i!r}")
         if i < 0:
-            raise ValueError(f"TurboConfig.global_to_frame_layers must be >= 0, got {i}")
+            raise ValueError(f"TurboConfig.{name} must be >= 0, got {i}")
     if len(set(layers)) != len(layers):
-        raise ValueError(f"TurboConfig.global_to_frame_layers has duplicates: {layers}")
+        raise ValueError(f"TurboConfig.{name} has duplicates: {layers}")
     return tuple(sorted(layers))
+
+
+def _check_kv_subsample(stride: Any, layers: tuple[int, ...], frame_layers: tuple[int, ...]) -> None:
+    if isinstance(stride, bool) or not isinstance(stride, int):
+        raise TypeError(f"TurboConfig.kv_subsample must be an int (1: off), got {stride!r}")
+    if stride < 1:
+        raise ValueError(f"TurboConfig.kv_subsample must be >= 1 (1: off), got {stride}")
+    if layers and stride == 1:
+        raise ValueError(f"TurboConfig.kv_subsample_layers={layers} needs kv_subsample >= 2 (1 keeps every key: off)")
+    both = sorted(set(layers) & set(frame_layers))
+    if both:
+        raise ValueError(
+            f"TurboConfig: layers {both} are in both global_to_frame_layers and kv_subsample_layers; a global layer "
+            "runs either as frame attention or as subsampled global attention"
+        )
 
 
 def field_names() -> list[str]:
@@ -135,7 +190,7 @@ def field_names() -> list[str]:
 
 PRESETS: Mapping[str, TurboConfig] = {
     "exact": TurboConfig(),
-    "fast": TurboConfig(global_to_frame_layers=FAST_GLOBAL_TO_FRAME_LAYERS),
+    "fast": TurboConfig(global_to_frame_layers=FAST_GLOBAL_TO_FRAME_LAYERS, kv_subsample=FAST_KV_SUBSAMPLE),
 }
 
 ConfigLike = Union[TurboConfig, str, None]

@@ -120,3 +120,19 @@ AGGREGATOR_LAYOUT = (
     Requirement("Aggregator", "aa_block_size", aggregator_of),
     Requirement("Aggregator", "aa_order", aggregator_of),
 )
+
+# Every member of upstream's Attention that a patch re-implementing its forward (sdpa, fused_qk_norm_rope,
+# sequence_parallel) reads.
+ATTENTION_MEMBERS = members(
+    "Attention",
+    first_attention,
+    ("forward", ("x", "pos")),
+    ("qkv", None),
+    ("q_norm", None),
+    ("k_norm", None),
+    ("rope", None),
+    ("proj", None),
+    ("proj_drop", None),
+    ("num_heads", None),
+    ("head_dim", None),
+)

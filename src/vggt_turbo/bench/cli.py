@@ -18,6 +18,7 @@ import torch
 
 from ..random_model import SMALL_IMAGE, build_vggt, random_images
 from .meta import device_slug, make_meta
+from .parallel import run_parallel
 from .report import (
     PLOT_VARIANTS,
     UPSTREAM,
@@ -124,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
     """The ``bench`` subcommand: sweep, save (merging with ``--merge``), report. Returns the exit code."""
     if args.report_only is not None:
         return report_main([args.report_only] if args.report_only else [], default_out=Path(args.out))
+    if args.sequence_parallel:
+        return run_parallel(args)
     t0 = time.perf_counter()
     started = datetime.datetime.now(datetime.timezone.utc)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -279,6 +282,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--report-only", nargs="?", const="", metavar="JSON", help="only regenerate latest.md and the plots from "
         "JSON (default: every <out>/*/latest.json)")
     add("--no-progress", action="store_true", help="no progress bar")
+    add("--sequence-parallel", action="store_true", help="under torchrun: time each variant (default exact) on 1 "
+        "GPU and on all N GPUs with sequence_parallel, same weights and inputs, into <out>/<slug>/sequence_parallel"
+        ".json; NCCL needs NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 (see bench/parallel.py)")
+    add("--max-frames", action="store_true", help="with --sequence-parallel: predict the largest frame count that "
+        "fits per GPU count from the measured peaks (needs two frame counts or more)")
     parser.set_defaults(func=run, argv=None)
     return parser
 

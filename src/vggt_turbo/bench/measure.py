@@ -1,5 +1,5 @@
 """What one call is measured with: the clock, peak memory, forward hooks for the aggregator and the phases, and
-the relative error against upstream's outputs."""
+the relative error against upstream's outputs (and the cameras' rotation error, in degrees)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
+
+from ..fidelity import pose_rotation_errors_deg
 
 OUTPUT_KEYS = ("pose_enc", "depth", "depth_conf", "world_points", "world_points_conf")
 AGG_OUTPUT_KEY = "tokens_last"  # the aggregator's last cached output, the tokens the heads read last
@@ -251,10 +253,15 @@ def snapshot(outputs: Optional[dict], tokens: Optional[torch.Tensor]) -> dict[st
 
 
 def compare(outputs: Optional[dict], tokens: Optional[torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
-    """Per part, per output: the relative error against the reference."""
+    """Per part, per output: the relative error against the reference; under ``"pose"``, the largest angle between
+    a frame's camera rotation and the reference's, in degrees (a relative error of ``pose_enc`` mixes translation,
+    quaternion and field of view; the angle says what a user sees)."""
     errors: dict[str, dict[str, float]] = {}
     if outputs is not None:
         errors["full"] = {k: rel_err(outputs[k], reference[k]) for k in OUTPUT_KEYS if k in outputs and k in reference}
+        if "pose_enc" in outputs and "pose_enc" in reference:
+            angles = pose_rotation_errors_deg(outputs["pose_enc"].float(), reference["pose_enc"])
+            errors["pose"] = {"rotation_deg_max": angles.max().item()}
     if tokens is not None and AGG_OUTPUT_KEY in reference:
         errors["aggregator"] = {AGG_OUTPUT_KEY: rel_err(tokens, reference[AGG_OUTPUT_KEY])}
     return errors

@@ -7,7 +7,7 @@ Schema::
 
     {"meta": {"gpu", "torch", "cuda", "upstream_commit", "vggt_turbo_commit", "date", ...},
      "rows": [{"variant", "frames", "part": "full"|"aggregator", "seconds", "peak_gib", "speedup_vs_upstream",
-               "max_rel_err_vs_upstream", "errors", "exact", ...}],
+               "max_rel_err_vs_upstream", "pose_rot_err_deg", "errors", "exact", ...}],
      "phases": [{"variant", "frames", "phase", "seconds", ...}]}
 """
 

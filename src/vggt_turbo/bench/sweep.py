@@ -235,7 +235,8 @@ class Bench:
 
         errors = got["errors"]
         if variant.config is None and not failure:
-            errors = {"full": {k: 0.0 for k in OUTPUT_KEYS}, "aggregator": {AGG_OUTPUT_KEY: 0.0}}
+            errors = {"full": {k: 0.0 for k in OUTPUT_KEYS}, "aggregator": {AGG_OUTPUT_KEY: 0.0},
+                      "pose": {"rotation_deg_max": 0.0}}
         if part == "both":
             agg = agg_res if agg_res is not None else res
             parts = [("full", res, res and res.times, res and res.peaks),
@@ -255,6 +256,8 @@ class Bench:
                 "speedup_vs_upstream": None,
                 "max_rel_err_vs_upstream": sig3(max(errs.values())) if errs else None,
                 "errors": {k: sig3(v) for k, v in errs.items()} if errs else None,
+                "pose_rot_err_deg": (sig3(errors["pose"]["rotation_deg_max"])
+                                     if name == "full" and "pose" in errors else None),
                 "exact": variant.exact,
                 "seconds_min": round_or_none(min(secs), 6) if secs else None,
                 "seconds_all": [round_or_none(x, 6) for x in secs] if secs else [],

@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 PRESET_NAMES = ("exact", "fast")
 # Non-boolean fields that only modify another flag: no standalone variant.
 MODIFIER_FIELDS = frozenset({"sdpa_backend"})
+# Fields that need a multi-process job: measured by ``bench --sequence-parallel`` under torchrun instead.
+DISTRIBUTED_FIELDS = frozenset({"sequence_parallel", "sequence_parallel_output"})
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,8 @@ def flag_variants() -> list[Variant]:
 
     A non-boolean field (e.g. ``global_to_frame_layers``) gets the ``fast`` preset's value when it is the flag and
     its default otherwise; fields whose ``fast`` value equals the default (nothing to switch on, e.g.
-    ``cuda_graph_max_frames``) and the modifier fields (``sdpa_backend``) get no standalone variant.
+    ``cuda_graph_max_frames``), the modifier fields (``sdpa_backend``) and the distributed ones get no standalone
+    variant.
     """
     default, fast = TurboConfig(), PRESETS["fast"]
     requires = getattr(config_module, "REQUIRES", {})
@@ -50,7 +53,7 @@ def flag_variants() -> list[Variant]:
     off = {f.name: False if is_bool[f.name] else getattr(default, f.name) for f in fields}
     out = []
     for f in fields:
-        if f.name in MODIFIER_FIELDS:
+        if f.name in MODIFIER_FIELDS or f.name in DISTRIBUTED_FIELDS:
             continue
         if is_bool[f.name]:
             value: Any = True

@@ -9,22 +9,28 @@ from .cuda_graphs import PATCH as CUDA_GRAPHS
 from .fused_frame_batching import PATCH as FUSED_FRAME_BATCHING
 from .fused_qk_norm_rope import PATCH as FUSED_QK_NORM_ROPE
 from .global_to_frame import PATCH as GLOBAL_TO_FRAME
+from .kv_subsample import PATCH as KV_SUBSAMPLE
 from .nvtx_ranges import PATCH as NVTX
+from .offload_intermediates import PATCH as OFFLOAD_INTERMEDIATES
 from .sdpa import PATCH as SDPA
+from .sequence_parallel import PATCH as SEQUENCE_PARALLEL
 from .sync_free_rope import PATCH as SYNC_FREE_ROPE
 
 ALL_PATCHES: tuple[Patch, ...] = (
     CACHED_POSITIONS,  # replaces Aggregator.forward without calling upstream's: must sit below sync_free_rope
     SYNC_FREE_ROPE,
     BF16_WEIGHTS,  # above the Aggregator.forward wrappers it runs in bf16
+    OFFLOAD_INTERMEDIATES,
     SDPA,
     FUSED_QK_NORM_ROPE,  # above sdpa: computes the attention itself (sdpa_backend), falls back to sdpa's wrapper
     FUSED_FRAME_BATCHING,
     GLOBAL_TO_FRAME,
+    KV_SUBSAMPLE,  # above sdpa and fused_qk_norm_rope: computes its global layers' attention itself
     CHUNKED_MLP,
     COMPILE,  # above chunked_mlp: long sequences fall through to it; compiles upstream's Block.forward otherwise
     NVTX,
-    CUDA_GRAPHS,  # outermost: captures everything below it
+    CUDA_GRAPHS,  # captures everything below it
+    SEQUENCE_PARALLEL,  # outermost: splits frames before anything runs; its attention replaces sdpa's on global blocks
 )
 
 __all__ = ["ALL_PATCHES", "Patch", "Target"]

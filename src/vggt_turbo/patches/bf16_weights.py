@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import contextvars
 import weakref
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -39,6 +39,7 @@ from torch import nn
 from ..config import TurboConfig
 from ..upstream import Requirement, aggregator_of, looks_like_vggt
 from ._base import Patch, Target, aggregator_path, join
+from ._head_inputs import HEAD_INPUT_REQUIREMENTS, head_input_targets
 
 # True while a patched aggregator runs in bf16: tells its patch_embed to take bf16 input.
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("vggt_turbo_bf16_active", default=False)
@@ -126,59 +127,6 @@ def patch_embed_forward(wrapped: Any, embed: nn.Module, args: tuple, kwargs: dic
     return wrapped(*args, **kwargs)
 
 
-def _param_dtype(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
-
-
-def _camera_args(aggregated_tokens_list: list, num_iterations: int = 4) -> tuple[list, int]:
-    return aggregated_tokens_list, num_iterations
-
-
-def camera_head_forward(wrapped: Any, head: nn.Module, args: tuple, kwargs: dict) -> Any:
-    """Give the camera head fp32 camera tokens: it reads only token 0 of each frame of the last layer."""
-    tokens, num_iterations = _camera_args(*args, **kwargs)
-    last = tokens[-1]
-    if last.dtype == _param_dtype(head):
-        return wrapped(*args, **kwargs)
-    return wrapped([*tokens[:-1], last[:, :, :1].to(_param_dtype(head))], num_iterations)
-
-
-def _dpt_args(
-    aggregated_tokens_list: list,
-    images: torch.Tensor,
-    patch_start_idx: int,
-    frames_start_idx: Optional[int] = None,
-    frames_end_idx: Optional[int] = None,
-) -> tuple[list, torch.Tensor, int, Optional[int], Optional[int]]:
-    return aggregated_tokens_list, images, patch_start_idx, frames_start_idx, frames_end_idx
-
-
-def dpt_forward_impl(wrapped: Any, head: nn.Module, args: tuple, kwargs: dict) -> Any:
-    """Upcast only the layers this DPT head reads, only for the frames of this chunk, just before it runs."""
-    tokens, images, patch_start_idx, start, end = _dpt_args(*args, **kwargs)
-    dtype = _param_dtype(head)
-    layers = sorted(set(head.intermediate_layer_idx))
-    if all(tokens[i].dtype == dtype for i in layers):
-        return wrapped(*args, **kwargs)
-    frames = slice(start, end) if start is not None and end is not None else slice(None)
-    chunk = list(tokens)
-    for i in layers:
-        chunk[i] = tokens[i][:, frames].to(dtype)
-    return wrapped(chunk, images[:, frames], patch_start_idx)
-
-
-def _head_targets(root: nn.Module) -> list[Target]:
-    targets = []
-    if getattr(root, "camera_head", None) is not None:
-        targets.append(Target("camera_head", "forward", camera_head_forward))
-    for path in ("depth_head", "point_head"):
-        if getattr(root, path, None) is not None:
-            targets.append(Target(path, "_forward_impl", dpt_forward_impl))
-    if getattr(root, "track_head", None) is not None:
-        targets.append(Target("track_head.feature_extractor", "_forward_impl", dpt_forward_impl))
-    return targets
-
-
 def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
     agg = aggregator_path(root)
     whole_model = looks_like_vggt(root)
@@ -186,12 +134,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
         Target(agg, "forward", make_aggregator_wrapper(upcast_outputs=not whole_model)),
         Target(join(agg, "patch_embed"), "forward", patch_embed_forward),
     ]
-    return targets + (_head_targets(root) if whole_model else [])
-
-
-def _head(name: str) -> Callable[[nn.Module], Optional[nn.Module]]:
-    """A ``locate`` for one of a VGGT's heads (None when patching an Aggregator alone or the head is off)."""
-    return lambda root: getattr(root, name, None) if looks_like_vggt(root) else None
+    return targets + (head_input_targets(root) if whole_model else [])
 
 
 PATCH = Patch(
@@ -200,15 +143,8 @@ PATCH = Patch(
     requirements=(
         Requirement("Aggregator", "forward", aggregator_of, ("images",)),
         Requirement("Aggregator", "patch_embed", aggregator_of),
-        Requirement("CameraHead", "forward", _head("camera_head"), ("aggregated_tokens_list", "num_iterations")),
-        Requirement(
-            "DPTHead",
-            "_forward_impl",
-            _head("depth_head"),
-            ("aggregated_tokens_list", "images", "patch_start_idx", "frames_start_idx", "frames_end_idx"),
-        ),
-        Requirement("DPTHead", "intermediate_layer_idx", _head("depth_head")),
-    ),
+    )
+    + HEAD_INPUT_REQUIREMENTS,
     enabled=lambda c: c.bf16_weights,
     targets=_targets,
 )

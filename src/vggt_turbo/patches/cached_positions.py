@@ -17,8 +17,9 @@ Exact: the same values in the same order. In training mode upstream's forward ru
 
 from __future__ import annotations
 
+import contextvars
 import weakref
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -28,6 +29,11 @@ from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, members, upstream_modul
 from ._base import Patch, Target, aggregator_path
 
 _MAX_CACHED_SHAPES = 8
+
+# Where each kept intermediate goes as soon as it exists (another patch may move it off the GPU).
+STORE: contextvars.ContextVar[Callable[[torch.Tensor], torch.Tensor]] = contextvars.ContextVar(
+    "vggt_turbo_store", default=lambda t: t
+)
 
 
 def _images(images: torch.Tensor) -> torch.Tensor:
@@ -44,7 +50,9 @@ class PositionCache:
         key = (frames, grid_h, grid_w, device)
         pos = self._by_key.get(key)
         if pos is None:
-            grid = aggregator.position_getter(1, grid_h, grid_w, device=device)[0]
+            # .to(device): upstream's PositionGetter caches per grid size, not per device, so a model run on the
+            # CPU before .cuda() would hand back CPU positions.
+            grid = aggregator.position_getter(1, grid_h, grid_w, device=device)[0].to(device)
             if aggregator.patch_start_idx > 0:
                 grid = torch.cat([grid.new_zeros(aggregator.patch_start_idx, 2), grid + 1])
             pos = grid.expand(frames, -1, -1).contiguous()
@@ -106,9 +114,10 @@ def _alternate(agg: nn.Module, tokens: torch.Tensor, B: int, S: int, P: int, C: 
                 tokens, global_idx, global_inter = agg._process_global_attention(tokens, B, S, P, C, global_idx, pos=pos)
             else:
                 raise ValueError(f"Unknown attention type: {kind}")
+        store = STORE.get()
         for f, g in zip(frame_inter, global_inter):
             keep = cached is None or len(outputs) in cached
-            outputs.append(torch.cat([f, g], dim=-1) if keep else None)
+            outputs.append(store(torch.cat([f, g], dim=-1)) if keep else None)
     return outputs
 
 

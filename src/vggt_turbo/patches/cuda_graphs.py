@@ -18,8 +18,8 @@ copies of the weights (``bf16_weights``).
 
 When the graph path does not apply the upstream forward runs eagerly and the reason is logged once per model:
 CPU tensors, training mode, autograd enabled, more than ``cuda_graph_max_frames`` frames (long sequences are
-GPU-bound and a graph would only pin their memory), or ``query_points`` given (the track head's point count
-varies). A capture that fails is logged and that signature stays eager.
+GPU-bound and a graph would only pin their memory), ``query_points`` given (the track head's point count
+varies), or a ``sequence_parallel`` call that exchanges tensors between ranks. A capture that fails is logged and that signature stays eager.
 
 Exact: the graph replays the same kernels on the same data.
 """
@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..config import TurboConfig
+from ..distributed import communicating
 from ..upstream import Requirement, aggregator_of, looks_like_vggt
 from ._base import Patch, Target
 
@@ -92,6 +93,8 @@ class GraphCache:
     def eager_reason(self, model: nn.Module, images: torch.Tensor, query_points: Any) -> Optional[str]:
         if not images.is_cuda:
             return "input is not on a CUDA device"
+        if communicating():
+            return "a sequence_parallel call (a graph cannot hold the other ranks' side of its collectives)"
         if model.training:
             return "model is in training mode"
         if torch.is_grad_enabled():

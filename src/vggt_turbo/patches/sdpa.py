@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TurboConfig
-from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, first_attention, members
+from ..upstream import AGGREGATOR_LAYOUT, ATTENTION_MEMBERS, aggregator_of
 from ._base import Patch, Target, aggregator_path, join
 
 try:
@@ -45,11 +45,26 @@ def _x_pos(x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> tuple[torch.T
     return x, pos
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend_name: str) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v)`` on the backend named in the config (``"auto"``: torch's choice);
+    a forced backend that cannot run the call raises an error saying so instead of silently falling back."""
+    context: ContextManager = (
+        contextlib.nullcontext() if backend_name == "auto" else sdpa_kernel([backend(backend_name)])
+    )
+    try:
+        with context:
+            return F.scaled_dot_product_attention(q, k, v)
+    except RuntimeError as err:
+        if backend_name == "auto":
+            raise
+        raise RuntimeError(
+            f"vggt_turbo: sdpa_backend={backend_name!r} cannot run attention on q{tuple(q.shape)} "
+            f"{q.dtype} on {q.device} ({err}); use sdpa_backend='auto'"
+        ) from err
+
+
 def make_wrapper(backend_name: str):
     """The ``Attention.forward`` wrapper for one backend choice."""
-
-    def context() -> ContextManager:
-        return contextlib.nullcontext() if backend_name == "auto" else sdpa_kernel([backend(backend_name)])
 
     def attention_forward(wrapped: Any, attn: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         if attn.training:
@@ -62,16 +77,7 @@ def make_wrapper(backend_name: str):
         if attn.rope is not None:  # one at a time, so the pre-RoPE q is freed before k is rotated
             q = attn.rope(q, pos)
             k = attn.rope(k, pos)
-        try:
-            with context():
-                out = F.scaled_dot_product_attention(q, k, v)
-        except RuntimeError as err:
-            if backend_name == "auto":
-                raise
-            raise RuntimeError(
-                f"vggt_turbo: sdpa_backend={backend_name!r} cannot run attention on q{tuple(q.shape)} "
-                f"{q.dtype} on {q.device} ({err}); use sdpa_backend='auto'"
-            ) from err
+        out = attend(q, k, v, backend_name)
         return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(B, N, C)))
 
     return attention_forward
@@ -94,19 +100,7 @@ PATCH = Patch(
     name="sdpa",
     exact=True,
     requirements=AGGREGATOR_LAYOUT
-    + members(
-        "Attention",
-        first_attention,
-        ("forward", ("x", "pos")),
-        ("qkv", None),
-        ("q_norm", None),
-        ("k_norm", None),
-        ("rope", None),
-        ("proj", None),
-        ("proj_drop", None),
-        ("num_heads", None),
-        ("head_dim", None),
-    ),
+    + ATTENTION_MEMBERS,
     enabled=lambda c: c.sdpa,
     targets=_targets,
 )

@@ -14,8 +14,9 @@ forward (no length published), the RoPE falls back to upstream's code, sync incl
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -46,22 +47,35 @@ def table_length(aggregator: nn.Module, height: int, width: int) -> int:
     return largest + 1
 
 
-def aggregator_forward(wrapped: Any, aggregator: nn.Module, args: tuple, kwargs: dict) -> Any:
-    images = _images(*args, **kwargs)
-    token = _TABLE.set((aggregator.rope, table_length(aggregator, images.shape[-2], images.shape[-1])))
+@contextlib.contextmanager
+def table_published(rope: nn.Module, length: int) -> Iterator[None]:
+    """Publish ``rope``'s table length for the duration of the block (to it and to other patches' readers)."""
+    token = _TABLE.set((rope, length))
     try:
-        return wrapped(*args, **kwargs)
+        yield
     finally:
         _TABLE.reset(token)
 
 
-def rope_forward(wrapped: Any, rope: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+def published_table_length(rope: nn.Module) -> Optional[int]:
+    """The table length published for ``rope`` (by its patched aggregator's running forward), else None."""
     published = _TABLE.get()
-    if published is None or published[0] is not rope:
+    return published[1] if published is not None and published[0] is rope else None
+
+
+def aggregator_forward(wrapped: Any, aggregator: nn.Module, args: tuple, kwargs: dict) -> Any:
+    images = _images(*args, **kwargs)
+    with table_published(aggregator.rope, table_length(aggregator, images.shape[-2], images.shape[-1])):
+        return wrapped(*args, **kwargs)
+
+
+def rope_forward(wrapped: Any, rope: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    length = published_table_length(rope)
+    if length is None:
         return wrapped(*args, **kwargs)
     tokens, positions = _tokens_positions(*args, **kwargs)
     half = tokens.size(-1) // 2
-    cos, sin = rope._compute_frequency_components(half, published[1], tokens.device, tokens.dtype)
+    cos, sin = rope._compute_frequency_components(half, length, tokens.device, tokens.dtype)
     vertical, horizontal = tokens.chunk(2, dim=-1)
     vertical = rope._apply_1d_rope(vertical, positions[..., 0], cos, sin)
     horizontal = rope._apply_1d_rope(horizontal, positions[..., 1], cos, sin)

@@ -1,0 +1,13 @@
+#!/usr/bin/env python
+"""Errors of the approximate vggt-turbo configurations against the exact one (see ``vggt_turbo.fidelity``).
+
+    python benchmarks/fidelity.py                                  # small model on the CPU, random weights
+    python benchmarks/fidelity.py --device cuda --weights model.pt --out benchmarks/results/fidelity.json
+"""
+
+import sys
+
+from vggt_turbo.fidelity import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,383 @@
+"""The fidelity harness: how far the approximate configurations' predictions are from the exact configuration's,
+on the same inputs (``benchmarks/fidelity.py`` is its command line).
+
+Reference: the ``"exact"`` preset (upstream's outputs to the dtype's rounding, tests/test_equivalence.py). Each
+variant in ``VARIANTS`` is an approximation on top of it: ``fast``, each of fast's approximations alone
+(``global_to_frame``, ``kv_subsample_2``) and the more aggressive ``kv_subsample_4``.
+
+Metrics per variant, input and frame count (``compare``), over every frame of the sequence:
+  - depth and world points: relative error ``||a - b|| / ||b||`` and the median absolute error ``|a - b|``;
+  - cameras, from ``pose_enc`` through upstream's ``pose_encoding_to_extri_intri``: the rotation angle between
+    the two world-to-camera rotations, the angle between the two translation vectors (direction only: a scale
+    change is not an error here) and the focal length's relative error (the larger of fx, fy), each as mean and
+    max over frames;
+  - on CUDA, the median seconds per call and the speedup over the exact preset.
+
+Inputs: upstream's example scenes (``<examples>/<scene>/images``, loaded by upstream's loader as the ``reconstruct``
+command does; shrunk to the small model's 4-patch width for ``--size small``) and synthetic sequences of random
+images, for each requested frame count.
+
+Weights: ``--weights PATH`` loads a local VGGT checkpoint. Without it the model has random weights, and the
+errors only check that the harness and the approximations run: they say nothing about accuracy on real scenes.
+The log and the JSON (``meta.random_weights``, ``meta.note``) say so. (Random weights get a fixed field of view
+from ``weights.load_model``, so their focal errors are 0 by construction.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import inputs
+from .config import FAST_GLOBAL_TO_FRAME_LAYERS, PRESETS, TurboConfig
+from .errors import UserError
+from .patching import apply_optimizations, revert_optimizations
+from .random_model import SMALL_IMAGE, Size, random_images
+from .weights import load_model
+
+log = logging.getLogger(__name__)
+
+VARIANTS: Mapping[str, TurboConfig] = {
+    "fast": PRESETS["fast"],
+    "global_to_frame": PRESETS["exact"].replace(global_to_frame_layers=FAST_GLOBAL_TO_FRAME_LAYERS),
+    "kv_subsample_2": PRESETS["exact"].replace(kv_subsample=2),
+    "kv_subsample_4": PRESETS["exact"].replace(kv_subsample=4),
+}
+PREDICTIONS = ("depth", "world_points", "pose_enc")
+FULL_IMAGE = 518
+RANDOM_WEIGHTS_NOTE = (
+    "RANDOM WEIGHTS: these errors only check that the harness and the approximations run; they are not evidence "
+    "of accuracy (pass --weights PATH to a VGGT checkpoint for that)"
+)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------------------
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` in float64 (0 when both are zero)."""
+    a, b = a.double(), b.double()
+    num, den = torch.linalg.vector_norm(a - b).item(), torch.linalg.vector_norm(b).item()
+    return num / den if den else num
+
+
+def median_abs_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().median().item()
+
+
+def rotation_angles_deg(rot_a: torch.Tensor, rot_b: torch.Tensor) -> torch.Tensor:
+    """Angle of ``rot_a @ rot_bᵀ`` per (..., 3, 3) pair of rotations, in degrees, from atan2(sin, cos): accurate
+    for small angles too (an arccos of the trace loses them to rounding)."""
+    r = rot_a.double() @ rot_b.double().transpose(-2, -1)
+    sin = torch.stack([r[..., 2, 1] - r[..., 1, 2], r[..., 0, 2] - r[..., 2, 0], r[..., 1, 0] - r[..., 0, 1]], -1)
+    cos = r.diagonal(dim1=-2, dim2=-1).sum(-1) - 1
+    return torch.rad2deg(torch.atan2(torch.linalg.vector_norm(sin, dim=-1), cos))  # both sides doubled
+
+
+def direction_angles_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Angle between (..., 3) vectors in degrees (0 where either is zero: no direction to compare)."""
+    a, b = a.double(), b.double()
+    return torch.rad2deg(torch.atan2(torch.linalg.vector_norm(torch.cross(a, b, dim=-1), dim=-1), (a * b).sum(-1)))
+
+
+def _cameras(pose_enc: torch.Tensor, image_hw: Optional[tuple[int, int]] = None) -> tuple[torch.Tensor, Any]:
+    """Upstream's (extrinsics, intrinsics) of a (B, S, 9) ``pose_enc``; no intrinsics without an image size."""
+    from vggt.utils.pose_enc import pose_encoding_to_extri_intri
+
+    pose = pose_enc.detach().cpu().double()
+    return pose_encoding_to_extri_intri(pose, image_size_hw=image_hw, build_intrinsics=image_hw is not None)
+
+
+def pose_rotation_errors_deg(pose_a: torch.Tensor, pose_b: torch.Tensor) -> torch.Tensor:
+    """Per frame, the angle between the camera rotations two (B, S, 9) ``pose_enc`` encode, in degrees."""
+    (ext_a, _), (ext_b, _) = _cameras(pose_a), _cameras(pose_b)
+    return rotation_angles_deg(ext_a[..., :3, :3], ext_b[..., :3, :3])
+
+
+def camera_errors(pose_a: torch.Tensor, pose_b: torch.Tensor, image_hw: tuple[int, int]) -> dict[str, float]:
+    """Rotation, translation-direction and focal errors of ``pose_a`` against ``pose_b``, mean and max over frames."""
+    (ext_a, int_a), (ext_b, int_b) = (_cameras(p, image_hw) for p in (pose_a, pose_b))
+    focal_a, focal_b = (i.diagonal(dim1=-2, dim2=-1)[..., :2].double() for i in (int_a, int_b))
+    per_frame = {
+        "rotation_deg": rotation_angles_deg(ext_a[..., :3, :3], ext_b[..., :3, :3]),
+        "translation_dir_deg": direction_angles_deg(ext_a[..., :3, 3], ext_b[..., :3, 3]),
+        "focal_rel": ((focal_a - focal_b).abs() / focal_b.abs()).amax(-1),
+    }
+    out = {}
+    for name, values in per_frame.items():
+        out[f"{name}_mean"], out[f"{name}_max"] = values.mean().item(), values.max().item()
+    return out
+
+
+def compare(
+    pred: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor], image_hw: tuple[int, int]
+) -> dict[str, float]:
+    """Every metric of ``pred`` against ``ref`` (see the module docstring)."""
+    out = {}
+    for key in ("depth", "world_points"):
+        out[f"{key}_rel"] = relative_error(pred[key], ref[key])
+        out[f"{key}_median_abs"] = median_abs_error(pred[key], ref[key])
+    return {**out, **camera_errors(pred["pose_enc"], ref["pose_enc"], image_hw)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Input:
+    name: str  # the example scene's folder name, or "synthetic"
+    images: torch.Tensor  # (1, S, 3, H, W) in [0, 1]
+
+
+def _shrink(images: torch.Tensor) -> torch.Tensor:
+    """(S, 3, H, W) resized to the small model's width, the height rounded to whole 14 px patches."""
+    height = max(14, round(images.shape[-2] * SMALL_IMAGE / images.shape[-1] / 14) * 14)
+    return F.interpolate(images, size=(height, SMALL_IMAGE), mode="bilinear", antialias=True).clamp(0, 1)
+
+
+def example_inputs(root: Path, frames: Sequence[int], size: Size) -> list[Input]:
+    """Each scene folder ``root/<scene>/images`` at each frame count it has enough images for (frames evenly
+    spaced through the folder)."""
+    out = []
+    for scene in sorted(d for d in root.iterdir() if (d / "images").is_dir()):
+        paths = inputs.list_images(scene / "images")
+        for n in frames:
+            if n > len(paths):
+                log.info("%s: %d frames skipped (the scene has %d images)", scene.name, n, len(paths))
+                continue
+            images = inputs.load_images([paths[i] for i in inputs.select(len(paths), n)], mode="crop")
+            out.append(Input(scene.name, (_shrink(images) if size == "small" else images)[None]))
+    return out
+
+
+def synthetic_inputs(frames: Sequence[int], size: Size, seed: int = 0) -> list[Input]:
+    px = SMALL_IMAGE if size == "small" else FULL_IMAGE
+    return [Input("synthetic", random_images(n, size=px, seed=seed + n)) for n in frames]
+
+
+def find_examples() -> Optional[Path]:
+    """``$VGGT_EXAMPLES``, else ``shared/data/vggt-examples`` in or beside the working directory."""
+    env = os.environ.get("VGGT_EXAMPLES")
+    here = Path.cwd()
+    candidates = [Path(env)] if env else [here / "shared/data/vggt-examples", here.parent / "shared/data/vggt-examples"]
+    return next((c for c in candidates if c.is_dir()), None)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Runner
+# --------------------------------------------------------------------------------------------------------------
+
+
+def predict(
+    model: nn.Module, images: torch.Tensor, config: TurboConfig, repeats: int
+) -> tuple[dict[str, torch.Tensor], Optional[float]]:
+    """``config``'s predictions (fp32, on the CPU) and, on CUDA under bf16 autocast, its median seconds per call
+    over ``repeats`` calls after the first (which may capture a CUDA graph)."""
+    cuda = images.is_cuda
+    apply_optimizations(model, config)
+    try:
+        with torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=cuda):
+            out = model(images)
+            preds = {k: out[k].float().cpu() for k in PREDICTIONS}
+            del out
+            times = []
+            for _ in range(repeats if cuda else 0):
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                model(images)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+    finally:
+        revert_optimizations(model)
+    return preds, statistics.median(times) if times else None
+
+
+def measure(
+    model: nn.Module, cases: Sequence[Input], variants: Mapping[str, TurboConfig], repeats: int
+) -> list[dict[str, Any]]:
+    """One row per variant and input: the metrics against the exact preset on the same images."""
+    device = next(model.parameters()).device
+    rows = []
+    for case in cases:
+        images = case.images.to(device)
+        image_hw = (images.shape[-2], images.shape[-1])
+        reference, exact_seconds = predict(model, images, PRESETS["exact"], repeats)
+        for name, config in variants.items():
+            pred, seconds = predict(model, images, config, repeats)
+            row = {"variant": name, "input": case.name, "frames": images.shape[1], "image_hw": list(image_hw)}
+            row.update(compare(pred, reference, image_hw))
+            row.update(seconds=seconds, exact_seconds=exact_seconds,
+                       speedup=exact_seconds / seconds if seconds and exact_seconds else None)
+            log.info("%s", _line(row))
+            rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line (benchmarks/fidelity.py)
+# --------------------------------------------------------------------------------------------------------------
+
+COLUMNS = (
+    ("variant", "variant", "{}"),
+    ("input", "input", "{}"),
+    ("frames", "frames", "{}"),
+    ("depth_rel", "depth rel", "{:.2e}"),
+    ("world_points_rel", "points rel", "{:.2e}"),
+    ("rotation_deg_mean", "rot mean°", "{:.3f}"),
+    ("rotation_deg_max", "rot max°", "{:.3f}"),
+    ("translation_dir_deg_max", "t-dir max°", "{:.3f}"),
+    ("focal_rel_max", "focal max", "{:.2e}"),
+    ("speedup", "speedup", "{:.2f}x"),
+)
+
+
+def _cell(row: Mapping[str, Any], key: str, fmt: str) -> str:
+    value = row.get(key)
+    return "-" if value is None else fmt.format(value)
+
+
+def _line(row: Mapping[str, Any]) -> str:
+    return "  ".join(f"{title} {_cell(row, key, fmt)}" for key, title, fmt in COLUMNS)
+
+
+def table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The rows as a Markdown table."""
+    lines = ["| " + " | ".join(title for _, title, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(r, key, fmt) for key, _, fmt in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated frame counts, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"frame counts must be >= 1, got {text!r}")
+    return values
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="errors of the approximate vggt-turbo configurations against the exact one")
+    p.add_argument("--frames", type=_ints, help="frame counts (default: 2,4 on the CPU, 2,8,20,50 on CUDA)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--inputs", default="examples,synthetic", help="examples, synthetic, or both (comma-separated)")
+    p.add_argument("--examples", type=Path, help="folder of example scenes (<scene>/images); default: $VGGT_EXAMPLES "
+                   "or shared/data/vggt-examples in or beside the working directory")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
+    p.add_argument("--size", choices=("small", "full"), help="model size (default: full on CUDA, small on the CPU)")
+    p.add_argument("--weights", help="a local VGGT checkpoint (.pt/.pth/.safetensors, or a save_pretrained folder)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per variant on CUDA (default 3)")
+    p.add_argument("--out", type=Path, help="write the results JSON here")
+    p.add_argument("--verbose", action="store_true", help="log each row as it is measured, and the patching")
+    return p
+
+
+def _variants(spec: str) -> dict[str, TurboConfig]:
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or not names:
+        raise UserError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    return {n: VARIANTS[n] for n in names}
+
+
+def _cases(args: argparse.Namespace, size: Size, frames: Sequence[int]) -> list[Input]:
+    kinds = {s.strip() for s in args.inputs.split(",") if s.strip()}
+    if not kinds or kinds - {"examples", "synthetic"}:
+        raise UserError(f"--inputs takes examples, synthetic or both, got {args.inputs!r}")
+    cases = []
+    if "examples" in kinds:
+        root = args.examples or find_examples()
+        if root is None or not root.is_dir():
+            where = root or "shared/data/vggt-examples"
+            raise UserError(f"no example scenes at {where}: pass --examples or --inputs synthetic")
+        cases += example_inputs(root, frames, size)
+    if "synthetic" in kinds:
+        cases += synthetic_inputs(frames, size)
+    return cases
+
+
+def _model(weights: Optional[str], size: Size) -> tuple[nn.Module, str]:
+    if weights is not None and not Path(weights).expanduser().exists():
+        raise UserError(f"--weights takes a local checkpoint; {weights} does not exist")
+    path = str(Path(weights).expanduser()) if weights is not None else None
+    loaded = load_model(path, random_weights=weights is None, size=size)
+    return loaded.model, loaded.source
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything ``main`` does but printing and writing: the results as a JSON-ready dict."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but torch sees no CUDA device")
+    if args.repeats < 1:
+        raise UserError("--repeats must be >= 1")
+    size: Size = args.size or ("full" if device.type == "cuda" else "small")
+    frames = args.frames or ([2, 8, 20, 50] if device.type == "cuda" else [2, 4])
+    variants = _variants(args.variants)
+    model, source = _model(args.weights, size)
+    if args.weights is None:
+        log.warning("%s", RANDOM_WEIGHTS_NOTE)
+    rows = measure(model.to(device), _cases(args, size, frames), variants, args.repeats)
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "size": size,
+        "weights": source,
+        "random_weights": args.weights is None,
+        "note": RANDOM_WEIGHTS_NOTE if args.weights is None else None,
+        "reference": "the exact preset, same inputs",
+        "autocast": "bfloat16" if device.type == "cuda" else None,
+    }
+    configs = {
+        name: {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.as_dict().items()}
+        for name, cfg in variants.items()
+    }
+    return _json_safe({"meta": meta, "variants": configs, "rows": rows})
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        results = run(args)
+    except UserError as err:
+        log.error("%s", err)
+        return 2
+    print(table(results["rows"]))
+    if results["meta"]["random_weights"]:
+        print(f"\n{RANDOM_WEIGHTS_NOTE}")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        log.info("wrote %s", args.out)
+    return 0

@@ -1,0 +1,199 @@
+"""kv_subsample — replaces ``Attention.forward(x, pos=None)`` of the global blocks it applies to (and wraps
+``Aggregator.forward(images)`` to tell them the patch grid).
+
+APPROXIMATION (changes outputs; off in the "exact" preset). It is AVGGT's second step (arXiv 2512.02541: "subsampling
+K/V over patch tokens with diagonal preservation and a mean-fill component"; the method section, Sec. 4, as the
+reimplementations cite it). Every query of the sequence (all S*P tokens, special ones included) attends, in one
+softmax, to
+
+  1. the kept keys/values: every frame's special tokens (camera and registers, the first ``patch_start_idx`` of
+     the frame) and the patch tokens on a grid of stride r over the frame's h x w patch grid (rows 0, r, 2r, ...,
+     columns 0, r, 2r, ...): ``patch_start_idx + ceil(h/r) * ceil(w/r)`` tokens per frame, about 1/r² of them;
+  2. diagonal preservation: its own key/value, when its token is not kept (a kept token already sees itself;
+     its key is not counted twice);
+  3. mean-fill: one more key/value pair, the mean of the keys and the mean of the values of all dropped patch
+     tokens of the sequence (per batch element and head), with its plain score ``q·k̄/sqrt(d)``.
+
+``r = TurboConfig.kv_subsample``. Where the paper leaves a choice open in what this project could read of it (the
+abstract and public reimplementations; the full text was not available when this was written), the choice is
+named here: mean-fill is one key with its plain score (not raised by log(number dropped)), and the diagonal term
+is added only for queries whose own key was dropped. Nothing is dropped (too few patches for the stride): upstream
+runs. The error is reported by the benchmarks and the fidelity harness (``vggt_turbo.fidelity``).
+
+Why faster: global attention costs O(N²) for N = S*P tokens; here the shared keys are about N/r², and the extra
+two keys per query cost O(N·d). The attention over the shared keys runs on a fused kernel that also returns
+each query's log-sum-exp (``_lse_attention``), and the two extra scores are merged with it by log-sum-exp: no
+(N x keys) score matrix ever exists. The kept-token index is built on the device once per forward (no host
+sync, no host-to-device copy: ``cuda_graphs`` can capture it).
+
+Layers: ``kv_subsample_layers``, or when empty every global layer not in ``global_to_frame_layers`` (those run as
+frame attention; a layer in both lists is refused by ``TurboConfig``). The attention kernel follows ``sdpa``:
+with it on, ``sdpa_backend`` picks the kernel here too. For the listed layers this wrapper computes q, k and v
+itself (upstream's projection, qk-norm and RoPE modules), so ``fused_qk_norm_rope`` does not apply to them. In
+training mode, or called outside its aggregator's forward, the wrapped forward runs.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..config import TurboConfig
+from ..upstream import aggregator_of, members
+from ._base import Patch, Target, aggregator_path, join
+from ._lse_attention import attention_with_lse
+from .bf16_weights import _autocast_dtype
+from .sdpa import PATCH as SDPA
+from .sdpa import _x_pos
+
+
+@dataclass(frozen=True)
+class KeptTokens:
+    """Which of a sequence's N tokens keep their key/value: ``index`` (sorted, on the device), ``kept`` (N bools)
+    and how many patch tokens are dropped (the mean-fill's count)."""
+
+    index: torch.Tensor
+    kept: torch.Tensor
+    dropped: int
+
+
+def kept_tokens(frames: int, specials: int, height: int, width: int, stride: int, device: torch.device) -> KeptTokens:
+    """The kept tokens of ``frames`` frames of ``specials`` special tokens then a ``height`` x ``width`` patch grid
+    (row-major, upstream's token order), with patches kept every ``stride`` rows and columns."""
+    rows = torch.arange(0, height, stride, device=device)
+    cols = torch.arange(0, width, stride, device=device)
+    per_frame = specials + height * width
+    local = torch.cat([torch.arange(specials, device=device), specials + (rows[:, None] * width + cols).flatten()])
+    index = (torch.arange(frames, device=device)[:, None] * per_frame + local).flatten()
+    patch = torch.arange(frames * per_frame, device=device) % per_frame - specials
+    kept = (patch < 0) | (((patch // width) % stride == 0) & ((patch % width) % stride == 0))
+    dropped = frames * (height * width - math.ceil(height / stride) * math.ceil(width / stride))
+    return KeptTokens(index, kept, dropped)
+
+
+@dataclass
+class _Grid:
+    """Published by the patched ``Aggregator.forward`` for the duration of its call."""
+
+    aggregator: nn.Module
+    height: int  # patches per column
+    width: int  # patches per row
+    cache: dict = field(default_factory=dict)  # (frames, stride, device) -> KeptTokens, for this call's layers
+
+    def kept(self, tokens: int, stride: int, device: torch.device) -> KeptTokens:
+        specials = self.aggregator.patch_start_idx
+        per_frame = specials + self.height * self.width
+        frames, rest = divmod(tokens, per_frame)
+        if rest or not frames:
+            raise RuntimeError(
+                f"vggt_turbo kv_subsample: a global attention got {tokens} tokens, not whole frames of {per_frame} "
+                f"({specials} special tokens and a {self.height}x{self.width} patch grid)"
+            )
+        key = (frames, stride, device)
+        if key not in self.cache:
+            self.cache[key] = kept_tokens(frames, specials, self.height, self.width, stride, device)
+        return self.cache[key]
+
+
+_GRID: contextvars.ContextVar[Optional[_Grid]] = contextvars.ContextVar("vggt_turbo_kv_grid", default=None)
+
+
+def _images(images: torch.Tensor) -> torch.Tensor:
+    return images
+
+
+def aggregator_forward(wrapped: Any, aggregator: nn.Module, args: tuple, kwargs: dict) -> Any:
+    images = _images(*args, **kwargs)
+    size = aggregator.patch_size
+    token = _GRID.set(_Grid(aggregator, images.shape[-2] // size, images.shape[-1] // size))
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        _GRID.reset(token)
+
+
+def subsampled_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: KeptTokens, backend_name: str
+) -> torch.Tensor:
+    """(B, H, N, d) attention of every query over the kept keys, its own key when dropped and the dropped keys'
+    mean (see the module docstring), merged by log-sum-exp; q, k, v of one dtype."""
+    k_kept, v_kept = k.index_select(2, tokens.index), v.index_select(2, tokens.index)
+    out, lse = attention_with_lse(q, k_kept, v_kept, backend_name)
+    scale = q.shape[-1] ** -0.5
+    # The dropped tokens' sums are all tokens' minus the kept ones' (no gather of the ~N dropped rows), in fp32.
+    k_mean = ((k.sum(2, dtype=torch.float32) - k_kept.sum(2, dtype=torch.float32)) / tokens.dropped).to(q.dtype)
+    v_mean = ((v.sum(2, dtype=torch.float32) - v_kept.sum(2, dtype=torch.float32)) / tokens.dropped).to(q.dtype)
+    del k_kept, v_kept
+    own = (q * k).sum(-1, dtype=torch.float32).mul_(scale).masked_fill_(tokens.kept, -math.inf)
+    mean = (q * k_mean.unsqueeze(2)).sum(-1, dtype=torch.float32).mul_(scale)
+    top = torch.maximum(torch.maximum(lse, own), mean)
+    w_kept, w_own, w_mean = (torch.exp(s - top) for s in (lse, own, mean))
+    total = w_kept + w_own + w_mean
+    out = out * (w_kept / total).unsqueeze(-1).to(out.dtype)
+    out.addcmul_(v, (w_own / total).unsqueeze(-1).to(out.dtype))
+    return out.addcmul_(v_mean.unsqueeze(2), (w_mean / total).unsqueeze(-1).to(out.dtype))
+
+
+def _qkv(attn: nn.Module, x: torch.Tensor, pos: Optional[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Upstream's q, k, v (projection, qk-norm, RoPE), cast to what its SDPA would compute in."""
+    B, N, _ = x.shape
+    q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if attn.rope is not None:
+        q, k = attn.rope(q, pos), attn.rope(k, pos)
+    dtype = _autocast_dtype(x.device.type) or torch.promote_types(q.dtype, v.dtype)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def make_wrapper(stride: int, backend_name: str):
+    """The ``Attention.forward`` wrapper of the subsampled global layers."""
+
+    def attention_forward(wrapped: Any, attn: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+        grid = _GRID.get()
+        if attn.training or grid is None or not any(b.attn is attn for b in grid.aggregator.global_blocks):
+            return wrapped(*args, **kwargs)
+        x, pos = _x_pos(*args, **kwargs)
+        B, N, C = x.shape
+        tokens = grid.kept(N, stride, x.device)
+        if not tokens.dropped:
+            return wrapped(*args, **kwargs)
+        out = subsampled_attention(*_qkv(attn, x, pos), tokens, backend_name)
+        return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(B, N, C)))
+
+    return attention_forward
+
+
+def layers(root: nn.Module, config: TurboConfig) -> list[int]:
+    """The global layers subsampled for ``config`` (``ValueError`` for one past the model's depth)."""
+    depth = len(aggregator_of(root).global_blocks)
+    bad = [i for i in config.kv_subsample_layers if i >= depth]
+    if bad:
+        raise ValueError(
+            f"kv_subsample_layers {bad} out of range: this model has {depth} global blocks (0-{depth - 1})"
+        )
+    return list(config.kv_subsample_layers) or [i for i in range(depth) if i not in config.global_to_frame_layers]
+
+
+def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
+    agg = aggregator_path(root)
+    attention = make_wrapper(config.kv_subsample, config.sdpa_backend if config.sdpa else "auto")
+    return [
+        Target(agg, "forward", aggregator_forward),
+        *(Target(join(agg, "global_blocks", str(i), "attn"), "forward", attention) for i in layers(root, config)),
+    ]
+
+
+PATCH = Patch(
+    name="kv_subsample",
+    exact=False,
+    # the aggregator layout and the Attention parts that sdpa's forward reads too, and the grid's geometry
+    requirements=SDPA.requirements
+    + members("Aggregator", aggregator_of, ("forward", ("images",)), ("patch_size", None), ("patch_start_idx", None)),
+    enabled=lambda c: c.kv_subsample > 1,
+    targets=_targets,
+)

@@ -1,0 +1,88 @@
+"""offload_intermediates — wraps ``Aggregator.forward(images)`` (through ``cached_positions``' output store) and the
+heads' entry points (``CameraHead.forward``, ``DPTHead._forward_impl``; see ``_head_inputs``).
+
+Why leaner: the heads read four of the aggregator's 24 layer outputs, each (S, 1374, 2048) per sequence — at
+200 frames 2.1 GiB each in bf16 (4.2 GiB in fp32 under plain autocast), held on the GPU from the layer that
+makes it to the end of the heads: at long sequences they are the largest part of the peak. This patch copies
+each kept intermediate to pinned host memory as soon as it exists and frees the GPU copy (the forward waits for
+the last copy before returning, one host synchronisation per call); the heads then fetch
+only the frames of the chunk they are about to process (``frames_chunk_size`` = 8 in upstream), and the camera
+head only its camera tokens. The cost is PCIe traffic: one device-to-host copy of each kept layer (ordered on
+the compute stream, so it delays the next kernel by its transfer time: about 25 GB/s) and one host-to-device copy
+of each chunk per DPT head — about 2-3 % of the time at 100 frames on an H100 (see benchmarks/results).
+
+When it applies: inference on CUDA (eval, autograd off), not while a CUDA graph is being captured (short
+sequences, which gain nothing), and only for a whole VGGT: patched alone, an Aggregator returns its outputs on the
+GPU as upstream (nothing would fetch them back). Needs ``cached_positions``, whose loop it hooks into.
+
+Exact: the same values, moved and brought back bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import TurboConfig
+from ..upstream import Requirement, aggregator_of, looks_like_vggt
+from ._base import Patch, Target, aggregator_path
+from ._head_inputs import HEAD_INPUT_REQUIREMENTS, head_input_targets
+from .cached_positions import STORE
+
+log = logging.getLogger(__name__)
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """A pinned host copy of ``t``, filled asynchronously in stream order (readers on the GPU are ordered after it;
+    the caching host allocator does not reuse the block before the copy is done)."""
+    host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host
+
+
+def applies(agg: nn.Module, images: torch.Tensor) -> bool:
+    return (
+        images.is_cuda
+        and not agg.training
+        and not torch.is_grad_enabled()
+        and not torch.cuda.is_current_stream_capturing()
+    )
+
+
+def _images(images: torch.Tensor) -> torch.Tensor:
+    return images
+
+
+def aggregator_forward(wrapped: Any, agg: nn.Module, args: tuple, kwargs: dict) -> Any:
+    images = _images(*args, **kwargs)
+    if not applies(agg, images):
+        return wrapped(*args, **kwargs)
+    token = STORE.set(to_host)
+    try:
+        outputs = wrapped(*args, **kwargs)
+    finally:
+        STORE.reset(token)
+    # The host copies are filled asynchronously: wait for them once here, so that host-side reads (the camera
+    # head's non-contiguous slice, a caller reading the tokens) never see a copy still in flight.
+    if images.is_cuda:
+        torch.cuda.current_stream(images.device).synchronize()
+    return outputs
+
+
+def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
+    if not looks_like_vggt(root):
+        log.info("vggt_turbo offload_intermediates: an Aggregator patched alone keeps its outputs on the GPU")
+        return []
+    return [Target(aggregator_path(root), "forward", aggregator_forward), *head_input_targets(root)]
+
+
+PATCH = Patch(
+    name="offload_intermediates",
+    exact=True,
+    requirements=(Requirement("Aggregator", "forward", aggregator_of, ("images",)),) + HEAD_INPUT_REQUIREMENTS,
+    enabled=lambda c: c.offload_intermediates,
+    targets=_targets,
+)

@@ -1,0 +1,68 @@
+"""``offload_intermediates``: the kept layer outputs go to host memory as they are made and the heads fetch their
+chunks back; outputs unchanged. The CPU run swaps the pinned copy for a plain one (there is no pinned memory
+without CUDA) to exercise the wiring; the GPU test runs the real transfers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from helpers import assert_close, assert_equal, only, run
+
+import vggt_turbo
+from vggt_turbo.patches import offload_intermediates
+from vggt_turbo.random_model import random_images
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def test_kept_layers_are_stored_as_made_and_outputs_unchanged(model, images, query_points, reference, monkeypatch):
+    stored = []
+
+    def fake_host(t: torch.Tensor) -> torch.Tensor:
+        stored.append(t.shape)
+        return t.clone()
+
+    monkeypatch.setattr(offload_intermediates, "applies", lambda agg, images: True)
+    monkeypatch.setattr(offload_intermediates, "to_host", fake_host)
+    vggt_turbo.apply_optimizations(model, only("offload_intermediates"))
+    assert_equal(run(model, images, query_points), reference)
+    kept = len(getattr(model.aggregator, "cached_layer_indices", range(24)))
+    assert len(stored) == kept and all(s == (1, 2, 21, 128) for s in stored)
+
+
+def test_off_the_gpu_nothing_moves_and_an_aggregator_alone_is_untouched(model, images, query_points, reference):
+    vggt_turbo.apply_optimizations(model, only("offload_intermediates"))
+    assert_equal(run(model, images, query_points), reference)
+    vggt_turbo.revert_optimizations(model)
+    aggregator = copy.deepcopy(model.aggregator)
+    vggt_turbo.apply_optimizations(aggregator, only("offload_intermediates"))
+    assert vggt_turbo.describe(aggregator).targets["offload_intermediates"] == []
+
+
+@needs_cuda
+def test_on_the_gpu_outputs_are_bit_identical_and_memory_drops(model):
+    model = model.cuda()
+    images = random_images(9, seed=4).cuda()  # 9 frames: the DPT heads fetch two chunks
+    seen = []
+    model.aggregator.register_forward_hook(lambda m, a, out: seen.append({t.device.type for t in out[0] if t is not None}))
+
+    def call() -> tuple[dict, int]:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = run(model, images)
+        return out, torch.cuda.max_memory_allocated() - base
+
+    vggt_turbo.apply_optimizations(model, "exact", cuda_graphs=False)
+    call()
+    expected, peak = call()
+    vggt_turbo.apply_optimizations(model, "exact", cuda_graphs=False, offload_intermediates=True)
+    call()
+    out, offloaded_peak = call()
+    assert_close(out, expected, tol=1e-6)
+    assert seen[-1] == {"cpu"} and seen[0] == {"cuda"}
+    assert offloaded_peak < peak
