@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..autocast import autocast_dtype
+
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
@@ -94,15 +96,7 @@ def qk_norm_rope_triton(
 def attention_dtype(qkv: torch.Tensor) -> torch.dtype:
     """The dtype upstream's SDPA computes in: autocast's when autocast is on (SDPA is on its lower-precision list,
     on CUDA and on the CPU), else that of the projection output (v reaches SDPA as it is)."""
-    device = qkv.device.type
-    try:
-        autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    except TypeError:  # torch < 2.4: no per-device-type functions
-        autocast = {
-            "cuda": torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None,
-            "cpu": torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None,
-        }.get(device)
-    return autocast or qkv.dtype
+    return autocast_dtype(qkv.device.type) or qkv.dtype
 
 
 def compute_dtype(qkv: torch.Tensor) -> torch.dtype:

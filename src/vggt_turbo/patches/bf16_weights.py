@@ -36,6 +36,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..autocast import autocast_dtype
 from ..config import TurboConfig
 from ..upstream import Requirement, aggregator_of, looks_like_vggt
 from ._base import Patch, Target, aggregator_path, join
@@ -47,20 +48,6 @@ _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("vggt_turbo_bf16_
 
 def _images(images: torch.Tensor) -> torch.Tensor:
     return images
-
-
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The autocast dtype active for ``device_type``, or None when autocast is off there."""
-    try:
-        if not torch.is_autocast_enabled(device_type):
-            return None
-        return torch.get_autocast_dtype(device_type)
-    except TypeError:  # torch < 2.4: per-device functions
-        if device_type == "cuda":
-            return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
-        if device_type == "cpu":
-            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
-        return None
 
 
 class Shadow:
@@ -96,7 +83,7 @@ def make_aggregator_wrapper(upcast_outputs: bool):
         if (
             agg.training
             or torch.is_grad_enabled()
-            or _autocast_dtype(device_type) != torch.bfloat16
+            or autocast_dtype(device_type) != torch.bfloat16
             or first is None
             or first.dtype != torch.float32
         ):

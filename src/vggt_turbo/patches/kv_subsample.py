@@ -43,11 +43,11 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ..autocast import autocast_dtype
 from ..config import TurboConfig
 from ..upstream import aggregator_of, members
 from ._base import Patch, Target, aggregator_path, join
 from ._lse_attention import attention_with_lse
-from .bf16_weights import _autocast_dtype
 from .sdpa import PATCH as SDPA
 from .sdpa import _x_pos
 
@@ -146,7 +146,7 @@ def _qkv(attn: nn.Module, x: torch.Tensor, pos: Optional[torch.Tensor]) -> tuple
     q, k = attn.q_norm(q), attn.k_norm(k)
     if attn.rope is not None:
         q, k = attn.rope(q, pos), attn.rope(k, pos)
-    dtype = _autocast_dtype(x.device.type) or torch.promote_types(q.dtype, v.dtype)
+    dtype = autocast_dtype(x.device.type) or torch.promote_types(q.dtype, v.dtype)
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 

@@ -67,6 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..autocast import autocast_dtype
 from ..config import TurboConfig
 from ..distributed import (
     Call,
@@ -246,16 +247,7 @@ def _kernel(backend_name: str) -> contextlib.AbstractContextManager:
 def _attention_dtype(q: torch.Tensor, v: torch.Tensor) -> torch.dtype:
     """What SDPA computes in: autocast's dtype when autocast is on for the device (SDPA would cast to it itself, so
     casting before sending is exact and halves the bytes sent), else the inputs' common dtype."""
-    kind = q.device.type
-    try:
-        if torch.is_autocast_enabled(kind):
-            return torch.get_autocast_dtype(kind)
-    except TypeError:  # torch < 2.4: no per-device query
-        if kind == "cuda" and torch.is_autocast_enabled():
-            return torch.get_autocast_gpu_dtype()
-        if kind == "cpu" and torch.is_autocast_cpu_enabled():
-            return torch.get_autocast_cpu_dtype()
-    return torch.promote_types(q.dtype, v.dtype)
+    return autocast_dtype(q.device.type) or torch.promote_types(q.dtype, v.dtype)
 
 
 def _heads_to_ranks(attn: nn.Module, x: torch.Tensor, pos: Optional[torch.Tensor], heads: tuple[int, ...],
