@@ -70,10 +70,27 @@ RANDOM_WEIGHTS_NOTE = (
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``||a - b|| / ||b||`` in float64 (0 when both are zero)."""
-    a, b = a.double(), b.double()
-    num, den = torch.linalg.vector_norm(a - b).item(), torch.linalg.vector_norm(b).item()
-    return num / den if den else num
+    """``||a - b|| / ||b||`` in float32 over the finite entries (inf when shapes or the non-finite pattern differ).
+
+    Both are divided by ``max|b|`` first so that the squares cannot overflow float32 (the ratio is unchanged).
+    """
+    a = a.detach().float()
+    b = b.detach().to(a.device).float()
+    if a.shape != b.shape:
+        return math.inf
+    finite_a, finite_b = torch.isfinite(a), torch.isfinite(b)
+    if not torch.equal(finite_a, finite_b):
+        return math.inf
+    if not bool(finite_a.all()):
+        a, b = a[finite_a], b[finite_b]
+    if b.numel() == 0:
+        return 0.0
+    scale = b.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
+    num = torch.linalg.vector_norm((a - b) / scale).item()
+    den = torch.linalg.vector_norm(b / scale).item()
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return num / den
 
 
 def median_abs_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import functools
 import gc
-import math
 import time
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
-from ..fidelity import pose_rotation_errors_deg
+from ..fidelity import pose_rotation_errors_deg, relative_error
 
 OUTPUT_KEYS = ("pose_enc", "depth", "depth_conf", "world_points", "world_points_conf")
 AGG_OUTPUT_KEY = "tokens_last"  # the aggregator's last cached output, the tokens the heads read last
@@ -218,30 +217,6 @@ class PhaseProbe:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``||a - b|| / ||b||`` in float32 over the finite entries (inf when shapes or the non-finite pattern differ).
-
-    Both are divided by ``max|b|`` first so that the squares cannot overflow float32 (the ratio is unchanged).
-    """
-    a = a.detach().float()
-    b = b.detach().to(a.device).float()
-    if a.shape != b.shape:
-        return math.inf
-    finite_a, finite_b = torch.isfinite(a), torch.isfinite(b)
-    if not torch.equal(finite_a, finite_b):
-        return math.inf
-    if not bool(finite_a.all()):
-        a, b = a[finite_a], b[finite_b]
-    if b.numel() == 0:
-        return 0.0
-    scale = b.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
-    num = torch.linalg.vector_norm((a - b) / scale).item()
-    den = torch.linalg.vector_norm(b / scale).item()
-    if den == 0.0:
-        return 0.0 if num == 0.0 else math.inf
-    return num / den
-
-
 def snapshot(outputs: Optional[dict], tokens: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
     """The compared outputs, moved to the CPU (one reference per frame count is kept)."""
     snap = {}
@@ -258,10 +233,10 @@ def compare(outputs: Optional[dict], tokens: Optional[torch.Tensor], reference: 
     quaternion and field of view; the angle says what a user sees)."""
     errors: dict[str, dict[str, float]] = {}
     if outputs is not None:
-        errors["full"] = {k: rel_err(outputs[k], reference[k]) for k in OUTPUT_KEYS if k in outputs and k in reference}
+        errors["full"] = {k: relative_error(outputs[k], reference[k]) for k in OUTPUT_KEYS if k in outputs and k in reference}
         if "pose_enc" in outputs and "pose_enc" in reference:
             angles = pose_rotation_errors_deg(outputs["pose_enc"].float(), reference["pose_enc"])
             errors["pose"] = {"rotation_deg_max": angles.max().item()}
     if tokens is not None and AGG_OUTPUT_KEY in reference:
-        errors["aggregator"] = {AGG_OUTPUT_KEY: rel_err(tokens, reference[AGG_OUTPUT_KEY])}
+        errors["aggregator"] = {AGG_OUTPUT_KEY: relative_error(tokens, reference[AGG_OUTPUT_KEY])}
     return errors

@@ -80,18 +80,18 @@ def head_input_targets(root: nn.Module) -> list[Target]:
     return targets
 
 
-def _head(name: str) -> Callable[[nn.Module], Optional[nn.Module]]:
+def head_of(name: str) -> Callable[[nn.Module], Optional[nn.Module]]:
     """A ``locate`` for one of a VGGT's heads (None when patching an Aggregator alone or the head is off)."""
     return lambda root: getattr(root, name, None) if looks_like_vggt(root) else None
 
 
 HEAD_INPUT_REQUIREMENTS = (
-    Requirement("CameraHead", "forward", _head("camera_head"), ("aggregated_tokens_list", "num_iterations")),
+    Requirement("CameraHead", "forward", head_of("camera_head"), ("aggregated_tokens_list", "num_iterations")),
     Requirement(
         "DPTHead",
         "_forward_impl",
-        _head("depth_head"),
+        head_of("depth_head"),
         ("aggregated_tokens_list", "images", "patch_start_idx", "frames_start_idx", "frames_end_idx"),
     ),
-    Requirement("DPTHead", "intermediate_layer_idx", _head("depth_head")),
+    Requirement("DPTHead", "intermediate_layer_idx", head_of("depth_head")),
 )

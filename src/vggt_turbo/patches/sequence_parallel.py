@@ -85,6 +85,7 @@ from ..distributed import (
 from ..upstream import AGGREGATOR_LAYOUT, ATTENTION_MEMBERS, aggregator_of, looks_like_vggt, members
 from ._base import Patch, Target, aggregator_path, join
 from ._blocks import step_args
+from ._head_inputs import head_of
 from .fused_qk_norm_rope import fits, fused_qkv
 from .sdpa import backend, sdpa_kernel
 
@@ -363,10 +364,6 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
     return targets
 
 
-def _head(name: str):
-    return lambda root: getattr(root, name, None) if looks_like_vggt(root) else None
-
-
 PATCH = Patch(
     name="sequence_parallel",
     exact=True,
@@ -383,9 +380,9 @@ PATCH = Patch(
     )
     + ATTENTION_MEMBERS
     + members("VGGT", lambda root: root if looks_like_vggt(root) else None, ("forward", ("images", "query_points")))
-    + members("CameraHead", _head("camera_head"), ("forward", ("aggregated_tokens_list", "num_iterations")))
+    + members("CameraHead", head_of("camera_head"), ("forward", ("aggregated_tokens_list", "num_iterations")))
     + members(
-        "DPTHead", _head("depth_head"), ("forward", ("aggregated_tokens_list", "images", "patch_start_idx", "frames_chunk_size"))
+        "DPTHead", head_of("depth_head"), ("forward", ("aggregated_tokens_list", "images", "patch_start_idx", "frames_chunk_size"))
     ),
     enabled=lambda c: c.sequence_parallel is not False,
     targets=_targets,
