@@ -12,12 +12,13 @@ import torch
 from torch import nn
 
 from vggt_turbo import TurboConfig
-from vggt_turbo.config import REQUIRES
+from vggt_turbo.config import AUTO_FLAGS, REQUIRES
 
 # The predictions an equivalence test compares (``images`` is the input echoed back; ``pose_enc_list`` ends in
 # ``pose_enc``). ``track``, ``vis`` and ``conf`` exist only when the model has a track head and gets query points.
 OUTPUT_KEYS = ("depth", "depth_conf", "world_points", "world_points_conf", "pose_enc", "track", "vis", "conf")
-BOOL_FLAGS = tuple(f.name for f in dataclasses.fields(TurboConfig) if f.type in ("bool", bool))
+# The switches: boolean fields and those that also take "auto" (AUTO_FLAGS; True/False here, "auto" tested apart)
+BOOL_FLAGS = tuple(f.name for f in dataclasses.fields(TurboConfig) if f.type in ("bool", bool) or f.name in AUTO_FLAGS)
 NO_FLAGS = TurboConfig(**{name: False for name in BOOL_FLAGS})  # every boolean flag off, no approximation
 
 

@@ -13,8 +13,8 @@ import pytest
 from vggt_turbo import TurboConfig
 from vggt_turbo.bench import main
 from vggt_turbo.bench.report import report_main
-from vggt_turbo.bench.variants import DISTRIBUTED_FIELDS, flag_variants, select_variants
-from vggt_turbo.config import PRESETS, REQUIRES
+from vggt_turbo.bench.variants import DISTRIBUTED_FIELDS, MODIFIER_FIELDS, flag_variants, select_variants
+from vggt_turbo.config import AUTO_FLAGS, PRESETS, REQUIRES
 
 ROOT = Path(__file__).resolve().parents[1]
 META_KEYS = {"gpu", "torch", "cuda", "upstream_commit", "vggt_turbo_commit", "date"}
@@ -157,9 +157,10 @@ def test_aggregator_timed_alone_when_hooks_see_nothing(monkeypatch: pytest.Monke
 
 def test_variants_follow_the_config() -> None:
     bools = [f.name for f in dataclasses.fields(TurboConfig)
-             if isinstance(getattr(TurboConfig(), f.name), bool) and f.name not in DISTRIBUTED_FIELDS]
+             if (isinstance(getattr(TurboConfig(), f.name), bool) or f.name in AUTO_FLAGS)
+             and f.name not in DISTRIBUTED_FIELDS | MODIFIER_FIELDS]
     variants = {v.name: v.config for v in flag_variants()}
-    assert set(bools) <= set(variants) and "sdpa_backend" not in variants
+    assert set(bools) <= set(variants) and not MODIFIER_FIELDS & set(variants)
     assert not DISTRIBUTED_FIELDS & set(variants)  # they need torchrun: bench --sequence-parallel
     assert variants["global_to_frame_layers"].global_to_frame_layers == PRESETS["fast"].global_to_frame_layers
     for name, cfg in variants.items():
@@ -176,6 +177,10 @@ def test_variants_follow_the_config() -> None:
     for bad in ("exact+nope", "nope+compile"):
         with pytest.raises(ValueError, match="nope"):
             select_variants(bad)
+    switched = select_variants("exact-flash_attention_4+compile")[0]
+    assert switched.config == PRESETS["exact"].replace(flash_attention_4=False, compile=True)
+    with pytest.raises(ValueError, match="needs"):  # a combination TurboConfig refuses
+        select_variants("exact-sync_free_rope")
 
 
 def test_cli_registers_bench() -> None:

@@ -18,6 +18,7 @@ def test_exact_preset_is_the_default() -> None:
     assert (cfg.sync_free_rope, cfg.cached_positions, cfg.cuda_graphs) == (True, True, True)
     assert (cfg.fused_frame_batching, cfg.sdpa, cfg.nvtx) == (False, False, False)
     assert cfg.sdpa_backend == "auto" and cfg.global_to_frame_layers == ()
+    assert cfg.chunked_patch_embed is True and cfg.offload_intermediates == "auto"
 
 
 def test_fast_preset_adds_only_the_approximations() -> None:
@@ -49,6 +50,25 @@ def test_config_is_frozen() -> None:
 def test_non_bool_flag_refused(flag: str, value: object) -> None:
     with pytest.raises(TypeError, match=flag):
         TurboConfig(**{flag: value})
+
+
+@pytest.mark.parametrize("value", [True, False, "auto"])
+def test_offload_intermediates_takes_true_false_or_auto(value: object) -> None:
+    assert TurboConfig(offload_intermediates=value).offload_intermediates is value
+
+
+@pytest.mark.parametrize("value", ["AUTO", "on", "", 1, 0, 2.0, None, ["auto"]])
+def test_offload_intermediates_refuses_other_values(value: object) -> None:
+    with pytest.raises(TypeError, match="offload_intermediates must be True, False or 'auto'"):
+        TurboConfig(offload_intermediates=value)
+
+
+@pytest.mark.parametrize("value", [True, "auto"])
+def test_offload_intermediates_needs_cached_positions_unless_off(value: object) -> None:
+    no_positions = dict(cached_positions=False, cuda_graphs=False)
+    with pytest.raises(ValueError, match=f"offload_intermediates={value!r} needs \\['cached_positions'\\]"):
+        TurboConfig(offload_intermediates=value, **no_positions)
+    assert TurboConfig(offload_intermediates=False, **no_positions).offload_intermediates is False
 
 
 @pytest.mark.parametrize("value", ["x", "", "CUDNN", 3, None])

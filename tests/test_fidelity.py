@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from vggt_turbo import fidelity
-from vggt_turbo.config import PRESETS
+from vggt_turbo.config import FAST_GLOBAL_TO_FRAME_LAYERS, FAST_KV_SUBSAMPLE, PRESETS
 from vggt_turbo.random_model import random_images
 from vggt_turbo.weights import load_model
 
@@ -107,7 +107,7 @@ def test_command_line_end_to_end(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     assert meta["random_weights"] is True and "not evidence of accuracy" in meta["note"]
     assert meta["size"] == "small" and meta["device"] == "cpu" and meta["autocast"] is None
     fast = data["variants"]["fast"]
-    assert fast["kv_subsample"] == 2 and fast["global_to_frame_layers"] == [0, 1, 2, 3, 4]
+    assert fast["kv_subsample"] == FAST_KV_SUBSAMPLE and fast["global_to_frame_layers"] == list(FAST_GLOBAL_TO_FRAME_LAYERS)
     cases = [(r["variant"], r["input"], r["frames"]) for r in data["rows"]]
     assert cases == [("fast", "synthetic", 2), ("kv_subsample_2", "synthetic", 2)]
     keys = {"depth_rel", "depth_median_abs", "world_points_rel", "world_points_median_abs", "rotation_deg_mean",

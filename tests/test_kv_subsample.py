@@ -36,9 +36,21 @@ def kept_mask(frames: int, specials: int, height: int, width: int, stride: int) 
     return torch.tensor(kept)
 
 
+def dense_subsampled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """The attention of every (B, H, N, d) query over the kept keys, its own key and the dropped keys' mean, as one
+    softmax over an explicit score matrix (in the inputs' dtype: give it fp32 or fp64)."""
+    N, d = q.shape[-2:]
+    allowed = kept[None, :] | torch.eye(N, dtype=torch.bool)
+    scores = (q @ k.transpose(-2, -1) * d**-0.5).masked_fill(~allowed, -math.inf)
+    k_mean = k[:, :, ~kept].mean(dim=2, keepdim=True)
+    v_mean = v[:, :, ~kept].mean(dim=2, keepdim=True)
+    weights = torch.cat([scores, q @ k_mean.transpose(-2, -1) * d**-0.5], dim=-1).softmax(dim=-1)
+    return weights[..., :N] @ v + weights[..., N:] * v_mean
+
+
 class DenseSubsampledAttention(nn.Module):
-    """Upstream's ``Attention`` (its own projection, qk-norm and RoPE modules), then the attention of every query
-    over the kept keys, its own key and the dropped keys' mean, as one softmax over an explicit score matrix."""
+    """Upstream's ``Attention`` (its own projection, qk-norm and RoPE modules), then
+    ``dense_subsampled_attention``."""
 
     def __init__(self, attn: nn.Module, kept: torch.Tensor) -> None:
         super().__init__()
@@ -48,12 +60,7 @@ class DenseSubsampledAttention(nn.Module):
         a, (B, N, C) = self.attn, x.shape
         q, k, v = a.qkv(x).reshape(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = a.rope(a.q_norm(q), pos), a.rope(a.k_norm(k), pos)
-        allowed = self.kept[None, :] | torch.eye(N, dtype=torch.bool)
-        scores = (q @ k.transpose(-2, -1) * a.head_dim**-0.5).masked_fill(~allowed, -math.inf)
-        k_mean = k[:, :, ~self.kept].mean(dim=2, keepdim=True)
-        v_mean = v[:, :, ~self.kept].mean(dim=2, keepdim=True)
-        weights = torch.cat([scores, q @ k_mean.transpose(-2, -1) * a.head_dim**-0.5], dim=-1).softmax(dim=-1)
-        out = weights[..., :N] @ v + weights[..., N:] * v_mean
+        out = dense_subsampled_attention(q, k, v, self.kept)
         return a.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
@@ -139,8 +146,8 @@ def counting(monkeypatch: pytest.MonkeyPatch, op_name: str) -> list[tuple]:
 
 def test_fused_kernel_over_the_kept_keys_only(model, images, monkeypatch) -> None:
     """The fast preset's aggregator: the 19 subsampled layers call the fused log-sum-exp kernel with the kept keys
-    only (2 frames x (5 specials + 2 x 2 of the 4 x 4 patches)); the 24 frame and 5 swapped global layers keep
-    SDPA."""
+    only (2 frames x (5 specials + the kept ones of the 4 x 4 patches)) and the mean-fill key; the 24 frame and 5
+    swapped global layers keep SDPA."""
     sdpa = []
     original_sdpa = torch.nn.functional.scaled_dot_product_attention
     spy = lambda *args, **kwargs: sdpa.append(1) or original_sdpa(*args, **kwargs)  # noqa: E731
@@ -150,7 +157,8 @@ def test_fused_kernel_over_the_kept_keys_only(model, images, monkeypatch) -> Non
     with torch.no_grad():
         model.aggregator(images)
     heads = model.aggregator.global_blocks[0].attn.num_heads
-    assert calls == [(1, heads, 2 * (5 + 4), 16)] * (DEPTH - len(FAST_GLOBAL_TO_FRAME_LAYERS))
+    keys = 2 * (5 + math.ceil(4 / FAST_KV_SUBSAMPLE) ** 2) + 1
+    assert calls == [(1, heads, keys, 16)] * (DEPTH - len(FAST_GLOBAL_TO_FRAME_LAYERS))
     assert len(sdpa) == DEPTH + len(FAST_GLOBAL_TO_FRAME_LAYERS)
 
 
@@ -169,6 +177,62 @@ def test_revert_restores_upstream(model, images, query_points, reference) -> Non
     vggt_turbo.revert_optimizations(model)
     assert patched_methods(model) == {}
     assert_equal(run(model, images, query_points), reference)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_fused_qk_norm_rope_gives_the_unfused_result(model, images, query_points, monkeypatch, autocast: bool) -> None:
+    """With ``fused_qk_norm_rope`` on, the subsampled layers take q, k, v from its kernel path (every one of them,
+    not the fallback) and give what upstream's modules give: in fp32 to ~1e-6, under CPU bf16 autocast to bf16
+    rounding."""
+    config = NO_FLAGS.replace(kv_subsample=2, sync_free_rope=True)
+    fused = []
+    original = kv_subsample.fused_qkv
+    monkeypatch.setattr(kv_subsample, "fused_qkv", lambda *args: fused.append(original(*args)) or fused[-1])
+    results = []
+    for on in (False, True):
+        vggt_turbo.apply_optimizations(model, config.replace(fused_qk_norm_rope=on))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            results.append(run(model, images, query_points))
+    assert len(fused) == DEPTH and all(qkv is not None for qkv in fused)
+    if autocast:
+        assert all(t.dtype == torch.bfloat16 for qkv in fused for t in qkv)
+    assert_close(results[1], results[0], tol=2e-2 if autocast else 1e-5)
+
+
+def strided_qkv(B: int, N: int, H: int, d: int, dtype: torch.dtype, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """q, k, v (B, H, N, d) as token-major views of one (B, N, 3, H, d) buffer, as ``fused_qkv`` gives them; q
+    scaled by 3 for sharper softmaxes (the own and mean terms win for some queries, lose for others)."""
+    qkv = torch.randn(B, N, 3, H, d, generator=gen) * torch.tensor([3.0, 1.0, 1.0])[:, None, None]
+    return qkv.to(dtype).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+@pytest.mark.parametrize("chunk", [None, 2 * 3 * 16 * 7], ids=["one-chunk", "chunks-of-7-tokens"])
+@pytest.mark.parametrize("backend", ["auto", "math"])
+@pytest.mark.parametrize("stride", [2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_subsampled_attention_matches_dense_softmax(
+    monkeypatch, dtype: torch.dtype, stride: int, backend: str, chunk: Optional[int]
+) -> None:
+    """B = 2 sequences of 3 frames of 5 specials and a 5 x 7 patch grid (odd: partial last rows and columns of the
+    stride), strided (token-major) inputs; bf16 inputs also under CPU bf16 autocast (the scores stay fp32). Against
+    the explicit softmax in fp64 of the same (rounded) inputs."""
+    if chunk is not None:
+        monkeypatch.setattr(kv_subsample, "_SCORE_CHUNK", chunk)  # 120 tokens: 17 chunks of 7, one of 1
+    frames, specials, height, width, heads, d = 3, 5, 5, 7, 3, 16
+    N = frames * (specials + height * width)
+    tokens = kv_subsample.kept_tokens(frames, specials, height, width, stride, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(stride)
+    q, k, v = strided_qkv(2, N, heads, d, dtype, gen)
+    assert q.stride(2) == 3 * heads * d
+    expected = dense_subsampled_attention(q.double(), k.double(), v.double(), tokens.kept)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    rounding = (expected.to(dtype).double() - expected).pow(2).mean().sqrt()  # the output's own rounding, rms
+    for autocast in (False, True) if dtype == torch.bfloat16 else (False,):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = kv_subsample.subsampled_attention(q, k, v, tokens, backend)
+        assert out.dtype == dtype and out.shape == q.shape
+        torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+        assert (out.double() - expected).pow(2).mean().sqrt() <= max(2 * rounding, 1e-6)
 
 
 def test_kept_tokens_layout() -> None:
@@ -205,7 +269,7 @@ def test_forced_kernel_missing_on_the_cpu_says_so(backend: str) -> None:
 
 def test_fast_preset_subsamples_the_layers_it_does_not_swap() -> None:
     fast = TurboConfig.preset("fast")
-    assert fast.kv_subsample == FAST_KV_SUBSAMPLE == 2 and fast.kv_subsample_layers == ()
+    assert fast.kv_subsample == FAST_KV_SUBSAMPLE >= 2 and fast.kv_subsample_layers == ()
     assert fast.global_to_frame_layers == FAST_GLOBAL_TO_FRAME_LAYERS
     assert not TurboConfig(kv_subsample=2).is_exact and TurboConfig(kv_subsample=1).is_exact
 

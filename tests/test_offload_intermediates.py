@@ -9,9 +9,10 @@ import copy
 import pytest
 import torch
 
-from helpers import assert_close, assert_equal, only, run
+from helpers import NO_FLAGS, assert_close, assert_equal, only, run
 
 import vggt_turbo
+from vggt_turbo import TurboConfig
 from vggt_turbo.patches import offload_intermediates
 from vggt_turbo.random_model import random_images
 
@@ -40,6 +41,62 @@ def test_off_the_gpu_nothing_moves_and_an_aggregator_alone_is_untouched(model, i
     aggregator = copy.deepcopy(model.aggregator)
     vggt_turbo.apply_optimizations(aggregator, only("offload_intermediates"))
     assert vggt_turbo.describe(aggregator).targets["offload_intermediates"] == []
+
+
+AUTO = NO_FLAGS.replace(offload_intermediates="auto", cached_positions=True)
+
+
+@pytest.fixture
+def host_copies(monkeypatch) -> list:
+    """Make the patch apply on the CPU (as above); the list records the shape of every tensor sent to the host."""
+    stored: list = []
+
+    def fake_host(t: torch.Tensor) -> torch.Tensor:
+        stored.append(t.shape)
+        return t.clone()
+
+    monkeypatch.setattr(offload_intermediates, "applies", lambda agg, images: True)
+    monkeypatch.setattr(offload_intermediates, "to_host", fake_host)
+    return stored
+
+
+def test_auto_is_the_default_and_short_sequences_move_nothing(model, images, query_points, reference, host_copies):
+    assert TurboConfig().offload_intermediates == "auto" and offload_intermediates.OFFLOAD_AUTO_FRAMES == 32
+    vggt_turbo.apply_optimizations(model, AUTO)
+    assert vggt_turbo.describe(model).targets["offload_intermediates"]  # applied: it decides per call
+    assert_equal(run(model, images, query_points), reference)
+    assert host_copies == []
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_auto_from_the_threshold_on_offloads_like_true(model, pristine, host_copies, monkeypatch, batch: int):
+    """4 frames in all (B*S): offloaded at a threshold of 4, as ``True`` does; not at 5."""
+    images = random_images(4 // batch, batch=batch, seed=7)
+    expected = run(pristine, images)
+    monkeypatch.setattr(offload_intermediates, "OFFLOAD_AUTO_FRAMES", 5)
+    vggt_turbo.apply_optimizations(model, AUTO)
+    assert_equal(run(model, images), expected)
+    assert host_copies == []
+    monkeypatch.setattr(offload_intermediates, "OFFLOAD_AUTO_FRAMES", 4)
+    assert_equal(run(model, images), expected)
+    auto = list(host_copies)
+    host_copies.clear()
+    vggt_turbo.apply_optimizations(model, only("offload_intermediates"))
+    assert_equal(run(model, images), expected)
+    kept = len(getattr(model.aggregator, "cached_layer_indices", range(24)))
+    assert auto == host_copies and len(auto) == kept and auto[0] == (batch, 4 // batch, 21, 128)
+
+
+def test_auto_stands_aside_under_sequence_parallel_and_for_an_aggregator_alone(model, caplog):
+    enabled = offload_intermediates.PATCH.enabled
+    assert enabled(TurboConfig()) and enabled(TurboConfig(offload_intermediates=True))
+    assert not enabled(TurboConfig(offload_intermediates=False))
+    assert not enabled(TurboConfig(sequence_parallel=True))  # "auto": not verified with sequence parallelism
+    assert enabled(TurboConfig(offload_intermediates=True, sequence_parallel=True))  # refused there, by name
+    with caplog.at_level("INFO", logger=offload_intermediates.__name__):
+        vggt_turbo.apply_optimizations(model.aggregator, AUTO)
+    assert vggt_turbo.describe(model.aggregator).targets["offload_intermediates"] == []
+    assert not [r for r in caplog.records if r.name == offload_intermediates.__name__]  # "auto": nothing to say
 
 
 @needs_cuda

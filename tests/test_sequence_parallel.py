@@ -38,7 +38,7 @@ from vggt_turbo import TurboConfig, describe
 from vggt_turbo.bench.parallel import multicast_problems
 from vggt_turbo.bench.parallel_report import max_frames
 from vggt_turbo.distributed import Shard, split
-from vggt_turbo.patches import chunked_mlp
+from vggt_turbo.patches import chunked_mlp, chunked_patch_embed
 from vggt_turbo.patches import sequence_parallel as sp
 from vggt_turbo.random_model import build_vggt, random_images
 
@@ -60,7 +60,7 @@ class Case:
     output: str = "gathered"
     root: str = "vggt"  # or "aggregator": an Aggregator patched alone
     older_layout: bool = False  # upstream before 2025-11 keeps all 24 intermediates
-    small_mlp_chunks: bool = False  # chunked_mlp slices even these short sequences
+    small_mlp_chunks: bool = False  # chunked_mlp and chunked_patch_embed slice even these short sequences
 
 
 CASES = {
@@ -149,12 +149,13 @@ def _run_case(base: nn.Module, case: Case, counters: Counters) -> dict[str, Any]
     model = _patched(module, case.config.replace(sequence_parallel=True, sequence_parallel_output=case.output))
     counters.all_to_all = counters.embedded = 0
     counters.watch(model)
-    chunk = chunked_mlp.CHUNK_TOKENS
+    chunk, frames_chunk = chunked_mlp.CHUNK_TOKENS, chunked_patch_embed.CHUNK_FRAMES
     chunked_mlp.CHUNK_TOKENS = 16 if case.small_mlp_chunks else chunk
+    chunked_patch_embed.CHUNK_FRAMES = 1 if case.small_mlp_chunks else frames_chunk
     try:
         out = _outputs(model, images, case.root)
     finally:
-        chunked_mlp.CHUNK_TOKENS = chunk
+        chunked_mlp.CHUNK_TOKENS, chunked_patch_embed.CHUNK_FRAMES = chunk, frames_chunk
     return {"errors": errors(out, expected), "all_to_all": counters.all_to_all, "embedded": counters.embedded}
 
 
@@ -342,6 +343,14 @@ def test_unverified_combination_refused(model, one_rank) -> None:
     with pytest.raises(ValueError, match=r"not supported together with \['compile'\].*compile=False"):
         vggt_turbo.apply_optimizations(model, compile=True, sequence_parallel=True)
     assert_unchanged(model, before)
+
+
+def test_offload_intermediates_refused_but_auto_stands_aside(model, one_rank) -> None:
+    refused = r"not supported together with \['offload_intermediates'\].*offload_intermediates=False"
+    with pytest.raises(ValueError, match=refused):
+        vggt_turbo.apply_optimizations(model, offload_intermediates=True, sequence_parallel=True)
+    vggt_turbo.apply_optimizations(model, offload_intermediates="auto", sequence_parallel=True)
+    assert "offload_intermediates" not in describe(model).targets and "chunked_patch_embed" in describe(model).targets
 
 
 def test_revert_leaves_nothing(model, images, one_rank) -> None:

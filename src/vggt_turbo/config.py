@@ -24,16 +24,22 @@ REQUIRES: Mapping[str, tuple[str, ...]] = {
     "offload_intermediates": ("cached_positions",),  # hooks into its loop
 }
 
-SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math")
+# Boolean flags that also take "auto": the patch is applied and decides per call (see the field's docstring).
+AUTO = "auto"
+AUTO_FLAGS = frozenset({"offload_intermediates"})
+
+SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "fa4")
 
 # Layers that the "fast" preset runs as frame attention. The first five global layers were swapped by the
 # project's seed; AVGGT (arXiv 2512.02541) reports early global layers attend mostly within a frame.
 FAST_GLOBAL_TO_FRAME_LAYERS = (0, 1, 2, 3, 4)
-# Grid stride of the "fast" preset's K/V subsampling in the other global layers (1/4 of the patch keys). AVGGT's
-# recommended setting, as reported, is a stride of 4 after converting 9 early layers; whether its 4 counts per axis
-# (1/16 of the keys) or in all (1/4) could not be checked, so the preset takes 2 per axis: no more aggressive than
-# the paper under either reading.
-FAST_KV_SUBSAMPLE = 2
+# Grid stride of the "fast" preset's K/V subsampling in the other global layers: every 4th patch row and column
+# (100 of a frame's 1369 patch keys, plus its 5 special tokens). AVGGT's recommended setting, as reported, is a grid
+# stride of 4 after converting 9 early layers; the preset converts 5 and takes the stride per axis, so 19 layers
+# keep subsampled global attention. Stride 2 (a quarter of the keys), the preset until 2026-11-24, reached 2.4x at
+# 100 frames and 2.8x at 200 on an H100, short of the 3x / 4x targets; its error, and stride 4's, on the same inputs
+# are in benchmarks/results (fidelity.json: fast and fast_kv2). Pass kv_subsample=2 for the milder setting.
+FAST_KV_SUBSAMPLE = 4
 
 
 @dataclass(frozen=True)
@@ -45,8 +51,9 @@ class TurboConfig:
             (B*S, P, C) layout (exact).
         sdpa: replace ``Attention.forward`` by a version with contiguous q/k/v and an explicit SDPA backend (exact
             up to the chosen kernel's rounding).
-        sdpa_backend: ``"auto"`` (fastest available: cuDNN first on CUDA), or force one of ``"cudnn"``,
-            ``"flash"``, ``"efficient"``, ``"math"``. Only used when ``sdpa`` is on.
+        sdpa_backend: ``"auto"`` (torch's choice: cuDNN first on an H100, after FlashAttention-4 when
+            ``flash_attention_4`` is on), or force one of ``"cudnn"``, ``"flash"``, ``"efficient"``, ``"math"``,
+            ``"fa4"`` (FlashAttention-4). Only used when ``sdpa`` is on.
         sync_free_rope: RoPE-2D without upstream's per-call ``int(positions.max())`` device-to-host sync (exact).
         global_to_frame_layers: indices of global blocks that run as frame attention. APPROXIMATION: changes
             outputs, off (empty) in ``"exact"``.
@@ -63,14 +70,25 @@ class TurboConfig:
             without bf16 autocast.
         chunked_mlp: run the frame and global blocks' MLP over slices of tokens, so its 4x-wide hidden activation never
             exists for the whole sequence at once (exact; only long sequences are sliced).
+        chunked_patch_embed: run the patch embed (DINOv2 ViT-L) over slices of frames, so its activations never exist
+            for the whole sequence at once (exact: frames are embedded independently; only calls of more than
+            ``patches.chunked_patch_embed.CHUNK_FRAMES`` frames are sliced).
         compile: ``torch.compile`` each aggregator block on CUDA (exact to the fused kernels' rounding). Off by
             default: the first call per input shape compiles for tens of seconds.
         offload_intermediates: move the layer outputs the heads read to pinned host memory as soon as they exist
-            and bring back each head's chunk of frames just before it runs (exact; CUDA, whole VGGT only). Off by
-            default: it trades PCIe transfers (a few % of the time) for the largest block of long-sequence memory.
+            and bring back each head's chunk of frames just before it runs (exact; CUDA, whole VGGT only). ``True``,
+            ``False`` or ``"auto"`` (default): it trades PCIe transfers (a few % of the time) for the largest block
+            of long-sequence memory, so ``"auto"`` offloads only calls of at least
+            ``patches.offload_intermediates.OFFLOAD_AUTO_FRAMES`` frames (B*S) and runs as ``False`` below that
+            (and under ``sequence_parallel``, with which offloading is not verified).
         fused_qk_norm_rope: qk-norm and RoPE-2D of every block's attention in one kernel (Triton on CUDA) writing
             q and k in place into the qkv projection's output (exact: upstream's fp32 arithmetic, rounded once to
             the attention dtype; needs ``sync_free_rope``; a PyTorch path with upstream's arithmetic elsewhere).
+        flash_attention_4: run the aggregator's attention on FlashAttention-4 (the optional ``flash-attn-4``
+            package, CuTe-DSL kernels for Hopper and Blackwell) where it is installed and runs the call (CUDA, bf16
+            or fp16, inference); elsewhere torch's kernels (exact to bf16 rounding; on by default, a no-op without
+            the package). Applies to the attention that the other patches compute (``fused_qk_norm_rope``,
+            ``sdpa``, ``kv_subsample``, ``sequence_parallel``).
         sequence_parallel: split each sequence's frames over the ranks of a torch.distributed process group
             (``True``: the default group, or a ``ProcessGroup``); every rank calls the model with the same images
             (exact; inference only; see ``patches/sequence_parallel.py``). Off (``False``) by default.
@@ -95,9 +113,11 @@ class TurboConfig:
     cuda_graph_max_frames: int = 8
     bf16_weights: bool = True
     chunked_mlp: bool = True
+    chunked_patch_embed: bool = True
     compile: bool = False
-    offload_intermediates: bool = False
+    offload_intermediates: Union[bool, str] = AUTO  # True, False or "auto" (AUTO_FLAGS)
     fused_qk_norm_rope: bool = True
+    flash_attention_4: bool = True
     sequence_parallel: Any = False  # False, True (the default process group) or a torch.distributed.ProcessGroup
     sequence_parallel_output: str = "gathered"
     kv_subsample: int = 1
@@ -108,6 +128,8 @@ class TurboConfig:
             value = getattr(self, f.name)
             if f.type in ("bool", bool) and not isinstance(value, bool):
                 raise TypeError(f"TurboConfig.{f.name} must be a bool, got {value!r}")
+            if f.name in AUTO_FLAGS and not (isinstance(value, bool) or (isinstance(value, str) and value == AUTO)):
+                raise TypeError(f"TurboConfig.{f.name} must be True, False or {AUTO!r}, got {value!r}")
         if not isinstance(self.sdpa_backend, str) or self.sdpa_backend not in SDPA_BACKENDS:
             raise ValueError(f"TurboConfig.sdpa_backend must be one of {SDPA_BACKENDS}, got {self.sdpa_backend!r}")
         for name in ("global_to_frame_layers", "kv_subsample_layers"):
@@ -121,7 +143,7 @@ class TurboConfig:
         for flag, needs in REQUIRES.items():
             missing = [n for n in needs if getattr(self, flag) and not getattr(self, n)]
             if missing:
-                raise ValueError(f"TurboConfig.{flag}=True needs {missing} on as well")
+                raise ValueError(f"TurboConfig.{flag}={getattr(self, flag)!r} needs {missing} on as well")
 
     @property
     def is_exact(self) -> bool:

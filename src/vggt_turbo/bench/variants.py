@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from .. import config as config_module
-from ..config import PRESETS, TurboConfig
+from ..config import AUTO_FLAGS, PRESETS, TurboConfig
 from .report import UPSTREAM
 
 log = logging.getLogger(__name__)
 
 PRESET_NAMES = ("exact", "fast")
-# Non-boolean fields that only modify another flag: no standalone variant.
-MODIFIER_FIELDS = frozenset({"sdpa_backend"})
+# Fields that only modify what other flags do (the kernel their attention runs on): no standalone variant; ablate
+# them on a preset instead (``exact-flash_attention_4``).
+MODIFIER_FIELDS = frozenset({"sdpa_backend", "flash_attention_4"})
 # Fields that need a multi-process job: measured by ``bench --sequence-parallel`` under torchrun instead.
 DISTRIBUTED_FIELDS = frozenset({"sequence_parallel", "sequence_parallel_output"})
 
@@ -49,7 +51,8 @@ def flag_variants() -> list[Variant]:
     default, fast = TurboConfig(), PRESETS["fast"]
     requires = getattr(config_module, "REQUIRES", {})
     fields = dataclasses.fields(TurboConfig)
-    is_bool = {f.name: isinstance(getattr(default, f.name), bool) for f in fields}
+    # "auto" flags (config.AUTO_FLAGS) are boolean here: off is False, alone is True
+    is_bool = {f.name: isinstance(getattr(default, f.name), bool) or f.name in AUTO_FLAGS for f in fields}
     off = {f.name: False if is_bool[f.name] else getattr(default, f.name) for f in fields}
     out = []
     for f in fields:
@@ -82,19 +85,22 @@ def all_variants() -> list[Variant]:
 
 
 def combined(spec: str) -> Variant:
-    """``PRESET+FLAG[+FLAG...]``: the preset with those boolean flags on (``ValueError`` for unknown names)."""
-    preset, *flags = spec.split("+")
+    """``PRESET+FLAG-FLAG...``: the preset with boolean flags switched on (``+``) or off (``-``) (``ValueError``
+    for unknown names and for combinations ``TurboConfig`` refuses)."""
+    preset, *parts = re.split(r"([+-])", spec)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} in variant {spec!r}; choose one of {sorted(PRESETS)}")
+    flags = {flag: sign == "+" for sign, flag in zip(parts[::2], parts[1::2])}
     try:
-        return Variant(spec, PRESETS[preset].replace(**{flag: True for flag in flags}))
-    except TypeError as err:
+        return Variant(spec, PRESETS[preset].replace(**flags))
+    except (TypeError, ValueError) as err:
         raise ValueError(f"variant {spec!r}: {err}") from None
 
 
 def select_variants(spec: Optional[str]) -> list[Variant]:
     """Parse ``--variants``: names, the groups ``all``, ``presets`` (upstream, exact, fast), ``flags``, or a preset
-    with boolean flags switched on, ``PRESET+FLAG[+FLAG...]`` (e.g. ``exact+compile``)."""
+    with boolean flags switched on or off, ``PRESET+FLAG-FLAG...`` (e.g. ``exact+compile``,
+    ``exact-flash_attention_4``)."""
     available = all_variants()
     by_name = {v.name: v for v in available}
     if not spec:
@@ -111,7 +117,7 @@ def select_variants(spec: Optional[str]) -> list[Variant]:
             names = [v.name for v in flag_variants()]
         elif item in by_name:
             names = [item]
-        elif "+" in item:  # a preset with extra flags on, e.g. exact+compile
+        elif "+" in item or "-" in item:  # a preset with flags switched, e.g. exact+compile
             extra = combined(item)
             available.append(extra)
             by_name[extra.name] = extra

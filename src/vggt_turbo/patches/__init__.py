@@ -4,6 +4,7 @@ from ._base import Patch, Target
 from .bf16_weights import PATCH as BF16_WEIGHTS
 from .cached_positions import PATCH as CACHED_POSITIONS
 from .chunked_mlp import PATCH as CHUNKED_MLP
+from .chunked_patch_embed import PATCH as CHUNKED_PATCH_EMBED
 from .compile_blocks import PATCH as COMPILE
 from .cuda_graphs import PATCH as CUDA_GRAPHS
 from .fused_frame_batching import PATCH as FUSED_FRAME_BATCHING
@@ -20,6 +21,7 @@ ALL_PATCHES: tuple[Patch, ...] = (
     CACHED_POSITIONS,  # replaces Aggregator.forward without calling upstream's: must sit below sync_free_rope
     SYNC_FREE_ROPE,
     BF16_WEIGHTS,  # above the Aggregator.forward wrappers it runs in bf16
+    CHUNKED_PATCH_EMBED,  # above bf16_weights' patch_embed wrapper: each slice is cast to bf16 on its own
     OFFLOAD_INTERMEDIATES,
     SDPA,
     FUSED_QK_NORM_ROPE,  # above sdpa: computes the attention itself (sdpa_backend), falls back to sdpa's wrapper

@@ -15,7 +15,9 @@ Their signatures changed between torch releases (``efficient`` gained ``attn_bia
 so the optional arguments are passed by the names the installed op's schema declares. cuDNN's entry point
 (``_scaled_dot_product_cudnn_attention``) is not offered: on an H100 with torch 2.11 its log-sum-exp came back as
 NaN in bf16 (not computed), so forcing ``sdpa_backend="cudnn"`` here raises instead of returning wrong results.
-``"auto"`` picks flash (efficient on CUDA for fp32, or where flash refuses the call), else math.
+``"auto"`` picks flash (efficient on CUDA for fp32, or where flash refuses the call), else math; ``"fa4-first"``
+(``sdpa.kernel_name`` with the ``flash_attention_4`` flag on) first tries FlashAttention-4, which returns the
+log-sum-exp too (``kernels/flash_attention_4.py``); ``"fa4"`` forces it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+
+from ..kernels import flash_attention_4 as fa4
+from .sdpa import FA4_FIRST
 
 _OPS = {
     ("cuda", "flash"): "_scaled_dot_product_flash_attention",
@@ -52,6 +57,17 @@ def attention_with_lse(
     """
     if backend_name == "math":
         return _math(q, k, v)
+    if backend_name == "fa4":
+        reason = fa4.refusal(q, k, v)
+        if reason is not None:
+            raise RuntimeError(f"vggt_turbo: sdpa_backend='fa4' cannot run attention here: {reason}; use 'auto'")
+        out, lse = fa4.attention(q, k, v, return_lse=True)
+        return out, lse
+    if backend_name == FA4_FIRST:
+        got = fa4.attention_or_none(q, k, v, return_lse=True)
+        if got is not None:
+            return got[0], got[1]
+        backend_name = "auto"
     if backend_name != "auto":
         return _fused(q, k, v, backend_name)
     if q.device.type == "cuda":

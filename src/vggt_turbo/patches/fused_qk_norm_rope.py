@@ -11,8 +11,9 @@ token-major output and the transpose before ``proj`` is a view instead of a copy
 
 The RoPE table is upstream's own (its cache; fp32 entries, fp64 for an fp64 model); its length comes from
 ``sync_free_rope`` (a prerequisite), so no host sync happens. The attention kernel is chosen as the ``sdpa`` patch
-chooses it (``sdpa.attend``): with ``sdpa`` on, ``sdpa_backend`` applies here too, this wrapper sitting above
-``sdpa``'s and computing the attention itself; with it off, torch's default.
+chooses it (``sdpa.attend``, ``sdpa.kernel_name``): with ``sdpa`` on, ``sdpa_backend`` applies here too, this
+wrapper sitting above ``sdpa``'s and computing the attention itself; with it off, FlashAttention-4 where the
+``flash_attention_4`` flag is on and the package runs the call, else torch's default.
 
 Exact: under bf16 autocast on CUDA the arithmetic is upstream's (LayerNorm and RoPE in fp32, one rounding to bf16
 where autocast rounds), up to the order of the norm's reductions and fused multiply-adds (fp32 ulps, rarely visible
@@ -35,7 +36,7 @@ from ..config import TurboConfig
 from ..kernels.qk_norm_rope import compute_dtype, qk_norm_rope
 from ..upstream import AGGREGATOR_LAYOUT, ATTENTION_MEMBERS, aggregator_of, members, rope_of
 from ._base import Patch, Target, aggregator_path, join
-from .sdpa import _x_pos, attend
+from .sdpa import _x_pos, attend, kernel_name
 from .sync_free_rope import published_table_length
 
 
@@ -81,7 +82,7 @@ def fits(attn: nn.Module) -> bool:
 def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
     agg = aggregator_path(root)
     aggregator = aggregator_of(root)
-    wrapper = make_wrapper(config.sdpa_backend if config.sdpa else "auto")
+    wrapper = make_wrapper(kernel_name(config))
     return [
         Target(join(agg, kind, str(i), "attn"), "forward", wrapper)
         for kind in ("frame_blocks", "global_blocks")

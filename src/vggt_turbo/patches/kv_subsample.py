@@ -21,16 +21,26 @@ is added only for queries whose own key was dropped. Nothing is dropped (too few
 runs. The error is reported by the benchmarks and the fidelity harness (``vggt_turbo.fidelity``).
 
 Why faster: global attention costs O(N²) for N = S*P tokens; here the shared keys are about N/r², and the extra
-two keys per query cost O(N·d). The attention over the shared keys runs on a fused kernel that also returns
-each query's log-sum-exp (``_lse_attention``), and the two extra scores are merged with it by log-sum-exp: no
-(N x keys) score matrix ever exists. The kept-token index is built on the device once per forward (no host
+two keys per query cost O(N·d). The mean-fill pair is the same for all queries of a sequence and head, so it is
+one more key/value of the shared ones (the means taken in fp32, rounded to the attention dtype). The attention
+over the shared keys runs on a fused kernel that also returns each query's log-sum-exp (``_lse_attention``), and
+the own key's score (fp32) is merged with it by log-sum-exp: no (N x keys) score matrix ever exists. The
+kept-token index is built on the device once per forward (no host
 sync, no host-to-device copy: ``cuda_graphs`` can capture it).
 
 Layers: ``kv_subsample_layers``, or when empty every global layer not in ``global_to_frame_layers`` (those run as
 frame attention; a layer in both lists is refused by ``TurboConfig``). The attention kernel follows ``sdpa``:
-with it on, ``sdpa_backend`` picks the kernel here too. For the listed layers this wrapper computes q, k and v
-itself (upstream's projection, qk-norm and RoPE modules), so ``fused_qk_norm_rope`` does not apply to them. In
-training mode, or called outside its aggregator's forward, the wrapped forward runs.
+with it on, ``sdpa_backend`` picks the kernel here too; with it off, FlashAttention-4 where ``flash_attention_4``
+is on and the package runs the call (it returns the log-sum-exp), else ``_lse_attention``'s choice. For the listed layers this wrapper (stacked above
+``sdpa``'s and ``fused_qk_norm_rope``'s) computes q, k and v and the attention itself: with ``fused_qk_norm_rope``
+on, q, k and v come from its kernel (``fused_qk_norm_rope.fused_qkv``: strided views of the projection output,
+qk-norm and RoPE in fp32 rounded once, no fp32 temporaries), where that applies (inference, the table length
+published by ``sync_free_rope``); else from upstream's projection, qk-norm and RoPE modules. In training mode, or
+called outside its aggregator's forward, the wrapped forward runs.
+
+Memory (``subsampled_attention``): besides its output, the gathered shared keys and values (2/r² of a
+(B, H, N, d) tensor) while the kernel runs, then a few (B, H, N) float32 vectors; the own scores come from float32
+copies of bounded chunks of q, and the log-sum-exp merge (float32 weights) runs in place on the kernel's output.
 """
 
 from __future__ import annotations
@@ -48,8 +58,9 @@ from ..config import TurboConfig
 from ..upstream import aggregator_of, members
 from ._base import Patch, Target, aggregator_path, join
 from ._lse_attention import attention_with_lse
+from .fused_qk_norm_rope import fits, fused_qkv
 from .sdpa import PATCH as SDPA
-from .sdpa import _x_pos
+from .sdpa import _x_pos, kernel_name
 
 
 @dataclass(frozen=True)
@@ -121,22 +132,56 @@ def subsampled_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: KeptTokens, backend_name: str
 ) -> torch.Tensor:
     """(B, H, N, d) attention of every query over the kept keys, its own key when dropped and the dropped keys'
-    mean (see the module docstring), merged by log-sum-exp; q, k, v of one dtype."""
-    k_kept, v_kept = k.index_select(2, tokens.index), v.index_select(2, tokens.index)
-    out, lse = attention_with_lse(q, k_kept, v_kept, backend_name)
-    scale = q.shape[-1] ** -0.5
-    # The dropped tokens' sums are all tokens' minus the kept ones' (no gather of the ~N dropped rows), in fp32.
-    k_mean = ((k.sum(2, dtype=torch.float32) - k_kept.sum(2, dtype=torch.float32)) / tokens.dropped).to(q.dtype)
-    v_mean = ((v.sum(2, dtype=torch.float32) - v_kept.sum(2, dtype=torch.float32)) / tokens.dropped).to(q.dtype)
-    del k_kept, v_kept
-    own = (q * k).sum(-1, dtype=torch.float32).mul_(scale).masked_fill_(tokens.kept, -math.inf)
-    mean = (q * k_mean.unsqueeze(2)).sum(-1, dtype=torch.float32).mul_(scale)
-    top = torch.maximum(torch.maximum(lse, own), mean)
-    w_kept, w_own, w_mean = (torch.exp(s - top) for s in (lse, own, mean))
-    total = w_kept + w_own + w_mean
-    out = out * (w_kept / total).unsqueeze(-1).to(out.dtype)
-    out.addcmul_(v, (w_own / total).unsqueeze(-1).to(out.dtype))
-    return out.addcmul_(v_mean.unsqueeze(2), (w_mean / total).unsqueeze(-1).to(out.dtype))
+    mean (see the module docstring), merged by log-sum-exp; q, k, v of one dtype, any strides.
+
+    The mean-fill pair is the same for every query of a sequence and head: it is one more key and value of the
+    kernel's (appended to the kept ones, in q's dtype), so the kernel's softmax and log-sum-exp cover it. Only
+    the own key is merged here. Memory: besides the output, the gathered keys and values (2/r² of a (B, H, N, d)
+    tensor) while the kernel runs, then a few (B, H, N) float32 vectors and a float32 copy of a bounded chunk of
+    q (``_SCORE_CHUNK`` elements); the merge runs in place on the kernel's output."""
+    index = torch.cat([tokens.index, tokens.index[:1]])  # the kept tokens, then a row for the mean (filled below)
+    k_shared, v_shared = k.index_select(2, index), v.index_select(2, index)
+    for full, shared in ((k, k_shared), (v, v_shared)):
+        # The dropped tokens' sums are all tokens' minus the kept ones' (no gather of the ~N dropped rows), in fp32.
+        kept_sum = shared[:, :, :-1].sum(2, dtype=torch.float32)
+        shared[:, :, -1] = (full.sum(2, dtype=torch.float32) - kept_sum) / tokens.dropped
+    out, lse = attention_with_lse(q, k_shared, v_shared, backend_name)
+    del k_shared, v_shared
+    with torch.autocast(q.device.type, enabled=False):  # fp32 scores and weights are meant
+        # Laid out in memory as out is (token-major from most kernels): the merge reads them along out's rows.
+        own = _own_scores(q, k, _empty_like_rows(out)).masked_fill_(tokens.kept, -math.inf)
+        top = torch.maximum(own, lse, out=torch.empty_like(own))
+        w_shared = torch.sub(lse, top, out=torch.empty_like(own)).exp_()
+        w_own = own.sub_(top).exp_()
+        total = torch.add(w_shared, w_own, out=top)
+        # In place, each op computing in fp32 and rounding once to out's dtype (the kernel's output is fresh).
+        out.mul_(w_shared.div_(total).unsqueeze(-1))
+        return out.addcmul_(v, w_own.div_(total).unsqueeze(-1))
+
+
+_SCORE_CHUNK = 2**24  # elements of one float32 chunk of q in ``_own_scores`` (64 MiB)
+
+
+def _empty_like_rows(t: torch.Tensor, rows: Optional[int] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An empty (B, H, N) tensor, or (B, H, rows, d) when ``rows`` is given, for a (B, H, N, d) ``t``, whose memory
+    runs over the dims in the order of ``t``'s strides: token-major for a token-major ``t``."""
+    shape = list(t.shape[:-1]) if rows is None else [*t.shape[:2], rows, t.shape[3]]
+    order = sorted(range(len(shape)), key=lambda i: t.stride(i), reverse=True)  # outermost first
+    memory = torch.empty([shape[i] for i in order], dtype=dtype, device=t.device)
+    return memory.permute([order.index(i) for i in range(len(shape))])
+
+
+def _own_scores(q: torch.Tensor, k: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """Each query's scaled score against its own key, in float32, written into the (B, H, N) ``own``; a chunk of
+    tokens at a time: a float32 copy of the chunk's queries (laid out as q) is the only (chunk, d) temporary, the
+    products with the keys being taken in place in it (exact: a product of two bf16 values fits in float32)."""
+    B, H, N, d = q.shape
+    rows = max(1, _SCORE_CHUNK // (B * H * d))
+    for start in range(0, N, rows):
+        chunk = slice(start, start + rows)
+        q32 = _empty_like_rows(q, min(rows, N - start)).copy_(q[:, :, chunk])
+        torch.sum(q32.mul_(k[:, :, chunk]), dim=-1, out=own[:, :, chunk])
+    return own.mul_(d**-0.5)
 
 
 def _qkv(attn: nn.Module, x: torch.Tensor, pos: Optional[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -150,8 +195,9 @@ def _qkv(attn: nn.Module, x: torch.Tensor, pos: Optional[torch.Tensor]) -> tuple
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-def make_wrapper(stride: int, backend_name: str):
-    """The ``Attention.forward`` wrapper of the subsampled global layers."""
+def make_wrapper(stride: int, backend_name: str, fused: bool = False):
+    """The ``Attention.forward`` wrapper of the subsampled global layers (``fused``: q, k and v from
+    ``fused_qk_norm_rope.fused_qkv`` where it applies, else from upstream's modules)."""
 
     def attention_forward(wrapped: Any, attn: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         grid = _GRID.get()
@@ -162,7 +208,9 @@ def make_wrapper(stride: int, backend_name: str):
         tokens = grid.kept(N, stride, x.device)
         if not tokens.dropped:
             return wrapped(*args, **kwargs)
-        out = subsampled_attention(*_qkv(attn, x, pos), tokens, backend_name)
+        qkv = fused_qkv(attn, x, pos) if fused and fits(attn) else None
+        q, k, v = qkv if qkv is not None else _qkv(attn, x, pos)
+        out = subsampled_attention(q, k, v.to(q.dtype), tokens, backend_name)
         return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(B, N, C)))
 
     return attention_forward
@@ -181,7 +229,9 @@ def layers(root: nn.Module, config: TurboConfig) -> list[int]:
 
 def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
     agg = aggregator_path(root)
-    attention = make_wrapper(config.kv_subsample, config.sdpa_backend if config.sdpa else "auto")
+    attention = make_wrapper(
+        config.kv_subsample, kernel_name(config), config.fused_qk_norm_rope
+    )
     return [
         Target(agg, "forward", aggregator_forward),
         *(Target(join(agg, "global_blocks", str(i), "attn"), "forward", attention) for i in layers(root, config)),

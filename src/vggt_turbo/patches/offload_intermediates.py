@@ -15,6 +15,13 @@ When it applies: inference on CUDA (eval, autograd off), not while a CUDA graph 
 sequences, which gain nothing), and only for a whole VGGT: patched alone, an Aggregator returns its outputs on the
 GPU as upstream (nothing would fetch them back). Needs ``cached_positions``, whose loop it hooks into.
 
+``offload_intermediates="auto"`` (the default): the patch is applied, but each call offloads only when its images
+hold at least ``OFFLOAD_AUTO_FRAMES`` frames in all (B*S); shorter calls run as with ``False`` (the heads' input
+wrappers pass tensors already on the GPU through untouched). The PCIe copies cost a few % of the time at every
+length, while the kept intermediates are a large share of the peak only at long sequences. Under
+``sequence_parallel``, with which offloading is not verified, ``"auto"`` applies nothing (``True`` is refused there).
+``True`` offloads every call where it applies, as described above.
+
 Exact: the same values, moved and brought back bit for bit.
 """
 
@@ -26,13 +33,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import TurboConfig
+from ..config import AUTO, TurboConfig
 from ..upstream import Requirement, aggregator_of, looks_like_vggt
 from ._base import Patch, Target, aggregator_path
 from ._head_inputs import HEAD_INPUT_REQUIREMENTS, head_input_targets
 from .cached_positions import STORE
 
 log = logging.getLogger(__name__)
+
+# "auto" offloads calls of at least this many frames (B*S): the kept intermediates grow with the frames, their
+# share of the peak too, while the copies cost about the same fraction of the time at any length.
+OFFLOAD_AUTO_FRAMES = 32
 
 
 def to_host(t: torch.Tensor) -> torch.Tensor:
@@ -56,6 +67,11 @@ def _images(images: torch.Tensor) -> torch.Tensor:
     return images
 
 
+def frames(images: torch.Tensor) -> int:
+    """Frames in one call: B*S of the aggregator's (B, S, 3, H, W) images."""
+    return images.shape[:-3].numel()
+
+
 def aggregator_forward(wrapped: Any, agg: nn.Module, args: tuple, kwargs: dict) -> Any:
     images = _images(*args, **kwargs)
     if not applies(agg, images):
@@ -72,17 +88,33 @@ def aggregator_forward(wrapped: Any, agg: nn.Module, args: tuple, kwargs: dict) 
     return outputs
 
 
+def auto_aggregator_forward(wrapped: Any, agg: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """``"auto"``: offload as ``aggregator_forward`` does, only calls of at least ``OFFLOAD_AUTO_FRAMES`` frames."""
+    if frames(_images(*args, **kwargs)) < OFFLOAD_AUTO_FRAMES:
+        return wrapped(*args, **kwargs)
+    return aggregator_forward(wrapped, agg, args, kwargs)
+
+
+def _enabled(config: TurboConfig) -> bool:
+    """True: on; "auto": on except under sequence_parallel (not verified together; True is refused there)."""
+    if config.offload_intermediates == AUTO:
+        return config.sequence_parallel is False
+    return config.offload_intermediates is True
+
+
 def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
     if not looks_like_vggt(root):
-        log.info("vggt_turbo offload_intermediates: an Aggregator patched alone keeps its outputs on the GPU")
+        if config.offload_intermediates is True:
+            log.info("vggt_turbo offload_intermediates: an Aggregator patched alone keeps its outputs on the GPU")
         return []
-    return [Target(aggregator_path(root), "forward", aggregator_forward), *head_input_targets(root)]
+    forward = auto_aggregator_forward if config.offload_intermediates == AUTO else aggregator_forward
+    return [Target(aggregator_path(root), "forward", forward), *head_input_targets(root)]
 
 
 PATCH = Patch(
     name="offload_intermediates",
     exact=True,
     requirements=(Requirement("Aggregator", "forward", aggregator_of, ("images",)),) + HEAD_INPUT_REQUIREMENTS,
-    enabled=lambda c: c.offload_intermediates,
+    enabled=_enabled,
     targets=_targets,
 )

@@ -2,8 +2,11 @@
 
 What it adds: the attention kernel becomes a choice. ``"auto"`` keeps torch's own selection, which on an H100
 with torch 2.11 already picks cuDNN at VGGT's shapes (measured: upstream at 100 frames 6.0 s, forced cuDNN 6.0 s,
-forced FlashAttention-2 7.4 s, memory-efficient 15.1 s); a forced backend is for ablations and for torch versions
-whose default is slower, and one that cannot run the call raises a clear error instead of silently falling back.
+forced FlashAttention-2 7.4 s, memory-efficient 15.1 s), preceded by FlashAttention-4 where the
+``flash_attention_4`` flag is on and the package runs the call (``kernels/flash_attention_4.py``); ``"fa4"`` forces
+FlashAttention-4. A forced backend is for ablations and for torch versions whose default is slower, and one that
+cannot run the call raises a clear error instead of silently falling back. ``attend`` and ``kernel_name`` are the
+one place where the attention wrappers of the other patches choose their kernel too.
 q and k reach the kernel contiguous (RoPE writes them); v stays the strided view of the fused qkv projection:
 an explicit copy was measured to cost 0.5 GiB at 100 frames and no time.
 
@@ -22,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TurboConfig
+from ..kernels import flash_attention_4 as fa4
 from ..upstream import AGGREGATOR_LAYOUT, ATTENTION_MEMBERS, aggregator_of
 from ._base import Patch, Target, aggregator_path, join
 
@@ -31,6 +35,15 @@ except ImportError:  # torch < 2.3
     SDPBackend = sdpa_kernel = None  # type: ignore[assignment,misc]
 
 _BACKEND_NAMES = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+# The kernel choice of an unforced backend with the flash_attention_4 flag on: FlashAttention-4, else torch's choice.
+FA4_FIRST = "fa4-first"
+
+
+def kernel_name(config: TurboConfig) -> str:
+    """The attention kernel the wrappers use under ``config``: ``sdpa_backend`` when ``sdpa`` is on, else
+    ``"auto"``; an ``"auto"`` becomes ``FA4_FIRST`` when ``flash_attention_4`` is on."""
+    name = config.sdpa_backend if config.sdpa else "auto"
+    return FA4_FIRST if name == "auto" and config.flash_attention_4 else name
 
 
 def backend(name: str) -> Any:
@@ -46,8 +59,19 @@ def _x_pos(x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> tuple[torch.T
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend_name: str) -> torch.Tensor:
-    """``F.scaled_dot_product_attention(q, k, v)`` on the backend named in the config (``"auto"``: torch's choice);
-    a forced backend that cannot run the call raises an error saying so instead of silently falling back."""
+    """``F.scaled_dot_product_attention(q, k, v)`` on the kernel ``kernel_name`` chose (``"auto"``: torch's choice;
+    ``FA4_FIRST``: FlashAttention-4 where it runs the call, else torch's choice); a forced backend that cannot run
+    the call raises an error saying so instead of silently falling back."""
+    if backend_name == "fa4":
+        reason = fa4.refusal(q, k, v)
+        if reason is not None:
+            raise RuntimeError(f"vggt_turbo: sdpa_backend='fa4' cannot run attention here: {reason}; use 'auto'")
+        return fa4.attention(q, k, v)[0]
+    if backend_name == FA4_FIRST:
+        got = fa4.attention_or_none(q, k, v)
+        if got is not None:
+            return got[0]
+        backend_name = "auto"
     context: ContextManager = (
         contextlib.nullcontext() if backend_name == "auto" else sdpa_kernel([backend(backend_name)])
     )
@@ -84,10 +108,10 @@ def make_wrapper(backend_name: str):
 
 
 def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
-    if config.sdpa_backend != "auto":
+    if config.sdpa_backend not in ("auto", "fa4"):
         backend(config.sdpa_backend)  # ValueError now, not at the first forward
     agg = aggregator_path(root)
-    wrapper = make_wrapper(config.sdpa_backend)
+    wrapper = make_wrapper(kernel_name(config))
     aggregator = aggregator_of(root)
     return [
         Target(join(agg, kind, str(i), "attn"), "forward", wrapper)

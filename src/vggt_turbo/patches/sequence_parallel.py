@@ -18,7 +18,7 @@ What runs where:
     communication) and the depth and point heads: on the rank's own frames only.
   - global attention, exact, DeepSpeed-Ulysses style: q, k, v of the local frames are computed locally (qkv,
     qk-norm, RoPE with the frames' own positions), then one all-to-all gives each rank *all* frames for its share
-    of the heads, the unchanged fused ``F.scaled_dot_product_attention`` runs on that, and a second all-to-all
+    of the heads, the same fused attention kernel as in one process (``sdpa.attend``) runs on that, and a second all-to-all
     returns each rank its frames for all heads before ``proj``. The heads are split like the frames: 16 heads on
     3 GPUs is 6/5/5, exact like any split, at the price of imbalance (the slowest rank has ``ceil(H/N)`` heads).
     More ranks than heads is refused at apply time.
@@ -59,16 +59,14 @@ one rank nothing changes but the refusals.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..autocast import autocast_dtype
-from ..config import TurboConfig
+from ..config import AUTO_FLAGS, TurboConfig
 from ..distributed import (
     Call,
     Group,
@@ -87,7 +85,7 @@ from ._base import Patch, Target, aggregator_path, join
 from ._blocks import step_args
 from ._head_inputs import head_of
 from .fused_qk_norm_rope import fits, fused_qkv
-from .sdpa import backend, sdpa_kernel
+from .sdpa import attend, kernel_name
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +100,7 @@ SUPPORTED = frozenset(
         "fused_frame_batching",
         "global_to_frame_layers",
         "chunked_mlp",
+        "chunked_patch_embed",  # each rank embeds its own frames, a slice at a time
         "fused_qk_norm_rope",  # frame blocks only: the global blocks' attention is this patch's own
         "nvtx",
         "cuda_graphs",
@@ -241,10 +240,6 @@ def dpt_head_forward(wrapped: Any, head: nn.Module, args: tuple, kwargs: dict) -
     return _place(preds, call, call.communicates), _place(conf, call, call.communicates)
 
 
-def _kernel(backend_name: str) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext() if backend_name == "auto" else sdpa_kernel([backend(backend_name)])
-
-
 def _attention_dtype(q: torch.Tensor, v: torch.Tensor) -> torch.dtype:
     """What SDPA computes in: autocast's dtype when autocast is on for the device (SDPA would cast to it itself, so
     casting before sending is exact and halves the bytes sent), else the inputs' common dtype."""
@@ -303,8 +298,7 @@ def make_attention_wrapper(backend_name: str, fuse: bool):
         tokens = tuple(c * per_frame for c in counts)
         heads = split(attn.num_heads, len(counts))
         received = _heads_to_ranks(attn, x, pos, heads, tokens, call, fuse)
-        with _kernel(backend_name):
-            out = F.scaled_dot_product_attention(*received.unbind(0))
+        out = attend(*received.unbind(0), backend_name)
         del received  # this rank's heads over the whole sequence: not needed past the kernel
         return attn.proj_drop(attn.proj(_tokens_to_ranks(out, heads, tokens, call)))
 
@@ -328,9 +322,10 @@ def check_combination(config: TurboConfig) -> None:
 
 
 def _off(flag: str) -> Any:
-    """The value that switches ``flag`` off: False for a boolean flag, else its default (e.g. ``kv_subsample=1``)."""
+    """The value that switches ``flag`` off: False for a boolean flag (``"auto"`` ones too), else its default (e.g.
+    ``kv_subsample=1``)."""
     default = getattr(TurboConfig(), flag, False)
-    return False if isinstance(default, bool) else default
+    return False if isinstance(default, bool) or flag in AUTO_FLAGS else default
 
 
 def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
@@ -345,7 +340,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
     if config.cuda_graphs:
         log.info("vggt_turbo sequence_parallel: calls that communicate run eagerly (cuda_graphs cannot capture them)")
     output = config.sequence_parallel_output
-    attention = make_attention_wrapper(config.sdpa_backend if config.sdpa else "auto", config.fused_qk_norm_rope)
+    attention = make_attention_wrapper(kernel_name(config), config.fused_qk_norm_rope)
     local = set(config.global_to_frame_layers)
     targets = [
         Target(agg, f"_process_{aggregator.aa_order[0]}_attention", first_step),
