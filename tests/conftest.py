@@ -36,8 +36,14 @@ def pristine() -> nn.Module:
 
 @pytest.fixture
 def model(pristine: nn.Module) -> nn.Module:
-    """A private copy of the small model, free to patch."""
-    return copy.deepcopy(pristine)
+    """A private copy of the small model, free to patch. Upstream's ``PositionGetter`` caches positions per grid
+    size but not per device, and ``.cuda()`` does not move that cache: the copy starts with an empty one, so that
+    a GPU test gets GPU positions even after ``pristine`` ran on the CPU."""
+    copied = copy.deepcopy(pristine)
+    for module in copied.modules():
+        if isinstance(getattr(module, "position_cache", None), dict):
+            module.position_cache.clear()
+    return copied
 
 
 @pytest.fixture(scope="session")
