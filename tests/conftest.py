@@ -40,9 +40,10 @@ def model(pristine: nn.Module) -> nn.Module:
     size but not per device, and ``.cuda()`` does not move that cache: the copy starts with an empty one, so that
     a GPU test gets GPU positions even after ``pristine`` ran on the CPU."""
     copied = copy.deepcopy(pristine)
-    for module in copied.modules():
-        if isinstance(getattr(module, "position_cache", None), dict):
-            module.position_cache.clear()
+    for module in copied.modules():  # PositionGetter is a plain object held by the aggregator, not a module
+        getter = getattr(module, "position_getter", None)
+        if isinstance(getattr(getter, "position_cache", None), dict):
+            getter.position_cache.clear()
     return copied
 
 
