@@ -13,8 +13,10 @@ torch's kernel entry points do (all return the natural log-sum-exp of the scaled
 
 Their signatures changed between torch releases (``efficient`` gained ``attn_bias`` and ``compute_log_sumexp``),
 so the optional arguments are passed by the names the installed op's schema declares. cuDNN's entry point
-(``_scaled_dot_product_cudnn_attention``) is not offered: on an H100 with torch 2.11 its log-sum-exp came back as
-NaN in bf16 (not computed), so forcing ``sdpa_backend="cudnn"`` here raises instead of returning wrong results.
+(``_scaled_dot_product_cudnn_attention``) is not offered: in one earlier run on an H100 with torch 2.11 its
+log-sum-exp came back as NaN in bf16; ``benchmarks/attention_backends.py`` later measured it correct at the
+``kv_subsample`` shapes of 100-200 frames (within 2e-6 of float64), but it has not been checked at every shape, so
+forcing ``sdpa_backend="cudnn"`` here still raises instead of risking wrong results.
 ``"auto"`` picks flash (efficient on CUDA for fp32, or where flash refuses the call), else math; ``"fa4-first"``
 (``sdpa.kernel_name`` with the ``flash_attention_4`` flag on) first tries FlashAttention-4, which returns the
 log-sum-exp too (``kernels/flash_attention_4.py``); ``"fa4"`` forces it.
