@@ -114,6 +114,12 @@ def members(
 
 
 # Requirements shared by several patches.
+# Aggregator members (name, parameters) of patches that re-run its forward loop step by step.
+AGGREGATOR_STEPS = (
+    ("forward", ("images",)),
+    ("_process_frame_attention", ("tokens", "B", "S", "P", "C", "frame_idx", "pos")),
+    ("_process_global_attention", ("tokens", "B", "S", "P", "C", "global_idx", "pos")),
+)
 AGGREGATOR_LAYOUT = (
     Requirement("Aggregator", "frame_blocks", aggregator_of),
     Requirement("Aggregator", "global_blocks", aggregator_of),

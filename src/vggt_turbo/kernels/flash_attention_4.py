@@ -65,8 +65,9 @@ def refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
         return "autograd on (inference only here)"
     if q.shape[-1] % 8 or not 8 <= q.shape[-1] <= 128 or v.shape[-1] != q.shape[-1]:
         return f"head dim {q.shape[-1]}"
-    if torch.cuda.get_device_capability(q.device)[0] not in _ARCHS:
-        return f"compute capability {torch.cuda.get_device_capability(q.device)} (Hopper or Blackwell needed)"
+    capability = torch.cuda.get_device_capability(q.device)
+    if capability[0] not in _ARCHS:
+        return f"compute capability {capability} (Hopper or Blackwell needed)"
     if not is_installed():
         return "flash-attn-4 is not installed"
     return None
@@ -92,6 +93,17 @@ def attention(
     if return_lse and (lse is None or tuple(lse.shape) != tuple(q.shape[:-1])):
         raise RuntimeError(f"FlashAttention-4 returned a log-sum-exp of shape {getattr(lse, 'shape', None)}")
     return out.transpose(1, 2), (lse.float() if return_lse else None)
+
+
+def forced(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool = False
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``attention`` for ``sdpa_backend="fa4"``: a call FlashAttention-4 refuses raises a ``RuntimeError`` saying
+    why, instead of silently running another kernel."""
+    reason = refusal(q, k, v)
+    if reason is not None:
+        raise RuntimeError(f"vggt_turbo: sdpa_backend='fa4' cannot run attention here: {reason}; use 'auto'")
+    return attention(q, k, v, return_lse)
 
 
 def attention_or_none(

@@ -60,15 +60,11 @@ def attention_with_lse(
     if backend_name == "math":
         return _math(q, k, v)
     if backend_name == "fa4":
-        reason = fa4.refusal(q, k, v)
-        if reason is not None:
-            raise RuntimeError(f"vggt_turbo: sdpa_backend='fa4' cannot run attention here: {reason}; use 'auto'")
-        out, lse = fa4.attention(q, k, v, return_lse=True)
-        return out, lse
+        return fa4.forced(q, k, v, return_lse=True)
     if backend_name == FA4_FIRST:
         got = fa4.attention_or_none(q, k, v, return_lse=True)
         if got is not None:
-            return got[0], got[1]
+            return got
         backend_name = "auto"
     if backend_name != "auto":
         return _fused(q, k, v, backend_name)

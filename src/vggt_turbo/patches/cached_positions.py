@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..config import TurboConfig
-from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, members, upstream_module
+from ..upstream import AGGREGATOR_LAYOUT, AGGREGATOR_STEPS, aggregator_of, members, upstream_module
 from ._base import Patch, Target, aggregator_path
 
 _MAX_CACHED_SHAPES = 8
@@ -132,9 +132,7 @@ PATCH = Patch(
     + members(
         "Aggregator",
         aggregator_of,
-        ("forward", ("images",)),
-        ("_process_frame_attention", ("tokens", "B", "S", "P", "C", "frame_idx", "pos")),
-        ("_process_global_attention", ("tokens", "B", "S", "P", "C", "global_idx", "pos")),
+        *AGGREGATOR_STEPS,
         ("aa_block_num", None),
         ("patch_start_idx", None),
         ("patch_size", None),

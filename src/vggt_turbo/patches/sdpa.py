@@ -63,10 +63,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend_name: str)
     ``FA4_FIRST``: FlashAttention-4 where it runs the call, else torch's choice); a forced backend that cannot run
     the call raises an error saying so instead of silently falling back."""
     if backend_name == "fa4":
-        reason = fa4.refusal(q, k, v)
-        if reason is not None:
-            raise RuntimeError(f"vggt_turbo: sdpa_backend='fa4' cannot run attention here: {reason}; use 'auto'")
-        return fa4.attention(q, k, v)[0]
+        return fa4.forced(q, k, v)[0]
     if backend_name == FA4_FIRST:
         got = fa4.attention_or_none(q, k, v)
         if got is not None:

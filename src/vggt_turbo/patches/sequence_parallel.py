@@ -80,7 +80,7 @@ from ..distributed import (
     split,
     world_size,
 )
-from ..upstream import AGGREGATOR_LAYOUT, ATTENTION_MEMBERS, aggregator_of, looks_like_vggt, members
+from ..upstream import AGGREGATOR_LAYOUT, AGGREGATOR_STEPS, ATTENTION_MEMBERS, aggregator_of, looks_like_vggt, members
 from ._base import Patch, Target, aggregator_path, join
 from ._blocks import step_args
 from ._head_inputs import head_of
@@ -366,9 +366,7 @@ PATCH = Patch(
     + members(
         "Aggregator",
         aggregator_of,
-        ("forward", ("images",)),
-        ("_process_frame_attention", ("tokens", "B", "S", "P", "C", "frame_idx", "pos")),
-        ("_process_global_attention", ("tokens", "B", "S", "P", "C", "global_idx", "pos")),
+        *AGGREGATOR_STEPS,
         ("camera_token", None),
         ("register_token", None),
         ("patch_start_idx", None),
