@@ -12,7 +12,11 @@ Shapes (a frame is 1374 tokens: 37 x 37 patches of a 518 px image + 5 special to
 Kernels: torch's SDPA backends forced one at a time (``cudnn``, ``flash`` = FlashAttention-2, ``efficient``;
 ``math`` only at the smallest shape), FlashAttention-4 when ``flash-attn-4`` imports (``fa4``), and for the ``kv``
 shapes the log-sum-exp entry points (``flash+lse``, ``fa4+lse``, and cuDNN's, whose log-sum-exp is checked for NaN).
-Each: ``--warmup`` calls, then ``--repeats`` calls between CUDA events, median; TFLOP/s counts 4·N·K·d per head.
+Each: ``--warmup`` calls, then ``--repeats`` calls between CUDA events, median (``ms``: one call at a time, its
+host-side launch cost included when that exceeds the GPU time, as in an eager forward); ``ms_graph``: per call,
+from ``GRAPH_CALLS`` calls (one for calls of 5 ms or more) captured in one CUDA graph (GPU time alone, as
+``cuda_graphs`` replays a forward of a few frames, or as an eager forward whose GPU queue is full). TFLOP/s counts
+4·N·K·d per head, from ``ms``.
 Error: ‖out − ref‖/‖ref‖ on the first 512 queries of every head against float64 on the same inputs, and for
 log-sum-exp the largest absolute difference. Writes a table to stdout and JSON to ``--out``.
 """
@@ -40,6 +44,7 @@ log = logging.getLogger("attention_backends")
 HEADS, HEAD_DIM, GRID, SPECIAL = 16, 64, 37, 5
 TOKENS = SPECIAL + GRID * GRID  # 1374
 REF_QUERIES = 512
+GRAPH_CALLS = 20
 
 
 def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -134,12 +139,25 @@ def measure(shape: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: 
                 del out, got_lse
                 seconds = statistics.median(timed(lambda: kernel(q, k, v), args.warmup, args.repeats)) / 1e3
             row.update(ms=round(seconds * 1e3, 3), tflops=round(flops / seconds / 1e12, 1))
+            calls = GRAPH_CALLS if seconds < 0.005 else 1  # long calls: launch costs are nothing beside them
+            row["ms_graph"] = round(_graph_ms(lambda: kernel(q, k, v), args.repeats, calls), 4)
         except Exception as err:  # a kernel that cannot run this shape: recorded, the sweep goes on
             row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
             torch.cuda.empty_cache()
         log.info("%-14s %-10s %s", shape, name, {k_: v_ for k_, v_ in row.items() if k_ not in ("shape", "kernel")})
         rows.append(row)
     return rows
+
+
+def _graph_ms(fn: Callable[[], Any], repeats: int, calls: int) -> float:
+    """Milliseconds per call of ``fn``, from ``calls`` calls captured in one CUDA graph (median replay)."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    replays = timed(graph.replay, 1, repeats)
+    del graph
+    return statistics.median(replays) / calls
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -169,7 +187,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         "nvidia_cutlass_dsl": _version("nvidia-cutlass-dsl"),
         "python": platform.python_version(),
         "heads": HEADS, "head_dim": HEAD_DIM, "dtype": "bfloat16",
-        "method": f"median of {args.repeats} calls after {args.warmup} warm-up calls, CUDA events; rel_err on the "
+        "method": f"median of {args.repeats} calls after {args.warmup} warm-up calls, CUDA events (ms); ms_graph: "
+                  f"median replay of {GRAPH_CALLS} calls (1 from 5 ms) captured in one CUDA graph, per call; rel_err on the "
                   f"first {REF_QUERIES} queries of every head against float64",
     }
     if args.out is not None:

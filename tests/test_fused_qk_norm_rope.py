@@ -364,6 +364,47 @@ def test_interpreted_kernel_equals_reference(dtype: torch.dtype, layout: str) ->
 
 
 @needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "head_dim"), [(3, 64), (6, 32), (4, 64)])
+@pytest.mark.parametrize("layout", ["projection", "padded"])
+def test_interpreted_kernel_masks_heads_and_respects_strides(dtype: torch.dtype, heads: int, head_dim: int, layout: str) -> None:
+    """Head counts that are not powers of two (masked rows in the token's tile), B = 2, on the (B, N, 3, H, D) view
+    of the projection the model makes or a view with padding in every dimension: q and k equal the reference, v and
+    the padding are untouched."""
+    attn = attention(dim=heads * head_dim, heads=heads)
+    pos = grid_positions(2, 3, 5)
+    x = torch.randn(2, pos.shape[1], heads * head_dim)
+    qkv, _, q_norm, k_norm, cos, sin = inputs(attn, x, pos)
+    qkv = qkv.to(dtype)
+    B, N, _, H, D = qkv.shape
+    exact = qk_norm_rope_reference(qkv.float(), pos, q_norm, k_norm, cos, sin)
+    buffer = torch.full((B, N, 4, H + 1, D + 8), 7.0, dtype=dtype)
+    if layout == "padded":
+        buffer[:, :, :3, :H, :D] = qkv
+        target = buffer[:, :, :3, :H, :D]
+    else:
+        target = qkv.clone()
+    v_before = target[:, :, 2].clone()
+    got = qk_norm_rope_triton(target, pos, q_norm, k_norm, cos, sin)
+    assert torch.equal(target[:, :, 2], v_before)
+    assert (buffer[:, :, 3] == 7).all() and (buffer[..., H, :] == 7).all() and (buffer[..., D:] == 7).all()
+    for token, e in zip(got[:2], exact[:2]):
+        if dtype == torch.float32:
+            torch.testing.assert_close(token, e, rtol=1e-6, atol=2e-6)
+        else:
+            assert_rounded(token, e, units=1.0)
+
+
+@pytest.mark.parametrize(("heads", "covered"), [(64, True), (65, False)])
+def test_tiles_past_the_register_limit_go_to_the_reference(heads: int, covered: bool, monkeypatch) -> None:
+    """A token's q and k tile of 2 * 128 padded heads of 64 (more than ``MAX_TILE``) is left to the PyTorch path."""
+    monkeypatch.setattr(kernel_module, "triton_installed", lambda: True)
+    qkv = torch.zeros(1, 2, 3, heads, 64)
+    norm = nn.LayerNorm(64)
+    assert kernel_module.triton_covers(qkv, norm, norm) is covered
+
+
+@needs_interpreter
 def test_interpreted_kernel_in_the_whole_model(model, monkeypatch) -> None:
     """Every block through the kernel (the dispatcher picks it on CUDA only, so it is forced here): upstream's
     outputs to fp32 rounding."""

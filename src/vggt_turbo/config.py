@@ -89,6 +89,10 @@ class TurboConfig:
             or fp16, inference); elsewhere torch's kernels (exact to bf16 rounding; on by default, a no-op without
             the package). Applies to the attention that the other patches compute (``fused_qk_norm_rope``,
             ``sdpa``, ``kv_subsample``, ``sequence_parallel``).
+        fused_dpt_upsample: the DPT heads' (depth, points, track features) bilinear resizes in one Triton kernel
+            each, the last one adding the positional embedding in the same pass, and their positional embeddings
+            built once per shape instead of in every call (exact: fp32 to the last bit; CUDA with triton, else
+            PyTorch's resize with the cached embeddings, equal to upstream).
         sequence_parallel: split each sequence's frames over the ranks of a torch.distributed process group
             (``True``: the default group, or a ``ProcessGroup``); every rank calls the model with the same images
             (exact; inference only; see ``patches/sequence_parallel.py``). Off (``False``) by default.
@@ -118,6 +122,7 @@ class TurboConfig:
     offload_intermediates: Union[bool, str] = AUTO  # True, False or "auto" (AUTO_FLAGS)
     fused_qk_norm_rope: bool = True
     flash_attention_4: bool = True
+    fused_dpt_upsample: bool = True
     sequence_parallel: Any = False  # False, True (the default process group) or a torch.distributed.ProcessGroup
     sequence_parallel_output: str = "gathered"
     kv_subsample: int = 1

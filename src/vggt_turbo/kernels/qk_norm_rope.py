@@ -30,6 +30,9 @@ from torch import nn
 from ..autocast import autocast_dtype
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The largest (2 * heads rounded up to a power of two) x D tile the kernel holds in registers, several fp32 copies
+# of it at once: past 8192 elements (64 a thread at 4 warps) they would spill. VGGT's is 2 * 16 x 64 = 2048.
+MAX_TILE = 8192
 
 QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -107,7 +110,8 @@ def compute_dtype(qkv: torch.Tensor) -> torch.dtype:
 
 def triton_covers(qkv: torch.Tensor, q_norm: nn.LayerNorm, k_norm: nn.LayerNorm) -> bool:
     """Whether the kernel handles these (checked) inputs: triton installed, a half or single precision buffer in
-    the dtype SDPA computes in (the in-place store is the one rounding), a power-of-two head dim, affine norms."""
+    the dtype SDPA computes in (the in-place store is the one rounding), a power-of-two head dim, a token's q and k
+    tile of at most ``MAX_TILE`` elements, affine norms."""
     D = qkv.shape[-1]
     return (
         triton_installed()
@@ -116,10 +120,15 @@ def triton_covers(qkv: torch.Tensor, q_norm: nn.LayerNorm, k_norm: nn.LayerNorm)
         and qkv.stride(-1) == 1
         and D >= 4
         and D & (D - 1) == 0
+        and 2 * _next_power_of_2(qkv.shape[3]) * D <= MAX_TILE
         and qkv.numel() // D < 2**31  # row numbers are int32 in the kernel
         and _affine(q_norm)
         and _affine(k_norm)
     )
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 @functools.lru_cache(maxsize=None)

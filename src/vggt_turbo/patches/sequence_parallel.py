@@ -104,6 +104,7 @@ SUPPORTED = frozenset(
         "fused_qk_norm_rope",  # frame blocks only: the global blocks' attention is this patch's own
         "nvtx",
         "cuda_graphs",
+        "fused_dpt_upsample",  # the DPT heads run on each rank's own frames, as in one process
     }
 )
 
