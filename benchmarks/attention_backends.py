@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from qk_norm_rope_bench import timed  # this script's folder: benchmarks/
+from qk_norm_rope_bench import graph_timed, timed  # this script's folder: benchmarks/
 from vggt_turbo.kernels import flash_attention_4 as fa4
 from vggt_turbo.patches._lse_attention import attention_with_lse
 from vggt_turbo.patches.sdpa import attend
@@ -138,26 +138,15 @@ def measure(shape: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: 
                     row["lse_max_abs_err"] = float(diff.abs().max())
                 del out, got_lse
                 seconds = statistics.median(timed(lambda: kernel(q, k, v), args.warmup, args.repeats)) / 1e3
-            row.update(ms=round(seconds * 1e3, 3), tflops=round(flops / seconds / 1e12, 1))
-            calls = GRAPH_CALLS if seconds < 0.005 else 1  # long calls: launch costs are nothing beside them
-            row["ms_graph"] = round(_graph_ms(lambda: kernel(q, k, v), args.repeats, calls), 4)
+                calls = GRAPH_CALLS if seconds < 0.005 else 1  # long calls: launch costs are nothing beside them
+                graph_ms = statistics.median(graph_timed(lambda: kernel(q, k, v), args.repeats, calls))
+            row.update(ms=round(seconds * 1e3, 3), tflops=round(flops / seconds / 1e12, 1), ms_graph=round(graph_ms, 4))
         except Exception as err:  # a kernel that cannot run this shape: recorded, the sweep goes on
             row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
             torch.cuda.empty_cache()
         log.info("%-14s %-10s %s", shape, name, {k_: v_ for k_, v_ in row.items() if k_ not in ("shape", "kernel")})
         rows.append(row)
     return rows
-
-
-def _graph_ms(fn: Callable[[], Any], repeats: int, calls: int) -> float:
-    """Milliseconds per call of ``fn``, from ``calls`` calls captured in one CUDA graph (median replay)."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    replays = timed(graph.replay, 1, repeats)
-    del graph
-    return statistics.median(replays) / calls
 
 
 def main(argv: Optional[list[str]] = None) -> int:

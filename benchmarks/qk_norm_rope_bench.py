@@ -136,12 +136,14 @@ def timed(fn: Callable[[], Any], warmup: int, repeats: int) -> list[float]:
     return times
 
 
-def graph_timed(fn: Callable[[], Any], repeats: int) -> list[float]:
-    """As ``timed``, replaying ``fn`` captured in a CUDA graph (already warmed up by the eager timing)."""
+def graph_timed(fn: Callable[[], Any], repeats: int, calls: int = 1) -> list[float]:
+    """As ``timed``, per call of ``fn``, replaying ``calls`` calls of it captured in one CUDA graph (``fn`` already
+    warmed up by an eager timing)."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
-    return timed(graph.replay, 1, repeats)
+        for _ in range(calls):
+            fn()
+    return [ms / calls for ms in timed(graph.replay, 1, repeats)]
 
 
 def peak_mib(fn: Callable[[], Any]) -> float:

@@ -19,7 +19,7 @@ from helpers import NO_FLAGS, assert_equal, only, run
 
 import vggt_turbo
 from vggt_turbo.kernels import bilinear as bl
-from vggt_turbo.kernels.qk_norm_rope import triton_installed
+from vggt_turbo.kernels import triton_installed
 from vggt_turbo.patches import fused_dpt_upsample as patch
 from vggt_turbo.random_model import random_images
 
@@ -54,7 +54,7 @@ def test_chunked_heads_equal_upstream(model, query_points) -> None:
 
 def test_embeddings_are_upstreams_and_built_once(model) -> None:
     head = model.depth_head
-    cache = patch._Embeddings(head)
+    cache = patch._Embeddings(sys.modules[type(head).__module__])
     for (h, w, c, W, H) in ((4, 4, 8, 56, 56), (5, 7, 12, 98, 70), (37, 28, 16, 518, 392)):
         x = torch.randn(2, c, h, w)
         expected = _upstream_pos(head, x, W, H)
@@ -67,7 +67,7 @@ def test_embeddings_are_upstreams_and_built_once(model) -> None:
 
 def test_cache_is_bounded(model, monkeypatch) -> None:
     monkeypatch.setattr(patch, "MAX_CACHED", 2)
-    cache = patch._Embeddings(model.depth_head)
+    cache = patch._Embeddings(sys.modules[type(model.depth_head).__module__])
     for w in (3, 4, 5, 6):
         x = torch.randn(1, 4, 2, w)
         assert torch.equal(cache.full(x, 56, 56), _upstream_pos(model.depth_head, x, 56, 56))

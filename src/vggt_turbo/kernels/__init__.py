@@ -4,3 +4,12 @@ signature.
 Triton is optional: a kernel module imports it only when its kernel runs on CUDA tensors; without it the
 references run.
 """
+
+import functools
+import importlib.util
+
+
+@functools.lru_cache(maxsize=None)
+def triton_installed() -> bool:
+    """Whether triton can be imported (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None

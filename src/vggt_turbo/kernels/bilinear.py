@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .qk_norm_rope import triton_installed
+from . import triton_installed
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

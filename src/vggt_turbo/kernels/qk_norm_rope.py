@@ -20,14 +20,12 @@ CPU in fp32 it equals upstream to the last bit). Only the kernel writes into ``q
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..autocast import autocast_dtype
+from . import triton_installed
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The largest (2 * heads rounded up to a power of two) x D tile the kernel holds in registers, several fp32 copies
@@ -129,11 +127,6 @@ def triton_covers(qkv: torch.Tensor, q_norm: nn.LayerNorm, k_norm: nn.LayerNorm)
 
 def _next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
-
-
-@functools.lru_cache(maxsize=None)
-def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 def check_inputs(

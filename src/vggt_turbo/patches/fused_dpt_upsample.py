@@ -31,7 +31,7 @@ from torch import nn
 
 from ..config import TurboConfig
 from ..kernels.bilinear import SeparableMap, bilinear
-from ..upstream import Requirement, looks_like_vggt, members
+from ..upstream import looks_like_vggt, members
 from ._base import Patch, Target
 from ._head_inputs import _dpt_args
 
@@ -53,8 +53,8 @@ def _unchanged(module: nn.Module) -> bool:
 class _Embeddings:
     """DPT's positional embeddings (``_apply_pos_embed``'s ``pos_embed * ratio``) per shape, built once."""
 
-    def __init__(self, head: nn.Module):
-        self.module = _module_of(head)
+    def __init__(self, module: types.ModuleType):
+        self.module = module  # the head's upstream module: its create_uv_grid and position_grid_to_embed
         self.cache: dict[tuple, Any] = {}
 
     def _grid_embed(self, h: int, w: int, channels: int, W: int, H: int, ratio: float, dtype: torch.dtype,
@@ -108,7 +108,8 @@ def _resize(module: types.ModuleType, x: torch.Tensor, size: tuple[int, int], po
 
 
 def make_dpt_forward_impl(head: nn.Module) -> Callable[..., Any]:
-    embeddings = _Embeddings(head)
+    module = _module_of(head)
+    embeddings = _Embeddings(module)
 
     def dpt_forward_impl(wrapped: Any, head: nn.Module, args: tuple, kwargs: dict) -> Any:
         if _unchanged(head):
@@ -132,11 +133,11 @@ def make_dpt_forward_impl(head: nn.Module) -> Callable[..., Any]:
         del levels
         size = (int(patch_h * head.patch_size / head.down_ratio), int(patch_w * head.patch_size / head.down_ratio))
         pos = embeddings.separable(size, out.shape[1], W, H, out.dtype, out.device) if head.pos_embed else None
-        out = _resize(embeddings.module, out, size, pos)
+        out = _resize(module, out, size, pos)
         if head.feature_only:
             return out.view(B, S, *out.shape[1:])
         out = head.scratch.output_conv2(out)
-        preds, conf = embeddings.module.activate_head(out, activation=head.activation, conf_activation=head.conf_activation)
+        preds, conf = module.activate_head(out, activation=head.activation, conf_activation=head.conf_activation)
         return preds.view(B, S, *preds.shape[1:]), conf.view(B, S, *conf.shape[1:])
 
     return dpt_forward_impl
