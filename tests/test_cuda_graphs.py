@@ -36,6 +36,34 @@ def test_max_frames_validated(bad):
         vggt_turbo.TurboConfig(cuda_graph_max_frames=2.0)
 
 
+def test_storage_signature_sees_every_change_the_graph_could_miss():
+    """The per-call signature (a flat walk, not ``parameters()``) must change with what would make a replay stale."""
+    model = build_vggt("small", enable_track=False)
+    sign = cuda_graphs.storage_signature
+    first = sign(model)
+    assert sign(model) == first  # stable between calls
+    weight = model.depth_head.scratch.output_conv2[0].weight
+    with torch.no_grad():
+        weight.add_(0)  # in place: the version counter moves
+    assert sign(model) != first
+    second = sign(model)
+    weight.data = weight.data.clone()  # moved: a new address, same Parameter
+    assert sign(model) != second
+    third = sign(model)
+    model.camera_head.trunk[0].norm1 = torch.nn.LayerNorm(model.camera_head.trunk[0].norm1.normalized_shape)
+    assert sign(model) != third  # a module replaced
+    fourth = sign(model)
+    model.camera_head.shared = model.camera_head.trunk  # a module reached twice is read once
+    model.camera_head.itself = model.camera_head  # and a cycle ends
+    assert sign(model) == fourth
+
+
+def test_storage_signature_of_inference_tensors():
+    with torch.inference_mode():
+        model = build_vggt("small", enable_track=False)
+    assert cuda_graphs.storage_signature(model) == cuda_graphs.storage_signature(model)
+
+
 def test_cpu_runs_eagerly_and_says_why_once(caplog):
     model = build_vggt("small", enable_track=False)
     images = random_images(2)

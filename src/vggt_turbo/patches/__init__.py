@@ -9,6 +9,7 @@ from .compile_blocks import PATCH as COMPILE
 from .cuda_graphs import PATCH as CUDA_GRAPHS
 from .fused_dpt_upsample import PATCH as FUSED_DPT_UPSAMPLE
 from .fused_frame_batching import PATCH as FUSED_FRAME_BATCHING
+from .fused_layer_scale import PATCH as FUSED_LAYER_SCALE
 from .fused_qk_norm_rope import PATCH as FUSED_QK_NORM_ROPE
 from .global_to_frame import PATCH as GLOBAL_TO_FRAME
 from .kv_subsample import PATCH as KV_SUBSAMPLE
@@ -30,6 +31,7 @@ ALL_PATCHES: tuple[Patch, ...] = (
     FUSED_FRAME_BATCHING,
     GLOBAL_TO_FRAME,
     KV_SUBSAMPLE,  # above sdpa and fused_qk_norm_rope: computes its global layers' attention itself
+    FUSED_LAYER_SCALE,  # below chunked_mlp: the sequences it slices keep its own path
     CHUNKED_MLP,
     COMPILE,  # above chunked_mlp: long sequences fall through to it; compiles upstream's Block.forward otherwise
     NVTX,

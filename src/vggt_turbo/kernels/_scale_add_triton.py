@@ -1,0 +1,38 @@
+"""The Triton kernel behind ``scale_add``: imported only when it runs, since importing it needs triton.
+
+One program handles ``BLOCK_R`` rows of the (rows, C) view: ``gamma`` is loaded once per program and broadcast
+over the rows; every element is read once from ``x`` and ``branch`` and written once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def _scale_add_kernel(x_ptr, b_ptr, g_ptr, out_ptr, rows, C, PRODUCT: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    live = (r < rows)[:, None] & (c < C)[None, :]
+    offs = r[:, None] * C + c[None, :]
+    g = tl.load(g_ptr + c, mask=c < C).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=live).to(tl.float32)
+    b = tl.load(b_ptr + offs, mask=live).to(tl.float32)
+    product = (b * g[None, :]).to(PRODUCT).to(tl.float32)
+    tl.store(out_ptr + offs, (x + product).to(out_ptr.dtype.element_ty), mask=live)
+
+
+def scale_add_(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, out: torch.Tensor, product: torch.dtype) -> None:
+    """Write ``x + (branch * gamma rounded to product)`` into ``out`` (the caller checked shapes and layouts)."""
+    C = x.shape[-1]
+    rows = x.numel() // C
+    block_c = min(triton.next_power_of_2(C), 1024)
+    block_r = max(1, 4096 // block_c)
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(C, block_c))
+    _scale_add_kernel[grid](x, branch, gamma, out, rows, C, PRODUCT=_TL[product], BLOCK_R=block_r, BLOCK_C=block_c,
+                            num_warps=4, enable_fp_fusion=False)

@@ -1,0 +1,64 @@
+"""``x + branch * gamma`` in one pass: a transformer block's LayerScale and residual add.
+
+Why: upstream's ``Block.forward`` runs ``x = x + ls(branch)`` as two kernels, each reading and writing the whole
+token tensor: the LayerScale product (``branch * gamma``, ``gamma`` broadcast over the tokens, which sends PyTorch
+to its slower non-vectorised kernel) and the sum. Measured on an H100 at 10 frames (bf16): 1.9 ms for the 48
+products and 1.3 ms for the 48 sums of the 24 frame blocks, the same again in the global and the DINO blocks. One
+kernel reads ``x`` and ``branch`` once and writes the sum once.
+
+Exact, bit for bit: PyTorch's arithmetic in the same order with the same roundings: the product is computed in
+fp32 and rounded to its dtype (``branch``'s and ``gamma``'s promoted), then the sum is computed in fp32 and
+rounded to the result dtype (``x``'s and the product's promoted). No fused multiply-add (it would round once).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import triton_installed
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def reference(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x + branch * gamma`` as upstream computes it (into ``out`` when given, which may be ``x``)."""
+    if out is None:
+        return x + branch * gamma
+    return torch.add(x, branch * gamma, out=out)
+
+
+def scale_add(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``reference(x, branch, gamma, out)``, by the Triton kernel when it covers the call."""
+    if x.is_cuda and triton_covers(x, branch, gamma, out):
+        from ._scale_add_triton import scale_add_
+
+        result = out if out is not None else torch.empty_like(x, dtype=_dtypes(x, branch, gamma)[1])
+        scale_add_(x, branch, gamma, result, _dtypes(x, branch, gamma)[0])
+        return result
+    return reference(x, branch, gamma, out)
+
+
+def _dtypes(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    product = torch.promote_types(branch.dtype, gamma.dtype)
+    return product, torch.promote_types(x.dtype, product)
+
+
+def triton_covers(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, out: Optional[torch.Tensor]) -> bool:
+    """Whether the kernel runs this call: contiguous ``x`` and ``branch`` of one shape, a contiguous 1-D ``gamma``
+    over their last dimension, float dtypes, one device, and ``out`` (if given) ``x`` itself or a contiguous
+    tensor of the result's shape and dtype that overlaps neither input."""
+    if not (triton_installed() and x.dim() >= 1 and x.shape == branch.shape and gamma.dim() == 1):
+        return False
+    if gamma.shape[0] != x.shape[-1] or x.numel() == 0:
+        return False
+    tensors = (x, branch, gamma)
+    if any(t.dtype not in KERNEL_DTYPES or t.device != x.device or not t.is_contiguous() for t in tensors):
+        return False
+    if out is None or out is x:
+        return out is None or x.dtype == _dtypes(x, branch, gamma)[1]
+    return (
+        out.shape == x.shape and out.dtype == _dtypes(x, branch, gamma)[1] and out.device == x.device
+        and out.is_contiguous() and out.data_ptr() not in (x.data_ptr(), branch.data_ptr())
+    )

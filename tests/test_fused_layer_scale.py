@@ -1,0 +1,169 @@
+"""fused_layer_scale: every block's ``x + ls(branch)`` in one pass gives upstream's outputs bit for bit (CPU:
+the PyTorch reference inside the re-implemented block forward; the Triton kernel in the interpreter and on the
+GPU), the DINOv2 blocks included, and upstream's code runs where the patch does not apply.
+
+Run the interpreter tests with ``TRITON_INTERPRET=1 PYTHONPATH=<triton> python -m pytest tests/test_fused_layer_scale.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from helpers import NO_FLAGS, assert_equal, only, run
+
+import vggt_turbo
+from vggt_turbo.kernels import scale_add as sa
+from vggt_turbo.kernels import triton_installed
+from vggt_turbo.patches import fused_layer_scale as patch
+
+needs_interpreter = pytest.mark.skipif(
+    not (triton_installed() and os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs triton importable and TRITON_INTERPRET=1",
+)
+needs_cuda_triton = pytest.mark.skipif(not (torch.cuda.is_available() and triton_installed()), reason="needs CUDA and triton")
+
+# (rows, C, x dtype, branch dtype, gamma dtype): bf16 weights; upstream-autocast (fp32 stream, bf16 branch,
+# fp32 gamma); fp32; a width that is not a power of two.
+CASES = [
+    (37, 64, torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    (37, 64, torch.float32, torch.bfloat16, torch.float32),
+    (5, 1024, torch.float32, torch.float32, torch.float32),
+    (9, 96, torch.float16, torch.float16, torch.float16),
+]
+
+
+def _case(rows, C, xd, bd, gd, device="cpu"):
+    g = torch.Generator().manual_seed(rows * C)
+    x = (torch.randn(2, rows, C, generator=g) * 3).to(device, xd)
+    b = torch.randn(2, rows, C, generator=g).to(device, bd)
+    gamma = (torch.rand(C, generator=g) * 2 - 1).to(device, gd)
+    return x, b, gamma
+
+
+def _counting(monkeypatch) -> list[int]:
+    calls = [0]
+    real = patch.scale_add
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(patch, "scale_add", counted)
+    return calls
+
+
+def test_outputs_equal_upstream_bit_for_bit(model, images, query_points, monkeypatch) -> None:
+    expected = run(model, images, query_points)
+    calls = _counting(monkeypatch)
+    vggt_turbo.apply_optimizations(model, only("fused_layer_scale"))
+    assert_equal(run(model, images, query_points), expected)
+    blocks = len(model.aggregator.frame_blocks) + len(model.aggregator.global_blocks)
+    assert calls[0] == 2 * blocks  # two sums per block: every block took the patched path
+
+
+def test_dino_blocks_equal_upstream_bit_for_bit(full_model, monkeypatch) -> None:
+    """The full model's patch embed (DINOv2 ViT-L blocks, ``NestedTensorBlock.forward(x_or_x_list)``)."""
+    embed = full_model.aggregator.patch_embed
+    images = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        expected = embed(images)
+    calls = _counting(monkeypatch)
+    vggt_turbo.apply_optimizations(full_model, only("fused_layer_scale"))
+    try:
+        with torch.no_grad():
+            got = embed(images)
+    finally:
+        vggt_turbo.revert_optimizations(full_model)
+    assert calls[0] == 2 * len(embed.blocks)
+    tensors = [key for key, value in expected.items() if isinstance(value, torch.Tensor)]
+    assert "x_norm_patchtokens" in tensors
+    for key in tensors:
+        assert torch.equal(got[key], expected[key]), key
+
+
+def test_autograd_training_and_missing_layer_scale_run_upstream(model, monkeypatch) -> None:
+    calls = _counting(monkeypatch)
+    vggt_turbo.apply_optimizations(model, only("fused_layer_scale"))
+    block = model.aggregator.frame_blocks[0]
+    x = torch.randn(2, 5, block.norm1.normalized_shape[0])
+    pos = torch.randint(0, 4, (2, 5, 2))
+    block(x, pos=pos)  # autograd on
+    assert calls[0] == 0
+    with torch.no_grad():
+        block.train()
+        block(x, pos=pos)
+        block.eval()
+        assert calls[0] == 0
+        gamma = block.ls1
+        block.ls1 = torch.nn.Identity()  # upstream's block without init_values
+        try:
+            got = block(x, pos=pos)
+            expected = type(block).forward(block, x, pos=pos)  # the class's own, unpatched forward
+        finally:
+            block.ls1 = gamma
+        assert calls[0] == 0
+        assert torch.equal(got, expected)
+
+
+def test_reference_is_upstreams_expression() -> None:
+    x, b, gamma = _case(*CASES[1])
+    assert torch.equal(sa.reference(x, b, gamma), x + b * gamma)
+    out = x.clone()
+    assert sa.reference(out, b, gamma, out=out) is out and torch.equal(out, x + b * gamma)
+
+
+def test_kernel_refuses_what_it_does_not_cover() -> None:
+    x, b, gamma = _case(*CASES[0])
+    assert sa.triton_covers(x, b, gamma, None) == triton_installed()
+    assert not sa.triton_covers(x, b.transpose(0, 1), gamma, None)  # shapes differ
+    assert not sa.triton_covers(x[:, :, ::2], b[:, :, ::2], gamma[::2], None)  # not contiguous
+    assert not sa.triton_covers(x, b, gamma[:-1], None)  # gamma is not over the last dimension
+    assert not sa.triton_covers(x.double(), b, gamma, None)
+    assert not sa.triton_covers(x, b, gamma, b)  # out overlaps an input other than x
+    assert not sa.triton_covers(x, b, gamma, torch.empty_like(x, dtype=torch.float32))  # not the result dtype
+    x32, b16, g32 = _case(*CASES[1])
+    assert not sa.triton_covers(b16.clone(), b16, g32, b16)  # in place would lose the fp32 result
+
+
+# The interpreter (numpy, which has no bf16) converts to bf16 by truncation, not rounding to nearest: cases that
+# round to bf16 are checked on the GPU only.
+INTERPRETED = [c for c in CASES if torch.bfloat16 not in sa._dtypes(*_case(*c))]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", INTERPRETED, ids=[str(c[:2]) + str(c[2]) for c in INTERPRETED])
+def test_interpreted_kernel_equals_pytorch_bit_for_bit(case) -> None:
+    from vggt_turbo.kernels._scale_add_triton import scale_add_
+
+    x, b, gamma = _case(*case)
+    product, result = sa._dtypes(x, b, gamma)
+    got = torch.empty_like(x, dtype=result)
+    scale_add_(x, b, gamma, got, product)
+    assert torch.equal(got, sa.reference(x, b, gamma))
+
+
+@needs_cuda_triton
+@pytest.mark.parametrize("case", CASES + [(13740, 1024, torch.bfloat16, torch.bfloat16, torch.bfloat16)], ids=str)
+def test_gpu_kernel_equals_pytorch_bit_for_bit(case) -> None:
+    x, b, gamma = _case(*case, device="cuda")
+    expected = sa.reference(x, b, gamma)
+    assert torch.equal(sa.scale_add(x, b, gamma), expected)
+    if x.dtype == expected.dtype:
+        out = x.clone()
+        assert sa.scale_add(out, b, gamma, out=out) is out and torch.equal(out, expected)
+
+
+@needs_cuda_triton
+def test_gpu_model_equals_upstream_bit_for_bit(model, images, query_points) -> None:
+    model = model.cuda()
+    images, query_points = images.cuda(), query_points.cuda()
+    base = NO_FLAGS.replace(bf16_weights=True)  # bf16 blocks: the kernel's bf16 path, as in "exact"
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        vggt_turbo.apply_optimizations(model, base)
+        expected = run(model, images, query_points)
+        vggt_turbo.apply_optimizations(model, base.replace(fused_layer_scale=True))
+        got = run(model, images, query_points)
+    assert_equal(got, expected)
