@@ -148,39 +148,6 @@ def test_parameters_replaced_or_reloaded_are_seen():
     assert rel(moved["depth"], expected["depth"]) < 2e-2
 
 
-def test_hold_keeps_tensors_only_while_capturing():
-    from vggt_turbo.patches._graph_refs import hold, holding
-
-    t = torch.zeros(3)
-    assert hold(t) is t  # outside a capture: nothing kept
-    with holding() as held:
-        assert hold(t) is t
-    assert len(held) == 1 and held[0] is t
-    with holding() as again:
-        pass
-    assert again == [] and hold(torch.ones(1)) is not None and len(held) == 1
-
-
-@needs_cuda
-def test_positions_evicted_from_their_cache_stay_alive_for_the_graph():
-    """cached_positions keeps 8 shapes; a graph captured with an evicted shape's positions must still read them."""
-    from vggt_turbo.patches import cached_positions
-
-    model, cfg = _cuda_model(max_frames=1)
-    one = random_images(1, seed=4).cuda()
-    vggt_turbo.apply_optimizations(model, cfg)
-    _run(model, one)  # captured with the 1-frame positions
-    for frames in range(2, 3 + cached_positions._MAX_CACHED_SHAPES):  # eager shapes evict them from the cache
-        _run(model, random_images(frames, seed=frames).cuda())
-    clutter = [torch.full((4096,), 1000, dtype=torch.long, device="cuda") for _ in range(256)]  # reuse freed blocks
-    replayed = _run(model, one)
-    del clutter
-    vggt_turbo.revert_optimizations(model)
-    expected = _run(model, one)
-    for key in ("depth", "pose_enc", "world_points"):
-        assert rel(replayed[key], expected[key]) < 2e-2, key
-
-
 @needs_cuda
 def test_inference_mode_and_no_grad_get_their_own_graphs():
     model, cfg = _cuda_model()

@@ -27,7 +27,6 @@ from torch import nn
 from ..config import TurboConfig
 from ..upstream import AGGREGATOR_LAYOUT, AGGREGATOR_STEPS, aggregator_of, members, upstream_module
 from ._base import Patch, Target, aggregator_path
-from ._graph_refs import hold
 
 _MAX_CACHED_SHAPES = 8
 
@@ -60,7 +59,7 @@ class PositionCache:
             if len(self._by_key) >= _MAX_CACHED_SHAPES:
                 self._by_key.pop(next(iter(self._by_key)))
             self._by_key[key] = pos
-        return hold(pos)  # a CUDA graph captured with it keeps it alive past its eviction here
+        return pos
 
 
 def make_wrapper():

@@ -14,9 +14,7 @@ shape. Autocast's weight-cast cache is disabled while capturing, so casts are pa
 reading tensors that die when the caller's autocast region ends. Moving or replacing parameters changes the
 signature, and so does changing them in place (``load_state_dict``, an optimizer step: their version counters
 move): the next call recaptures. The replay cannot see such changes by itself when a patch below keeps derived
-copies of the weights (``bf16_weights``). Tensors that a patch below hands the forward from a bounded cache
-(``cached_positions``) are kept alive with the graph (``_graph_refs.hold``), so an eviction never frees memory a
-replay reads.
+copies of the weights (``bf16_weights``).
 
 When the graph path does not apply the upstream forward runs eagerly and the reason is logged once per model:
 CPU tensors, training mode, autograd enabled, more than ``cuda_graph_max_frames`` frames (long sequences are
@@ -42,7 +40,6 @@ from ..config import TurboConfig
 from ..distributed import communicating
 from ..upstream import Requirement, aggregator_of, looks_like_vggt
 from ._base import Patch, Target
-from ._graph_refs import holding
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +52,6 @@ class _Entry:
     graph: Optional["torch.cuda.CUDAGraph"]  # None: capture failed, stay eager
     static_images: Optional[torch.Tensor] = None
     static_out: Any = None
-    held: tuple[torch.Tensor, ...] = ()  # cached tensors the graph reads (patches/_graph_refs.py)
 
 
 def _autocast_state() -> tuple[bool, torch.dtype]:
@@ -154,12 +150,12 @@ class GraphCache:
                         wrapped(static_images, **kwargs)
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph), holding() as held:
+                with torch.cuda.graph(graph):
                     static_out = wrapped(static_images, **kwargs)
         except RuntimeError as err:
             log.warning("vggt_turbo cuda_graphs: capture failed for %s, running eagerly: %s", tuple(images.shape), err)
             return _Entry(graph=None)
-        return _Entry(graph, static_images, static_out, tuple(held))
+        return _Entry(graph, static_images, static_out)
 
     def lookup(self, key: tuple, wrapped: Any, images: torch.Tensor, kwargs: dict) -> _Entry:
         entry = self.entries.get(key)
