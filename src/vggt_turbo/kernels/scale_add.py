@@ -34,8 +34,9 @@ def scale_add(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, out: O
     if x.is_cuda and triton_covers(x, branch, gamma, out):
         from ._scale_add_triton import scale_add_
 
-        result = out if out is not None else torch.empty_like(x, dtype=_dtypes(x, branch, gamma)[1])
-        scale_add_(x, branch, gamma, result, _dtypes(x, branch, gamma)[0])
+        product, dtype = _dtypes(x, branch, gamma)
+        result = out if out is not None else torch.empty_like(x, dtype=dtype)
+        scale_add_(x, branch, gamma, result, product)
         return result
     return reference(x, branch, gamma, out)
 
