@@ -117,15 +117,20 @@ def test_reference_is_upstreams_expression() -> None:
 
 def test_kernel_refuses_what_it_does_not_cover() -> None:
     x, b, gamma = _case(*CASES[0])
-    assert sa.triton_covers(x, b, gamma, None) == triton_installed()
-    assert not sa.triton_covers(x, b.transpose(0, 1), gamma, None)  # shapes differ
-    assert not sa.triton_covers(x[:, :, ::2], b[:, :, ::2], gamma[::2], None)  # not contiguous
-    assert not sa.triton_covers(x, b, gamma[:-1], None)  # gamma is not over the last dimension
-    assert not sa.triton_covers(x.double(), b, gamma, None)
-    assert not sa.triton_covers(x, b, gamma, b)  # out overlaps an input other than x
-    assert not sa.triton_covers(x, b, gamma, torch.empty_like(x, dtype=torch.float32))  # not the result dtype
+
+    def covers(x, b, gamma, out=None):
+        return sa.triton_covers(x, b, gamma, out, sa._dtypes(x, b, gamma)[1])
+
+    assert covers(x, b, gamma) == triton_installed()
+    assert covers(x, b, gamma, x) == triton_installed()  # in place
+    assert not covers(x, b.transpose(0, 1), gamma)  # shapes differ
+    assert not covers(x[:, :, ::2], b[:, :, ::2], gamma[::2])  # not contiguous
+    assert not covers(x, b, gamma[:-1])  # gamma is not over the last dimension
+    assert not covers(x.double(), b, gamma)
+    assert not covers(x, b, gamma, b)  # out is another tensor than x
+    assert not covers(x, b, gamma, torch.empty_like(x, dtype=torch.float32))
     x32, b16, g32 = _case(*CASES[1])
-    assert not sa.triton_covers(b16.clone(), b16, g32, b16)  # in place would lose the fp32 result
+    assert not covers(b16.clone(), b16, g32, b16)  # in place would lose the fp32 result
 
 
 # The interpreter (numpy, which has no bf16) converts to bf16 by truncation, not rounding to nearest: cases that

@@ -31,10 +31,10 @@ def reference(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, out: O
 
 def scale_add(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``reference(x, branch, gamma, out)``, by the Triton kernel when it covers the call."""
-    if x.is_cuda and triton_covers(x, branch, gamma, out):
+    product, dtype = _dtypes(x, branch, gamma)
+    if x.is_cuda and triton_covers(x, branch, gamma, out, dtype):
         from ._scale_add_triton import scale_add_
 
-        product, dtype = _dtypes(x, branch, gamma)
         result = out if out is not None else torch.empty_like(x, dtype=dtype)
         scale_add_(x, branch, gamma, result, product)
         return result
@@ -42,24 +42,19 @@ def scale_add(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, out: O
 
 
 def _dtypes(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
+    """The product's dtype and the result's, by PyTorch's promotion."""
     product = torch.promote_types(branch.dtype, gamma.dtype)
     return product, torch.promote_types(x.dtype, product)
 
 
-def triton_covers(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, out: Optional[torch.Tensor]) -> bool:
+def triton_covers(
+    x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, out: Optional[torch.Tensor], dtype: torch.dtype
+) -> bool:
     """Whether the kernel runs this call: contiguous ``x`` and ``branch`` of one shape, a contiguous 1-D ``gamma``
-    over their last dimension, float dtypes, one device, and ``out`` (if given) ``x`` itself or a contiguous
-    tensor of the result's shape and dtype that overlaps neither input."""
+    over their last dimension, float dtypes, one device, and no ``out`` or ``out`` being ``x`` of the result
+    ``dtype`` (elementwise, so in place is safe)."""
     if not (triton_installed() and x.dim() >= 1 and x.shape == branch.shape and gamma.dim() == 1):
         return False
-    if gamma.shape[0] != x.shape[-1] or x.numel() == 0:
+    if gamma.shape[0] != x.shape[-1] or x.numel() == 0 or (out is not None and (out is not x or x.dtype != dtype)):
         return False
-    tensors = (x, branch, gamma)
-    if any(t.dtype not in KERNEL_DTYPES or t.device != x.device or not t.is_contiguous() for t in tensors):
-        return False
-    if out is None or out is x:
-        return out is None or x.dtype == _dtypes(x, branch, gamma)[1]
-    return (
-        out.shape == x.shape and out.dtype == _dtypes(x, branch, gamma)[1] and out.device == x.device
-        and out.is_contiguous() and out.data_ptr() not in (x.data_ptr(), branch.data_ptr())
-    )
+    return all(t.dtype in KERNEL_DTYPES and t.device == x.device and t.is_contiguous() for t in (x, branch, gamma))

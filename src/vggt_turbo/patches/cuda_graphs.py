@@ -79,8 +79,8 @@ def storage_signature(model: nn.Module) -> int:
 
     Why not ``model.parameters()``: the signature is computed on every call, before the replay can start, so its
     host time is GPU idle time. The named-module generators behind ``parameters()``/``buffers()`` cost 5 ms for
-    the full VGGT (1,400 tensors in 1,600 modules; a fifth of the graph's GPU time at one frame); this flat walk
-    of the module tree and C-level ``map`` calls cost about 1 ms. A module reached twice (shared, or a cycle) is
+    the full VGGT (1,400 tensors in 1,600 modules) on the H100 machine, against 17 ms of GPU time for the whole
+    graph at one frame; this flat walk of the module tree and C-level ``map`` calls cost 2.4-3.3 ms there. A module reached twice (shared, or a cycle) is
     read once, as ``parameters()`` does.
     """
     modules = [model]
