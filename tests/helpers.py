@@ -6,13 +6,23 @@ Kept out of conftest.py so that test modules can import them by name (``from hel
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Optional
 
+import pytest
 import torch
 from torch import nn
 
 from vggt_turbo import TurboConfig
 from vggt_turbo.config import AUTO_FLAGS, REQUIRES
+from vggt_turbo.kernels import triton_installed
+
+# Kernel tests: in Triton's interpreter (on the CPU), or on CUDA.
+needs_interpreter = pytest.mark.skipif(
+    not (triton_installed() and os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="needs triton importable and TRITON_INTERPRET=1",
+)
+needs_cuda_triton = pytest.mark.skipif(not (torch.cuda.is_available() and triton_installed()), reason="needs CUDA and triton")
 
 # The predictions an equivalence test compares (``images`` is the input echoed back; ``pose_enc_list`` ends in
 # ``pose_enc``). ``track``, ``vis`` and ``conf`` exist only when the model has a track head and gets query points.

@@ -8,28 +8,19 @@ The interpreter tests run with ``TRITON_INTERPRET=1 PYTHONPATH=<triton> python -
 
 from __future__ import annotations
 
-import os
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import NO_FLAGS, assert_equal, only, run
+from helpers import NO_FLAGS, assert_equal, needs_cuda_triton, needs_interpreter, only, run
 
 import vggt_turbo
 from vggt_turbo.kernels import bilinear as bl
-from vggt_turbo.kernels import triton_installed
 from vggt_turbo.patches import fused_dpt_upsample as patch
 from vggt_turbo.random_model import random_images
 
-needs_interpreter = pytest.mark.skipif(
-    not (triton_installed() and os.environ.get("TRITON_INTERPRET") == "1"),
-    reason="needs triton importable and TRITON_INTERPRET=1",
-)
-needs_cuda_triton = pytest.mark.skipif(
-    not (torch.cuda.is_available() and triton_installed()), reason="needs CUDA and triton"
-)
 
 
 def _upstream_pos(head: torch.nn.Module, x: torch.Tensor, W: int, H: int) -> torch.Tensor:

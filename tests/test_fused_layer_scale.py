@@ -7,23 +7,17 @@ Run the interpreter tests with ``TRITON_INTERPRET=1 PYTHONPATH=<triton> python -
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-from helpers import NO_FLAGS, assert_equal, only, run
+from helpers import NO_FLAGS, assert_equal, needs_cuda_triton, needs_interpreter, only, run
 
 import vggt_turbo
 from vggt_turbo.kernels import scale_add as sa
 from vggt_turbo.kernels import triton_installed
 from vggt_turbo.patches import fused_layer_scale as patch
 
-needs_interpreter = pytest.mark.skipif(
-    not (triton_installed() and os.environ.get("TRITON_INTERPRET") == "1"),
-    reason="needs triton importable and TRITON_INTERPRET=1",
-)
-needs_cuda_triton = pytest.mark.skipif(not (torch.cuda.is_available() and triton_installed()), reason="needs CUDA and triton")
 
 # (rows, C, x dtype, branch dtype, gamma dtype): bf16 weights; upstream-autocast (fp32 stream, bf16 branch,
 # fp32 gamma); fp32; a width that is not a power of two.

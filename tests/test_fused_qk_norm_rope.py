@@ -13,7 +13,6 @@ that ignored them or read them at the wrong feature). Run the interpreter tests 
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any, Callable, Iterator
 from unittest import mock
 
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import assert_close, assert_equal, assert_unchanged, errors, only, patched_methods, run, snapshot
+from helpers import assert_close, assert_equal, assert_unchanged, errors, needs_interpreter, only, patched_methods, run, snapshot
 
 import vggt_turbo
 from vggt_turbo import IncompatibleUpstreamError
@@ -37,10 +36,6 @@ SPECIAL = 5  # camera + register tokens, at position 0
 BF16_FLOOR = 2e-2  # as tests/test_gpu.py: relative error two bf16 runs may differ by
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-needs_interpreter = pytest.mark.skipif(
-    not (kernel_module.triton_installed() and os.environ.get("TRITON_INTERPRET") == "1"),
-    reason="needs triton importable and TRITON_INTERPRET=1",
-)
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------

@@ -93,6 +93,9 @@ class TurboConfig:
             each, the last one adding the positional embedding in the same pass, and their positional embeddings
             built once per shape instead of in every call (exact: fp32 to the last bit; CUDA with triton, else
             PyTorch's resize with the cached embeddings, equal to upstream).
+        fused_dpt_epilogue: in the DPT heads, each convolution's bias added together with the ReLU or residual add
+            that follows it, in one pass instead of two or three (exact, bit for bit; Triton on CUDA, PyTorch
+            elsewhere).
         fused_layer_scale: every block's LayerScale product and residual sum (frame, global and DINOv2 blocks) in
             one pass instead of two (exact, bit for bit; Triton on CUDA, PyTorch elsewhere; sequences that
             ``chunked_mlp`` slices keep PyTorch's sums).
@@ -126,6 +129,7 @@ class TurboConfig:
     fused_qk_norm_rope: bool = True
     flash_attention_4: bool = True
     fused_dpt_upsample: bool = True
+    fused_dpt_epilogue: bool = True
     fused_layer_scale: bool = True
     sequence_parallel: Any = False  # False, True (the default process group) or a torch.distributed.ProcessGroup
     sequence_parallel_output: str = "gathered"

@@ -93,6 +93,25 @@ def looks_like_vggt(model: object) -> bool:
     return isinstance(model, nn.Module) and hasattr(model, "aggregator") and looks_like_aggregator(model.aggregator)
 
 
+DPT_HEADS = ("depth_head", "point_head", "track_head.feature_extractor")  # paths of VGGT's DPT heads
+
+
+def dpt_heads(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, head) of every DPT head ``root`` has (none when it is not a VGGT, e.g. a bare Aggregator)."""
+    found = []
+    if not looks_like_vggt(root):
+        return found
+    for path in DPT_HEADS:
+        head: object = root
+        for part in path.split("."):
+            head = getattr(head, part, None)
+            if head is None:
+                break
+        if head is not None:
+            found.append((path, head))
+    return found
+
+
 def looks_like_aggregator(model: object) -> bool:
     return isinstance(model, nn.Module) and all(
         hasattr(model, name) for name in ("frame_blocks", "global_blocks", "patch_embed", "aa_order")

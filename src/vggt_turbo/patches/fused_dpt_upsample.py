@@ -31,13 +31,12 @@ from torch import nn
 
 from ..config import TurboConfig
 from ..kernels.bilinear import SeparableMap, bilinear
-from ..upstream import looks_like_vggt, members
+from ..upstream import dpt_heads, members
 from ._base import Patch, Target
 from ._head_inputs import _dpt_args
 
 MAX_CACHED = 32  # embeddings kept per head: 5 per input resolution (4 levels + the output), tens of MB in all
 INT_MAX = 1610612736  # upstream custom_interpolate's limit on output elements per call
-DPT_HEADS = ("depth_head", "point_head", "track_head.feature_extractor")
 
 
 def _module_of(head: nn.Module) -> types.ModuleType:
@@ -164,25 +163,9 @@ def make_fusion_forward(head: nn.Module) -> Callable[..., Any]:
     return fusion_forward
 
 
-def _heads(root: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(path, head) of every DPT head ``root`` has."""
-    found = []
-    if not looks_like_vggt(root):
-        return found
-    for path in DPT_HEADS:
-        head: Any = root
-        for part in path.split("."):
-            head = getattr(head, part, None)
-            if head is None:
-                break
-        if head is not None:
-            found.append((path, head))
-    return found
-
-
 def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
     targets = []
-    for path, head in _heads(root):
+    for path, head in dpt_heads(root):
         targets.append(Target(path, "_forward_impl", make_dpt_forward_impl(head)))
         fusion = make_fusion_forward(head)
         targets += [Target(f"{path}.scratch.refinenet{i}", "forward", fusion) for i in range(1, 5)]
@@ -190,7 +173,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 
 
 def _first_head(root: nn.Module) -> Optional[nn.Module]:
-    heads = _heads(root)
+    heads = dpt_heads(root)
     return heads[0][1] if heads else None
 
 

@@ -105,6 +105,7 @@ SUPPORTED = frozenset(
         "nvtx",
         "cuda_graphs",
         "fused_dpt_upsample",  # the DPT heads run on each rank's own frames, as in one process
+        "fused_dpt_epilogue",  # the heads' convolutions, on each rank's own frames
         "fused_layer_scale",  # token-wise: the same sums on each rank's own tokens
     }
 )
