@@ -39,7 +39,8 @@ def test_chunked_heads_equal_upstream(model, query_points) -> None:
     """More frames than the heads' chunk of 8: every chunk's call (frames_start_idx/end) is the patched one."""
     images = random_images(9, seed=3)
     expected = run(model, images, query_points)
-    vggt_turbo.apply_optimizations(model, "exact")
+    # dpt_channels_last off: it changes the last chunk's (one frame) rounding on purpose (see its tests)
+    vggt_turbo.apply_optimizations(model, "exact", dpt_channels_last=False)
     assert_equal(run(model, images, query_points), expected)
 
 

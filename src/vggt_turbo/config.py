@@ -96,6 +96,10 @@ class TurboConfig:
         fused_dpt_epilogue: in the DPT heads, each convolution's bias added together with the ReLU or residual add
             that follows it, in one pass instead of two or three (exact, bit for bit; Triton on CUDA, PyTorch
             elsewhere).
+        dpt_channels_last: give the DPT heads' first feature maps canonical channels-last strides (a view, no copy),
+            so that with one frame the heads run channels-last as upstream runs them for two or more frames, without
+            cuDNN's NCHW/NHWC transposes (exact to TF32 rounding: other cuDNN kernels at one frame; no change from
+            two frames on).
         fused_layer_scale: every block's LayerScale product and residual sum (frame, global and DINOv2 blocks) in
             one pass instead of two (exact, bit for bit; Triton on CUDA, PyTorch elsewhere; sequences that
             ``chunked_mlp`` slices keep PyTorch's sums).
@@ -130,6 +134,7 @@ class TurboConfig:
     flash_attention_4: bool = True
     fused_dpt_upsample: bool = True
     fused_dpt_epilogue: bool = True
+    dpt_channels_last: bool = True
     fused_layer_scale: bool = True
     sequence_parallel: Any = False  # False, True (the default process group) or a torch.distributed.ProcessGroup
     sequence_parallel_output: str = "gathered"

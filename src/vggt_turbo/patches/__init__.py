@@ -7,6 +7,7 @@ from .chunked_mlp import PATCH as CHUNKED_MLP
 from .chunked_patch_embed import PATCH as CHUNKED_PATCH_EMBED
 from .compile_blocks import PATCH as COMPILE
 from .cuda_graphs import PATCH as CUDA_GRAPHS
+from .dpt_channels_last import PATCH as DPT_CHANNELS_LAST
 from .fused_dpt_epilogue import PATCH as FUSED_DPT_EPILOGUE
 from .fused_dpt_upsample import PATCH as FUSED_DPT_UPSAMPLE
 from .fused_frame_batching import PATCH as FUSED_FRAME_BATCHING
@@ -22,7 +23,8 @@ from .sync_free_rope import PATCH as SYNC_FREE_ROPE
 
 ALL_PATCHES: tuple[Patch, ...] = (
     FUSED_DPT_UPSAMPLE,  # replaces DPTHead._forward_impl without calling upstream's: below the head-input wrappers
-    FUSED_DPT_EPILOGUE,  # the heads' residual units and convolutions: no other patch wraps them
+    FUSED_DPT_EPILOGUE,  # the heads' residual units and convolutions
+    DPT_CHANNELS_LAST,  # above fused_dpt_epilogue: hands its projects convolutions a restrided view
     CACHED_POSITIONS,  # replaces Aggregator.forward without calling upstream's: must sit below sync_free_rope
     SYNC_FREE_ROPE,
     BF16_WEIGHTS,  # above the Aggregator.forward wrappers it runs in bf16

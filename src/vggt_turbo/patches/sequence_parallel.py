@@ -106,6 +106,7 @@ SUPPORTED = frozenset(
         "cuda_graphs",
         "fused_dpt_upsample",  # the DPT heads run on each rank's own frames, as in one process
         "fused_dpt_epilogue",  # the heads' convolutions, on each rank's own frames
+        "dpt_channels_last",  # a view of each rank's own feature maps
         "fused_layer_scale",  # token-wise: the same sums on each rank's own tokens
     }
 )
