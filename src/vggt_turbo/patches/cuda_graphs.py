@@ -14,7 +14,8 @@ shape. Autocast's weight-cast cache is disabled while capturing, so casts are pa
 reading tensors that die when the caller's autocast region ends. Moving or replacing parameters changes the
 signature, and so does changing them in place (``load_state_dict``, an optimizer step: their version counters
 move): the next call recaptures. The replay cannot see such changes by itself when a patch below keeps derived
-copies of the weights (``bf16_weights``).
+copies of the weights (``bf16_weights``). Not seen: replacing a module that holds no parameter or buffer (an
+activation) or changing a plain attribute; revert and re-apply the patches after such an edit.
 
 When the graph path does not apply the upstream forward runs eagerly and the reason is logged once per model:
 CPU tensors, training mode, autograd enabled, more than ``cuda_graph_max_frames`` frames (long sequences are
