@@ -100,6 +100,9 @@ class TurboConfig:
             so that with one frame the heads run channels-last as upstream runs them for two or more frames, without
             cuDNN's NCHW/NHWC transposes (exact to TF32 rounding: other cuDNN kernels at one frame; no change from
             two frames on).
+        concurrent_heads: run the camera, depth and point heads on CUDA streams of their own, so that their small
+            kernels overlap, for calls of at most ``patches.concurrent_heads.MAX_FRAMES`` frames (exact, bit for bit:
+            the same kernels; CUDA inference only; not with ``offload_intermediates=True``).
         fused_layer_scale: every block's LayerScale product and residual sum (frame, global and DINOv2 blocks) in
             one pass instead of two (exact, bit for bit; Triton on CUDA, PyTorch elsewhere; sequences that
             ``chunked_mlp`` slices keep PyTorch's sums).
@@ -135,6 +138,7 @@ class TurboConfig:
     fused_dpt_upsample: bool = True
     fused_dpt_epilogue: bool = True
     dpt_channels_last: bool = True
+    concurrent_heads: bool = True
     fused_layer_scale: bool = True
     sequence_parallel: Any = False  # False, True (the default process group) or a torch.distributed.ProcessGroup
     sequence_parallel_output: str = "gathered"

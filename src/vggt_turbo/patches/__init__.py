@@ -6,6 +6,7 @@ from .cached_positions import PATCH as CACHED_POSITIONS
 from .chunked_mlp import PATCH as CHUNKED_MLP
 from .chunked_patch_embed import PATCH as CHUNKED_PATCH_EMBED
 from .compile_blocks import PATCH as COMPILE
+from .concurrent_heads import PATCH as CONCURRENT_HEADS
 from .cuda_graphs import PATCH as CUDA_GRAPHS
 from .dpt_channels_last import PATCH as DPT_CHANNELS_LAST
 from .fused_dpt_epilogue import PATCH as FUSED_DPT_EPILOGUE
@@ -39,6 +40,7 @@ ALL_PATCHES: tuple[Patch, ...] = (
     CHUNKED_MLP,
     COMPILE,  # above chunked_mlp: long sequences fall through to it; compiles upstream's Block.forward otherwise
     NVTX,
+    CONCURRENT_HEADS,  # outermost on the heads (all of a head on its stream); below cuda_graphs (captured)
     CUDA_GRAPHS,  # captures everything below it
     SEQUENCE_PARALLEL,  # outermost: splits frames before anything runs; its attention replaces sdpa's on global blocks
 )

@@ -107,6 +107,7 @@ SUPPORTED = frozenset(
         "fused_dpt_upsample",  # the DPT heads run on each rank's own frames, as in one process
         "fused_dpt_epilogue",  # the heads' convolutions, on each rank's own frames
         "dpt_channels_last",  # a view of each rank's own feature maps
+        "concurrent_heads",  # inactive in a call that exchanges tensors between ranks
         "fused_layer_scale",  # token-wise: the same sums on each rank's own tokens
     }
 )

@@ -1,0 +1,132 @@
+"""concurrent_heads — wraps ``VGGT.forward(images, query_points=None)`` and ``forward`` of the camera, depth and
+point heads.
+
+Why faster: at a few frames each head's kernels are too small to fill an H100 — the camera head multiplies one
+token per frame by fp32 weights (weight-bandwidth bound), the DPT heads convolve the maps of one or a few frames —
+and upstream runs the three heads one after another. Here each of them runs on a CUDA stream of its own, forked
+from the caller's stream after the aggregator and joined back to it before ``forward`` returns, so their kernels
+overlap; inside a CUDA graph (``cuda_graphs``) the three become parallel branches of the graph.
+
+Exact, bit for bit: the same kernels on the same inputs; only their order in time changes. Each head's inputs are
+kept referenced until the join, so that memory the caller's stream frees is not reused while a head still reads it.
+
+Applies to inference calls (autograd off) on CUDA of at most ``MAX_FRAMES`` frames (B*S): there the heads'
+activations are small, and a graph replays them. Longer sequences are GPU-bound in the heads, and running them
+together would add one head's activations to the peak memory, so they keep upstream's order. Not applied with
+``offload_intermediates=True`` (its copies to the GPU are ordered on the caller's stream) nor inside a
+``sequence_parallel`` call. The track head (only with ``query_points``) runs on the caller's stream as upstream's.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from ..config import TurboConfig
+from ..distributed import communicating
+from ..upstream import looks_like_vggt, members
+from ._base import Patch, Target
+
+MAX_FRAMES = 8  # the largest call (B*S frames) whose heads run concurrently: cuda_graphs' default limit
+HEADS = ("camera_head", "depth_head", "point_head")
+
+_STREAMS: dict[tuple[torch.device, str], torch.cuda.Stream] = {}  # one side stream per device and head
+
+
+def _stream(device: torch.device, head: str) -> torch.cuda.Stream:
+    key = (device, head)
+    if key not in _STREAMS:
+        _STREAMS[key] = torch.cuda.Stream(device=device)
+    return _STREAMS[key]
+
+
+class _Fork:
+    """The heads of one ``VGGT.forward`` call: each on its own stream, all joined back to ``origin``."""
+
+    def __init__(self, origin: torch.cuda.Stream, device: torch.device) -> None:
+        self.origin = origin
+        self.device = device
+        self.used: list[torch.cuda.Stream] = []
+        self.inputs: list[tuple] = []  # kept until the join: the caller's stream must not reuse their memory early
+
+    def run(self, head: str, wrapped: Any, args: tuple, kwargs: dict) -> Any:
+        stream = _stream(self.device, head)
+        stream.wait_stream(self.origin)
+        self.used.append(stream)
+        self.inputs.append((args, kwargs))
+        with torch.cuda.stream(stream):
+            return wrapped(*args, **kwargs)
+
+    def join(self) -> None:
+        for stream in self.used:
+            self.origin.wait_stream(stream)
+        self.inputs.clear()
+
+
+_FORK: contextvars.ContextVar[Optional[_Fork]] = contextvars.ContextVar("vggt_turbo_heads_fork", default=None)
+
+
+def _images(images: torch.Tensor, query_points: Any = None) -> torch.Tensor:
+    return images
+
+
+def _frames(images: torch.Tensor) -> int:
+    """B*S of upstream's input: (B, S, 3, H, W), or (S, 3, H, W) which it unsqueezes."""
+    return images.shape[0] * images.shape[1] if images.dim() == 5 else images.shape[0]
+
+
+def model_forward(wrapped: Any, model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    images = _images(*args, **kwargs)
+    if (
+        not isinstance(images, torch.Tensor)
+        or not images.is_cuda
+        or model.training
+        or torch.is_grad_enabled()
+        or _frames(images) > MAX_FRAMES
+        or communicating()
+        or _FORK.get() is not None
+    ):
+        return wrapped(*args, **kwargs)
+    fork = _Fork(torch.cuda.current_stream(images.device), images.device)
+    token = _FORK.set(fork)
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        _FORK.reset(token)
+        fork.join()
+
+
+def make_head_forward(head: str):
+    def head_forward(wrapped: Any, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        fork = _FORK.get()
+        if fork is None:
+            return wrapped(*args, **kwargs)
+        return fork.run(head, wrapped, args, kwargs)
+
+    return head_forward
+
+
+def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
+    if not looks_like_vggt(root) or config.offload_intermediates is True:
+        return []
+    heads = [h for h in HEADS if getattr(root, h, None) is not None]
+    return [Target("", "forward", model_forward)] + [Target(h, "forward", make_head_forward(h)) for h in heads]
+
+
+def _root(root: nn.Module) -> Optional[nn.Module]:
+    return root if looks_like_vggt(root) else None
+
+
+PATCH = Patch(
+    name="concurrent_heads",
+    exact=True,
+    requirements=members(
+        "VGGT", _root, ("forward", ("images", "query_points")), ("camera_head", None), ("depth_head", None),
+        ("point_head", None),
+    ),
+    enabled=lambda c: c.concurrent_heads,
+    targets=_targets,
+)
