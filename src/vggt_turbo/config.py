@@ -101,8 +101,9 @@ class TurboConfig:
             cuDNN's NCHW/NHWC transposes (exact to TF32 rounding: other cuDNN kernels at one frame; no change from
             two frames on).
         concurrent_heads: run the camera, depth and point heads on CUDA streams of their own, so that their small
-            kernels overlap, for calls of at most ``patches.concurrent_heads.MAX_FRAMES`` frames (exact, bit for bit:
-            the same kernels; CUDA inference only; not with ``offload_intermediates=True``).
+            kernels overlap, for calls of at most ``patches.concurrent_heads.MAX_FRAMES`` frames (1: the heads'
+            memory then coexists; exact, bit for bit: the same kernels; CUDA inference only; not with
+            ``offload_intermediates=True``).
         fused_layer_scale: every block's LayerScale product and residual sum (frame, global and DINOv2 blocks) in
             one pass instead of two (exact, bit for bit; Triton on CUDA, PyTorch elsewhere; sequences that
             ``chunked_mlp`` slices keep PyTorch's sums).

@@ -10,11 +10,15 @@ overlap; inside a CUDA graph (``cuda_graphs``) the three become parallel branche
 Exact, bit for bit: the same kernels on the same inputs; only their order in time changes. Each head's inputs are
 kept referenced until the join, so that memory the caller's stream frees is not reused while a head still reads it.
 
-Applies to inference calls (autograd off) on CUDA of at most ``MAX_FRAMES`` frames (B*S): there the heads'
-activations are small, and a graph replays them. Longer sequences are GPU-bound in the heads, and running them
-together would add one head's activations to the peak memory, so they keep upstream's order. Not applied with
-``offload_intermediates=True`` (its copies to the GPU are ordered on the caller's stream) nor inside a
-``sequence_parallel`` call. The track head (only with ``query_points``) runs on the caller's stream as upstream's.
+Applies to inference calls (autograd off) on CUDA of ``MAX_FRAMES`` frame (B*S) at most. Measured on an H100 with
+the ``exact`` preset (``benchmarks/results/nvidia-h100-80gb-hbm3/ab_concurrent_heads.json`` and
+``concurrent_heads_memory.json``): at 1 frame the CUDA graph's replay takes 14.04 instead of 15.21 ms, and the
+memory reserved grows by 0.7 GiB (3.10 vs 2.42 GiB, upstream 3.29): concurrent heads hold their working memory at
+the same time instead of one after another. From 2 frames on that cost grows faster than the gain (2 / 4 / 8
+frames: about 5 % / 5 % / 2 % faster for 1.3 / 2.2 / 4.5 GiB more reserved), so those calls keep upstream's order,
+as do longer, GPU-bound ones. Not applied with ``offload_intermediates=True`` (its copies to the GPU are ordered on
+the caller's stream) nor inside a ``sequence_parallel`` call. The track head (only with ``query_points``) runs on
+the caller's stream as upstream's.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from ..distributed import communicating
 from ..upstream import looks_like_vggt, members
 from ._base import Patch, Target
 
-MAX_FRAMES = 8  # the largest call (B*S frames) whose heads run concurrently: cuda_graphs' default limit
+MAX_FRAMES = 1  # the largest call (B*S frames) whose heads run concurrently (see above: memory)
 HEADS = ("camera_head", "depth_head", "point_head")
 
 _STREAMS: dict[tuple[torch.device, str], torch.cuda.Stream] = {}  # one side stream per device and head
