@@ -54,7 +54,8 @@ def _bias_after(conv: nn.Module, x: torch.Tensor) -> bool:
     """Whether PyTorch runs this convolution on cuDNN, where it adds the bias in a pass of its own after the
     convolution: only then is adding it in the epilogue the same arithmetic. (PyTorch's CPU kernels add it inside
     their accumulation for contiguous maps, which rounds differently.)"""
-    return x.is_cuda and torch.backends.cudnn.enabled and conv.groups == 1 and x.dtype in KERNEL_DTYPES
+    cudnn = torch.backends.cudnn
+    return x.is_cuda and cudnn.enabled and cudnn.is_available() and conv.groups == 1 and x.dtype in KERNEL_DTYPES
 
 
 def _conv_no_bias(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
