@@ -3,9 +3,9 @@
 
     python benchmarks/ab_flag.py --flag concurrent_heads --frames 1 --out /tmp/ab.json
 
-Why: ``vggt-turbo bench`` times each variant against the upstream of its own process, so two variants are
-compared across processes; at 1 frame calls differ by about 1 ms from one process to the next, as much as some
-flags save. Here two copies of the same full model (random weights, seed 0), one patched with ``exact`` and one
+Why: ``vggt-turbo bench`` times its variants one after another on one model (reverted in between), not
+interleaved; at 1 frame their times drift by 1–2 ms between variants, as much as some flags save. Here two
+copies of the same full model (random weights, seed 0), one patched with ``exact`` and one
 with ``exact`` minus ``--flag``, run in one process on the same input, their timings interleaved round by round
 (``--rounds`` rounds; per round the median of ``--repeats`` calls between CUDA events), so that clock and host
 drift hit both alike. Reported per copy: the call, the CUDA graph's replay alone (where ``cuda_graphs`` captured

@@ -12,8 +12,8 @@ kept referenced until the join, so that memory the caller's stream frees is not 
 
 Applies to inference calls (autograd off) on CUDA of ``MAX_FRAMES`` frame (B*S) at most. Measured on an H100 with
 the ``exact`` preset (``benchmarks/results/nvidia-h100-80gb-hbm3/ab_concurrent_heads.json`` and
-``concurrent_heads_memory.json``): at 1 frame the CUDA graph's replay takes 14.04 instead of 15.21 ms, and the
-memory reserved grows by 0.7 GiB (3.10 vs 2.42 GiB, upstream 3.29): concurrent heads hold their working memory at
+``concurrent_heads_memory.json``): at 1 frame the CUDA graph's replay takes 13.99 instead of 15.18 ms, and the
+memory reserved grows by 0.6 GiB (3.06 vs 2.42 GiB; upstream 3.29 in the bench): concurrent heads hold their working memory at
 the same time instead of one after another. From 2 frames on that cost grows faster than the gain (2 / 4 / 8
 frames: about 5 % / 5 % / 2 % faster for 1.3 / 2.2 / 4.5 GiB more reserved), so those calls keep upstream's order,
 as do longer, GPU-bound ones. Not applied with ``offload_intermediates=True`` (its copies to the GPU are ordered on
