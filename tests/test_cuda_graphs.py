@@ -149,6 +149,48 @@ def test_parameters_replaced_or_reloaded_are_seen():
 
 
 @needs_cuda
+def test_replay_runs_before_the_storage_check(monkeypatch):
+    """The check's host time overlaps the replay: a call launches the replay, then checks."""
+    model, cfg = _cuda_model()
+    images = random_images(1).cuda()
+    vggt_turbo.apply_optimizations(model, cfg)
+    _run(model, images)  # captures
+    order = []
+    entry = next(iter(cuda_graphs.graph_cache(model).entries.values()))
+
+    class Logged:
+        def replay(self, graph=entry.graph):
+            order.append("replay")
+            graph.replay()
+
+    entry.graph = Logged()
+    real = cuda_graphs.storage_signature
+    monkeypatch.setattr(cuda_graphs, "storage_signature", lambda m: order.append("check") or real(m))
+    _run(model, images)
+    assert order == ["replay", "check"]
+
+
+@needs_cuda
+def test_a_parameter_change_drops_every_graph_and_the_stale_replay():
+    model, cfg = _cuda_model()
+    one, two = random_images(1, seed=1).cuda(), random_images(2, seed=2).cuda()
+    vggt_turbo.apply_optimizations(model, cfg)
+    _run(model, one), _run(model, two)
+    cache = cuda_graphs.graph_cache(model)
+    assert len(cache.entries) == 2
+    weight = model.depth_head.scratch.output_conv2[0].weight
+    old = next(iter(cache.entries.values())).held
+    assert any(t.data_ptr() == weight.data_ptr() for t in old)  # the graph holds the storage it reads
+    with torch.no_grad():
+        weight.mul_(3)
+    got = _run(model, one)  # replays (stale), sees the change, drops both graphs, captures anew
+    assert [k[0] for k in cache.entries] == [tuple(one.shape)]
+    vggt_turbo.revert_optimizations(model)
+    expected = _run(model, one)
+    assert rel(got["depth"], expected["depth"]) < 2e-2
+
+
+@needs_cuda
 def test_inference_mode_and_no_grad_get_their_own_graphs():
     model, cfg = _cuda_model()
     images = random_images(2).cuda()

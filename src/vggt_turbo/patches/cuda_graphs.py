@@ -6,9 +6,15 @@ time than the GPU needs to run it (measured on an H100: one graph cut the full m
 0.035 s). A captured graph replays all launches at once. Capture needs a forward with no device-to-host sync and
 no host-to-device copy, hence the prerequisites ``sync_free_rope`` and ``cached_positions``.
 
-How: per model and input signature (shape, dtype, device, autocast and inference-mode state, parameter
-storage), the first call warms up on a side stream and captures; later calls copy the input into the graph's
-static buffer, replay, and return clones of the outputs (so a later call never overwrites what the caller holds).
+How: per model and input signature (shape, dtype, device, autocast and inference-mode state), the first call warms
+up on a side stream and captures; later calls copy the input into the graph's static buffer, replay, and return
+clones of the outputs (so a later call never overwrites what the caller holds). Each graph records the parameter
+storage it was captured with (every parameter's and buffer's address and in-place version). A later call replays
+first and checks that storage after, while the GPU runs the replay: the check costs 2-3 ms of host time on an
+H100 machine, which before the replay was GPU idle time (a sixth of a 1-frame call). When it finds a change,
+that replay's outputs are discarded, every graph is dropped (all were captured with the old storage) and the
+call captures anew. A replay that runs before its check reads only memory that is still allocated: each graph
+holds the storage of the parameters and buffers it was captured with until it is dropped.
 At most ``MAX_GRAPHS`` signatures are kept (least recently used evicted): each holds the activation memory of its
 shape. Autocast's weight-cast cache is disabled while capturing, so casts are part of the graph instead of
 reading tensors that die when the caller's autocast region ends. Moving or replacing parameters changes the
@@ -53,6 +59,8 @@ class _Entry:
     graph: Optional["torch.cuda.CUDAGraph"]  # None: capture failed, stay eager
     static_images: Optional[torch.Tensor] = None
     static_out: Any = None
+    storage: int = 0  # storage_signature at capture
+    held: tuple = ()  # the parameters' and buffers' storage at capture, alive while the graph may read it
 
 
 def _autocast_state() -> tuple[bool, torch.dtype]:
@@ -75,6 +83,19 @@ def _clone(out: Any) -> Any:
 _VERSION = operator.attrgetter("_version")
 
 
+def _tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Every parameter and buffer of ``model``: a flat walk of the module tree (a module reached twice, shared or
+    in a cycle, is read once, as ``parameters()`` does)."""
+    modules = [model]
+    seen = {id(model)}
+    for module in modules:  # breadth first: the list grows while it is read
+        for child in module._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                modules.append(child)
+    return [t for m in modules for group in (m._parameters, m._buffers) for t in group.values() if t is not None]
+
+
 def storage_signature(model: nn.Module) -> int:
     """A hash of the address and in-place version of every parameter and buffer of ``model``.
 
@@ -84,14 +105,7 @@ def storage_signature(model: nn.Module) -> int:
     graph at one frame; this flat walk of the module tree and C-level ``map`` calls cost 2.4-3.3 ms there. A module reached twice (shared, or a cycle) is
     read once, as ``parameters()`` does.
     """
-    modules = [model]
-    seen = {id(model)}
-    for module in modules:  # breadth first: the list grows while it is read
-        for child in module._modules.values():
-            if child is not None and id(child) not in seen:
-                seen.add(id(child))
-                modules.append(child)
-    tensors = [t for m in modules for group in (m._parameters, m._buffers) for t in group.values() if t is not None]
+    tensors = _tensors(model)
     try:
         versions = tuple(map(_VERSION, tensors))
     except RuntimeError:  # an inference tensor has no version counter (and cannot change in place)
@@ -132,14 +146,14 @@ class GraphCache:
             self.reported.add(reason)
             log.info("vggt_turbo cuda_graphs: running eagerly: %s", reason)
 
-    def key(self, model: nn.Module, images: torch.Tensor) -> tuple:
-        storage = storage_signature(model)
-        # inference mode is part of the signature: buffers captured under it are inference tensors, which a
-        # later call under plain no_grad could not copy into.
+    def key(self, images: torch.Tensor) -> tuple:
+        # inference mode is part of the key: buffers captured under it are inference tensors, which a later call
+        # under plain no_grad could not copy into.
         mode = torch.is_inference_mode_enabled()
-        return (tuple(images.shape), images.dtype, images.device, _autocast_state(), mode, storage)
+        return (tuple(images.shape), images.dtype, images.device, _autocast_state(), mode)
 
-    def capture(self, wrapped: Any, images: torch.Tensor, kwargs: dict) -> _Entry:
+    def capture(self, wrapped: Any, model: nn.Module, images: torch.Tensor, kwargs: dict, storage: int) -> _Entry:
+        held = tuple(t.detach() for t in _tensors(model))  # new tensors on the same storage: it outlives .data swaps
         enabled, dtype = _autocast_state()
         static_images = images.clone()
         try:
@@ -155,18 +169,30 @@ class GraphCache:
                     static_out = wrapped(static_images, **kwargs)
         except RuntimeError as err:
             log.warning("vggt_turbo cuda_graphs: capture failed for %s, running eagerly: %s", tuple(images.shape), err)
-            return _Entry(graph=None)
-        return _Entry(graph, static_images, static_out)
+            return _Entry(graph=None, storage=storage)
+        return _Entry(graph, static_images, static_out, storage, held)
 
-    def lookup(self, key: tuple, wrapped: Any, images: torch.Tensor, kwargs: dict) -> _Entry:
-        entry = self.entries.get(key)
-        if entry is None:
-            entry = self.capture(wrapped, images, kwargs)
-            while len(self.entries) >= MAX_GRAPHS:
-                self.entries.popitem(last=False)
-            self.entries[key] = entry
-        self.entries.move_to_end(key)
+    def add(self, key: tuple, entry: _Entry) -> _Entry:
+        self.entries.pop(key, None)  # a failed capture of this key, tried again after a parameter change
+        while len(self.entries) >= MAX_GRAPHS:
+            self.entries.popitem(last=False)
+        self.entries[key] = entry
         return entry
+
+    def drop_all(self) -> None:
+        """Forget every graph (the parameters changed), once a replay in flight has finished reading them. Every
+        kept graph thus holds the current parameters' storage, or storage kept alive by its ``held``: a patch
+        that rebuilds derived tensors (``bf16_weights``' copies) does so only inside a call, which first drops
+        the graphs that read the old ones."""
+        torch.cuda.current_stream().synchronize()
+        self.entries.clear()
+
+
+def _outputs(entry: _Entry, images: torch.Tensor) -> Any:
+    out = _clone(entry.static_out)
+    if isinstance(out, dict) and "images" in out:  # upstream returns the caller's images, not a copy
+        out["images"] = images.unsqueeze(0) if images.dim() == 4 else images
+    return out
 
 
 def make_wrapper(max_frames: int):
@@ -182,15 +208,27 @@ def make_wrapper(max_frames: int):
         if reason is not None:
             cache.report(reason)
             return wrapped(*args, **kwargs)
-        entry = cache.lookup(cache.key(model, images), wrapped, images, {})
+        key = cache.key(images)
+        entry = cache.entries.get(key)
+        if entry is not None and entry.graph is not None:
+            entry.static_images.copy_(images)
+            entry.graph.replay()  # first: the storage check below runs on the host while the GPU replays
+            if storage_signature(model) == entry.storage:
+                cache.entries.move_to_end(key)
+                return _outputs(entry, images)
+            cache.drop_all()  # the parameters changed: that replay read the old ones; capture anew
+            entry = None
+        storage = storage_signature(model)
+        if entry is None or entry.storage != storage:
+            if any(other.storage != storage for other in cache.entries.values()):
+                cache.drop_all()  # graphs of other shapes captured with the old parameters: stale for good
+            entry = cache.add(key, cache.capture(wrapped, model, images, {}, storage))
+        cache.entries.move_to_end(key)
         if entry.graph is None:
             return wrapped(*args, **kwargs)
         entry.static_images.copy_(images)
         entry.graph.replay()
-        out = _clone(entry.static_out)
-        if isinstance(out, dict) and "images" in out:  # upstream returns the caller's images, not a copy
-            out["images"] = images.unsqueeze(0) if images.dim() == 4 else images
-        return out
+        return _outputs(entry, images)
 
     forward.graph_caches = caches  # type: ignore[attr-defined]
     return forward
