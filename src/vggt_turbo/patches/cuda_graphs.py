@@ -17,16 +17,18 @@ call captures anew. A replay that runs before its check reads only memory that i
 holds the storage of the parameters and buffers it was captured with until it is dropped.
 At most ``MAX_GRAPHS`` signatures are kept (least recently used evicted): each holds the activation memory of its
 shape. Autocast's weight-cast cache is disabled while capturing, so casts are part of the graph instead of
-reading tensors that die when the caller's autocast region ends. Moving or replacing parameters changes the
-signature, and so does changing them in place (``load_state_dict``, an optimizer step: their version counters
-move): the next call recaptures. The replay cannot see such changes by itself when a patch below keeps derived
-copies of the weights (``bf16_weights``). Not seen: replacing a module that holds no parameter or buffer (an
-activation) or changing a plain attribute; revert and re-apply the patches after such an edit.
+reading tensors that die when the caller's autocast region ends. Moving or replacing parameters changes their
+storage, and so does changing them in place (``load_state_dict``, an optimizer step: their version counters
+move): the next call's check sees it and that call recaptures. The replay could not see such changes by itself
+when a patch below keeps derived copies of the weights (``bf16_weights``). Not seen: replacing a module that holds
+no parameter or buffer (an activation) or changing a plain attribute; revert and re-apply the patches after such
+an edit.
 
 When the graph path does not apply the upstream forward runs eagerly and the reason is logged once per model:
 CPU tensors, training mode, autograd enabled, more than ``cuda_graph_max_frames`` frames (long sequences are
 GPU-bound and a graph would only pin their memory), ``query_points`` given (the track head's point count
-varies), or a ``sequence_parallel`` call that exchanges tensors between ranks. A capture that fails is logged and that signature stays eager.
+varies), or a ``sequence_parallel`` call that exchanges tensors between ranks. A capture that fails is logged
+and that signature stays eager until the parameters change.
 
 Exact: the graph replays the same kernels on the same data.
 """
