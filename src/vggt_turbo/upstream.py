@@ -80,9 +80,14 @@ def upstream_module(name: str) -> Callable[[nn.Module], types.ModuleType]:
     return lambda root: importlib.import_module(name)
 
 
-def first_attention(root: nn.Module) -> Optional[nn.Module]:
+def first_block(root: nn.Module) -> Optional[nn.Module]:
     blocks = getattr(aggregator_of(root), "frame_blocks", None)
-    return blocks[0].attn if blocks else None
+    return blocks[0] if blocks else None
+
+
+def first_attention(root: nn.Module) -> Optional[nn.Module]:
+    block = first_block(root)
+    return block.attn if block is not None else None
 
 
 def rope_of(root: nn.Module) -> Optional[nn.Module]:
@@ -110,6 +115,11 @@ def dpt_heads(root: nn.Module) -> list[tuple[str, nn.Module]]:
         if head is not None:
             found.append((path, head))
     return found
+
+
+def first_dpt_head(root: nn.Module) -> Optional[nn.Module]:
+    heads = dpt_heads(root)
+    return heads[0][1] if heads else None
 
 
 def looks_like_aggregator(model: object) -> bool:

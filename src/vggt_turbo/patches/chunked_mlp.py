@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..config import TurboConfig
-from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, members
+from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, first_block, members
 from ._base import Patch, Target, aggregator_path, join
 
 CHUNK_TOKENS = 32768
@@ -57,18 +57,13 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
     ]
 
 
-def _first_block(root: nn.Module) -> Optional[nn.Module]:
-    blocks = getattr(aggregator_of(root), "frame_blocks", None)
-    return blocks[0] if blocks else None
-
-
 PATCH = Patch(
     name="chunked_mlp",
     exact=True,
     requirements=AGGREGATOR_LAYOUT
     + members(
         "Block",
-        _first_block,
+        first_block,
         ("forward", ("x", "pos")),
         ("norm1", None),
         ("attn", None),

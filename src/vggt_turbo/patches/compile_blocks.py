@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from ..config import TurboConfig
-from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, members
+from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, first_block, members
 from ._base import Patch, Target, aggregator_path, join
-from .chunked_mlp import CHUNK_TOKENS, _first_block, _x_pos
+from .chunked_mlp import CHUNK_TOKENS, _x_pos
 
 OPTIONS: dict[str, Any] = {"dynamic": False}
 
@@ -64,7 +64,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="compile",
     exact=True,
-    requirements=AGGREGATOR_LAYOUT + members("Block", _first_block, ("forward", ("x", "pos"))),
+    requirements=AGGREGATOR_LAYOUT + members("Block", first_block, ("forward", ("x", "pos"))),
     enabled=lambda c: c.compile,
     targets=_targets,
 )

@@ -22,13 +22,13 @@ nothing changes (bit for bit). Inference only (eval, autograd off); elsewhere up
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import TurboConfig
-from ..upstream import dpt_heads, members
+from ..upstream import dpt_heads, first_dpt_head, members
 from ._base import Patch, Target
 
 
@@ -56,15 +56,10 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
     ]
 
 
-def _first_head(root: nn.Module) -> Optional[nn.Module]:
-    heads = dpt_heads(root)
-    return heads[0][1] if heads else None
-
-
 PATCH = Patch(
     name="dpt_channels_last",
     exact=True,
-    requirements=members("DPTHead", _first_head, ("projects", None)),
+    requirements=members("DPTHead", first_dpt_head, ("projects", None)),
     enabled=lambda c: c.dpt_channels_last,
     targets=_targets,
 )

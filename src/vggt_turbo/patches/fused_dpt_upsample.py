@@ -31,7 +31,7 @@ from torch import nn
 
 from ..config import TurboConfig
 from ..kernels.bilinear import SeparableMap, bilinear
-from ..upstream import dpt_heads, members
+from ..upstream import dpt_heads, first_dpt_head, members
 from ._base import Patch, Target
 from ._head_inputs import _dpt_args
 
@@ -172,25 +172,20 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
     return targets
 
 
-def _first_head(root: nn.Module) -> Optional[nn.Module]:
-    heads = dpt_heads(root)
-    return heads[0][1] if heads else None
-
-
 def _first_head_module(root: nn.Module) -> Optional[types.ModuleType]:
-    head = _first_head(root)
+    head = first_dpt_head(root)
     return _module_of(head) if head is not None else None
 
 
 def _first_fusion_block(root: nn.Module) -> Optional[nn.Module]:
-    head = _first_head(root)
+    head = first_dpt_head(root)
     return head.scratch.refinenet1 if head is not None and hasattr(head, "scratch") else None
 
 
 REQUIREMENTS = (
     *members(
         "DPTHead",
-        _first_head,
+        first_dpt_head,
         ("_forward_impl", ("aggregated_tokens_list", "images", "patch_start_idx", "frames_start_idx", "frames_end_idx")),
         ("intermediate_layer_idx", None),
         ("patch_size", None),

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import TurboConfig
 from ..kernels.scale_add import scale_add
-from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, members
+from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, first_block, members
 from ._base import Patch, Target, aggregator_path, join
 
 
@@ -74,14 +74,9 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
     return targets + [Target(join(path, "patch_embed", "blocks", str(i)), "forward", dino) for i in range(len(_dino_blocks(root)))]
 
 
-def _first_block(root: nn.Module) -> Optional[nn.Module]:
-    blocks = getattr(aggregator_of(root), "frame_blocks", None)
-    return blocks[0] if blocks else None
-
-
 def _first_dino_block(root: nn.Module) -> Optional[nn.Module]:
     blocks = _dino_blocks(root)
-    return blocks[0] if blocks else _first_block(root)  # no DINO blocks: nothing more to check
+    return blocks[0] if blocks else first_block(root)  # no DINO blocks: nothing more to check
 
 
 BLOCK_MEMBERS = (("norm1", None), ("attn", None), ("ls1", None), ("norm2", None), ("mlp", None), ("ls2", None))
@@ -90,7 +85,7 @@ PATCH = Patch(
     name="fused_layer_scale",
     exact=True,
     requirements=AGGREGATOR_LAYOUT
-    + members("Block", _first_block, ("forward", ("x", "pos")), *BLOCK_MEMBERS)
+    + members("Block", first_block, ("forward", ("x", "pos")), *BLOCK_MEMBERS)
     + members("NestedTensorBlock", _first_dino_block, *BLOCK_MEMBERS),
     enabled=lambda c: c.fused_layer_scale,
     targets=_targets,
