@@ -53,7 +53,8 @@ class TurboConfig:
             up to the chosen kernel's rounding).
         sdpa_backend: ``"auto"`` (torch's choice: cuDNN first on an H100, after FlashAttention-4 when
             ``flash_attention_4`` is on), or force one of ``"cudnn"``, ``"flash"``, ``"efficient"``, ``"math"``,
-            ``"fa4"`` (FlashAttention-4). Only used when ``sdpa`` is on.
+            ``"fa4"`` (FlashAttention-4). Only used when ``sdpa`` is on; a forced backend also runs the patch
+            embed's attention when ``dino_attention`` is on.
         sync_free_rope: RoPE-2D without upstream's per-call ``int(positions.max())`` device-to-host sync (exact).
         global_to_frame_layers: indices of global blocks that run as frame attention. APPROXIMATION: changes
             outputs, off (empty) in ``"exact"``.
@@ -88,7 +89,8 @@ class TurboConfig:
             package, CuTe-DSL kernels for Hopper and Blackwell) where it is installed and runs the call (CUDA, bf16
             or fp16, inference); elsewhere torch's kernels (exact to bf16 rounding; on by default, a no-op without
             the package). Applies to the attention that the other patches compute (``fused_qk_norm_rope``,
-            ``sdpa``, ``kv_subsample``, ``sequence_parallel``).
+            ``sdpa``, ``kv_subsample``, ``sequence_parallel``); the patch embed's attention has its own flag,
+            ``dino_attention``.
         fused_dpt_upsample: the DPT heads' (depth, points, track features) bilinear resizes in one Triton kernel
             each, the last one adding the positional embedding in the same pass, and their positional embeddings
             built once per shape instead of in every call (exact: fp32 to the last bit; CUDA with triton, else
@@ -107,6 +109,14 @@ class TurboConfig:
         fused_layer_scale: every block's LayerScale product and residual sum (frame, global and DINOv2 blocks) in
             one pass instead of two (exact, bit for bit; Triton on CUDA, PyTorch elsewhere; sequences that
             ``chunked_mlp`` slices keep PyTorch's sums).
+        dino_attention: the patch embed's (DINOv2) attention on FlashAttention-4 where the package runs the call,
+            as ``flash_attention_4`` does for the frame and global blocks, or on the backend ``sdpa`` forces;
+            elsewhere torch's kernel on upstream's q, k, v (exact to bf16 rounding; bit for bit where torch's
+            kernel runs).
+        single_key_attention: the camera head's trunk attention, when it has one token per sequence (one frame):
+            softmax over a single key is exactly 1, so only the value rows of the qkv projection are computed and
+            the attention kernel is skipped (exact: fp32 accumulation order of that product only; CUDA and CPU,
+            inference).
         sequence_parallel: split each sequence's frames over the ranks of a torch.distributed process group
             (``True``: the default group, or a ``ProcessGroup``); every rank calls the model with the same images
             (exact; inference only; see ``patches/sequence_parallel.py``). Off (``False``) by default.
@@ -141,6 +151,8 @@ class TurboConfig:
     dpt_channels_last: bool = True
     concurrent_heads: bool = True
     fused_layer_scale: bool = True
+    dino_attention: bool = True
+    single_key_attention: bool = True
     sequence_parallel: Any = False  # False, True (the default process group) or a torch.distributed.ProcessGroup
     sequence_parallel_output: str = "gathered"
     kv_subsample: int = 1

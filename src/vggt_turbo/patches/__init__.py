@@ -8,6 +8,7 @@ from .chunked_patch_embed import PATCH as CHUNKED_PATCH_EMBED
 from .compile_blocks import PATCH as COMPILE
 from .concurrent_heads import PATCH as CONCURRENT_HEADS
 from .cuda_graphs import PATCH as CUDA_GRAPHS
+from .dino_attention import PATCH as DINO_ATTENTION
 from .dpt_channels_last import PATCH as DPT_CHANNELS_LAST
 from .fused_dpt_epilogue import PATCH as FUSED_DPT_EPILOGUE
 from .fused_dpt_upsample import PATCH as FUSED_DPT_UPSAMPLE
@@ -20,6 +21,7 @@ from .nvtx_ranges import PATCH as NVTX
 from .offload_intermediates import PATCH as OFFLOAD_INTERMEDIATES
 from .sdpa import PATCH as SDPA
 from .sequence_parallel import PATCH as SEQUENCE_PARALLEL
+from .single_key_attention import PATCH as SINGLE_KEY_ATTENTION
 from .sync_free_rope import PATCH as SYNC_FREE_ROPE
 
 ALL_PATCHES: tuple[Patch, ...] = (
@@ -32,6 +34,8 @@ ALL_PATCHES: tuple[Patch, ...] = (
     CHUNKED_PATCH_EMBED,  # above bf16_weights' patch_embed wrapper: each slice is cast to bf16 on its own
     OFFLOAD_INTERMEDIATES,
     SDPA,
+    DINO_ATTENTION,  # the patch embed's attention: the kernel choice sdpa makes for the aggregator's blocks
+    SINGLE_KEY_ATTENTION,  # the camera head's trunk attention; below concurrent_heads (runs on its stream)
     FUSED_QK_NORM_ROPE,  # above sdpa: computes the attention itself (sdpa_backend), falls back to sdpa's wrapper
     FUSED_FRAME_BATCHING,
     GLOBAL_TO_FRAME,
