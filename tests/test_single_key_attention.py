@@ -36,11 +36,16 @@ def _count_sdpa_calls(monkeypatch) -> list[int]:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))])
-def test_premise_attention_over_one_key_is_the_value_bit_for_bit(dtype, device) -> None:
-    """Every kernel torch picks returns v exactly: exp(s - s) = 1, and 1 * v / 1 = v."""
+def test_premise_attention_over_one_key_is_the_value(dtype, device) -> None:
+    """torch's kernels return v for a single key: bit for bit on the CPU; on CUDA within the last bits in fp32
+    (measured on an H100: its fp32 kernel does not compute exp(s - s) as exactly 1), bit for bit in bf16 and fp64."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(3, 4, 1, 16, dtype=dtype, device=device) * 10 for _ in range(3))
-    assert torch.equal(F.scaled_dot_product_attention(q, k, v), v)
+    out = F.scaled_dot_product_attention(q, k, v)
+    if device == "cuda" and dtype == torch.float32:
+        torch.testing.assert_close(out, v, rtol=1e-6, atol=0)
+    else:
+        assert torch.equal(out, v)
 
 
 def test_one_frame_within_fp32_rounding_without_queries_keys_or_kernel(model, monkeypatch) -> None:
