@@ -117,9 +117,6 @@ class TurboConfig:
             softmax over a single key is exactly 1, so only the value rows of the qkv projection are computed and
             the attention kernel is skipped (exact: fp32 accumulation order of that product only; CUDA and CPU,
             inference).
-        camera_skinny_linear: the camera head's fp32 linear layers, for calls of at most 16 rows (frames), on a
-            Triton kernel that reads each weight once at the memory's speed, where cuBLAS runs a many-row GEMM
-            kernel (exact to fp32 rounding; CUDA with triton, inference, autocast off as upstream runs its heads).
         sequence_parallel: split each sequence's frames over the ranks of a torch.distributed process group
             (``True``: the default group, or a ``ProcessGroup``); every rank calls the model with the same images
             (exact; inference only; see ``patches/sequence_parallel.py``). Off (``False``) by default.
@@ -156,7 +153,6 @@ class TurboConfig:
     fused_layer_scale: bool = True
     dino_attention: bool = True
     single_key_attention: bool = True
-    camera_skinny_linear: bool = True
     sequence_parallel: Any = False  # False, True (the default process group) or a torch.distributed.ProcessGroup
     sequence_parallel_output: str = "gathered"
     kv_subsample: int = 1

@@ -3,7 +3,6 @@
 from ._base import Patch, Target
 from .bf16_weights import PATCH as BF16_WEIGHTS
 from .cached_positions import PATCH as CACHED_POSITIONS
-from .camera_skinny_linear import PATCH as CAMERA_SKINNY_LINEAR
 from .chunked_mlp import PATCH as CHUNKED_MLP
 from .chunked_patch_embed import PATCH as CHUNKED_PATCH_EMBED
 from .compile_blocks import PATCH as COMPILE
@@ -37,7 +36,6 @@ ALL_PATCHES: tuple[Patch, ...] = (
     SDPA,
     DINO_ATTENTION,  # the patch embed's attention: the kernel choice sdpa makes for the aggregator's blocks
     SINGLE_KEY_ATTENTION,  # the camera head's trunk attention; below concurrent_heads (runs on its stream)
-    CAMERA_SKINNY_LINEAR,  # the camera head's linear layers (single_key_attention calls F.linear on qkv's rows)
     FUSED_QK_NORM_ROPE,  # above sdpa: computes the attention itself (sdpa_backend), falls back to sdpa's wrapper
     FUSED_FRAME_BATCHING,
     GLOBAL_TO_FRAME,

@@ -111,7 +111,6 @@ SUPPORTED = frozenset(
         "fused_layer_scale",  # token-wise: the same sums on each rank's own tokens
         "dino_attention",  # attention within each frame of the patch embed: each rank embeds its own frames
         "single_key_attention",  # an identity of one call's own input (one token per sequence), wherever it runs
-        "camera_skinny_linear",  # row-wise products: the same on any rank's rows
     }
 )
 

@@ -24,7 +24,7 @@ sequence; all other calls, and every call in training, run upstream's forward.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,29 +33,22 @@ from torch import nn
 from ..config import TurboConfig
 from ..upstream import looks_like_vggt, members
 from ._base import Patch, Target, join
-from .camera_skinny_linear import camera_linear
 
 
 def _x_pos(x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     return x, pos
 
 
-def make_wrapper(linear: Callable[..., torch.Tensor]):
-    """The trunk attention wrapper; ``linear`` computes the value rows' product (``F.linear``, or the camera head's
-    skinny kernel when ``camera_skinny_linear`` is on)."""
-
-    def attention_forward(wrapped: Any, attn: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-        x, _ = _x_pos(*args, **kwargs)
-        if attn.training or torch.is_grad_enabled() or not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != 1:
-            return wrapped(*args, **kwargs)
-        C = x.shape[-1]
-        weight, bias = attn.qkv.weight, attn.qkv.bias
-        if weight.shape[0] != 3 * C:  # not upstream's fused (q, k, v) rows
-            return wrapped(*args, **kwargs)
-        v = linear(x, weight[2 * C:], None if bias is None else bias[2 * C:])  # upstream's (B, H, 1, d) v, token-major
-        return attn.proj_drop(attn.proj(v))
-
-    return attention_forward
+def attention_forward(wrapped: Any, attn: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    x, _ = _x_pos(*args, **kwargs)
+    if attn.training or torch.is_grad_enabled() or not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != 1:
+        return wrapped(*args, **kwargs)
+    C = x.shape[-1]
+    weight, bias = attn.qkv.weight, attn.qkv.bias
+    if weight.shape[0] != 3 * C:  # not upstream's fused (q, k, v) rows
+        return wrapped(*args, **kwargs)
+    v = F.linear(x, weight[2 * C:], None if bias is None else bias[2 * C:])  # upstream's (B, H, 1, d) v, token-major
+    return attn.proj_drop(attn.proj(v))
 
 
 def _trunk(root: nn.Module) -> list[nn.Module]:
@@ -70,8 +63,7 @@ def _first_trunk_attention(root: nn.Module) -> Optional[nn.Module]:
 
 
 def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
-    wrapper = make_wrapper(camera_linear if config.camera_skinny_linear else F.linear)
-    return [Target(join("camera_head", "trunk", str(i), "attn"), "forward", wrapper) for i in range(len(_trunk(root)))]
+    return [Target(join("camera_head", "trunk", str(i), "attn"), "forward", attention_forward) for i in range(len(_trunk(root)))]
 
 
 PATCH = Patch(
