@@ -12,7 +12,7 @@ With a CUDA device and ``nsys`` on the PATH (``--tool auto``, the default) the s
 Chrome trace ``<out>/trace.json`` (open it in https://ui.perfetto.dev; gzipped to ``trace.json.gz`` when it is
 over 15 MiB) and ``<out>/top_kernels.md``: the top kernels by self device time (operators by self CPU time on
 the CPU). Warm-up calls come first, so the profiled call is a steady-state one (a CUDA-graph replay for the
-presets at <= 8 frames).
+presets at <= 16 frames, ``cuda_graph_max_frames``).
 """
 
 from __future__ import annotations

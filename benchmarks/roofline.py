@@ -143,6 +143,10 @@ def analyse(frames_list: list[int], results: Path, peak_bf16: float, peak_tf32: 
     return {"meta": meta, "rows": rows}
 
 
+def _time(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
 def markdown(result: dict[str, Any]) -> str:
     m = result["meta"]
     lines = [
@@ -162,8 +166,8 @@ def markdown(result: dict[str, Any]) -> str:
         rate = r["rate_tflops_measured"]["attention_global"]
         lines.append(
             f"| {r['frames']} | {t['matmul_bf16']:.1f} / {t['attention_frame']:.1f} / {t['attention_global']:.1f} / "
-            f"{t['heads_conv_tf32']:.2f} | {r['floor_s_measured']:.3f} s | {r['floor_s_peak']:.3f} s | "
-            f"{r['upstream_s']:.3f} s | {r['exact_s']:.3f} s ({r['exact_speedup']:.2f}×) | "
+            f"{t['heads_conv_tf32']:.2f} | {_time(r['floor_s_measured'])} | {_time(r['floor_s_peak'])} | "
+            f"{_time(r['upstream_s'])} | {_time(r['exact_s'])} ({r['exact_speedup']:.2f}×) | "
             f"{r['max_speedup_measured']:.2f}× / {r['max_speedup_peak']:.2f}× | {r.get('target', '–')}× | "
             + (f"{need:.0f} TFLOP/s (best measured {rate:.0f})" if need else "beyond any rate") + " |")
     rates = result["rows"][0]["rate_tflops_measured"]

@@ -119,6 +119,20 @@ def test_merge(sweep: Path, tmp_path: Path) -> None:
     assert {(r["variant"], r["frames"]) for r in load(out / "cpu")["rows"]} == {("upstream", 1)}
 
 
+def test_merge_replaces_a_phase_split_whole() -> None:
+    """A later run whose phases were hidden (a CUDA graph: its total only) must not inherit the earlier run's."""
+    from vggt_turbo.bench.report import merge
+
+    def phase(variant: str, frames: int, name: str, seconds: float) -> dict:
+        return {"variant": variant, "frames": frames, "phase": name, "seconds": seconds, "calls": 1}
+
+    base = {"meta": {}, "rows": [], "phases": [phase("exact", 10, "patch_embed", 0.02), phase("exact", 10, "total", 0.15),
+                                               phase("exact", 100, "patch_embed", 0.2)]}
+    new = {"meta": {}, "rows": [], "phases": [phase("exact", 10, "total", 0.14)]}
+    got = {(p["frames"], p["phase"]): p["seconds"] for p in merge(base, new)["phases"]}
+    assert got == {(10, "total"): 0.14, (100, "patch_embed"): 0.2}
+
+
 def test_merge_refuses_other_setups(sweep: Path, tmp_path: Path) -> None:
     data = load(sweep)
     data["meta"]["gpu"] = "NVIDIA H100 80GB HBM3"
@@ -128,8 +142,8 @@ def test_merge_refuses_other_setups(sweep: Path, tmp_path: Path) -> None:
 
 
 def test_aggregator_timed_alone_when_hooks_see_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """On CUDA the presets replay the whole forward as one CUDA graph at <= 8 frames: hooks inside it never fire.
-    Emulated here by hiding the hooks for ``exact``: the aggregator row then comes from the aggregator patched and
+    """On CUDA the presets replay the whole forward as one CUDA graph up to ``cuda_graph_max_frames`` (16) frames:
+    hooks inside it never fire. Emulated here by hiding the hooks for ``exact``: the aggregator row then comes from the aggregator patched and
     called alone, and the phase split reports the total only."""
     import vggt_turbo.bench.measure as measure_mod
     import vggt_turbo.bench.sweep as sweep_mod

@@ -97,7 +97,8 @@ def phase_order(name: str) -> int:
 
 
 def merge(base: dict, new: dict) -> dict:
-    """Rows (and phases) of ``new`` replace those of ``base`` with the same key; the others are kept.
+    """Rows of ``new`` replace those of ``base`` with the same key, and its phase splits replace ``base``'s of the same
+    variant and frame count; the others are kept.
 
     Raises ``ValueError`` when the two come from different setups (GPU, model size, image size, autocast).
     """
@@ -110,7 +111,10 @@ def merge(base: dict, new: dict) -> dict:
             log.warning("merging rows measured with different %s: %s and %s", k, bm[k], nm[k])
     rows = {row_key(r): r for r in base.get("rows", [])}
     rows.update({row_key(r): r for r in new.get("rows", [])})
-    phases = {phase_key(p): p for p in base.get("phases", [])}
+    # A variant's phase split is one measurement: where ``new`` has one (if only its total, when a CUDA graph hid the
+    # phases), ``base``'s phases of that variant and frame count go, so that no table mixes two runs' phases.
+    remeasured = {(p["variant"], p["frames"]) for p in new.get("phases", [])}
+    phases = {phase_key(p): p for p in base.get("phases", []) if (p["variant"], p["frames"]) not in remeasured}
     phases.update({phase_key(p): p for p in new.get("phases", [])})
     meta = {k: v for k, v in nm.items() if k != "skipped_for_deadline"}  # per run, in meta["runs"]
     runs = [run for run in bm.get("runs", [run_summary(bm)]) if run] + [run_summary(nm)]
