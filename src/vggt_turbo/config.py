@@ -66,7 +66,8 @@ class TurboConfig:
             ``sync_free_rope`` and ``cached_positions``; eager on CPU, in training or with autograd on).
         cuda_graph_max_frames: longest sequence (frames) captured; longer ones run eagerly, being GPU-bound. 16:
             at 10 frames a graph measured 142.4 vs 147.8 ms eager on an H100 (the eager call left the GPU idle for
-            5.6 ms, mostly waiting for the host to launch FlashAttention-4), for the same memory reserved.
+            5.6 ms between kernels, waiting for the host's launches), for the same memory reserved; 16 frames 253.4
+            vs 259.9 ms.
         bf16_weights: under bf16 autocast, run the aggregator natively in bf16 from a bf16 copy of its weights
             (residual stream, norms and RoPE in bf16) and hand the heads their fp32 inputs; the heads keep upstream's
             fp32. Exact to bf16 rounding (the difference is measured per output in the benchmarks); no effect
@@ -117,8 +118,8 @@ class TurboConfig:
             kernel runs).
         single_key_attention: the camera head's trunk attention, when it has one token per sequence (one frame):
             softmax over a single key is exactly 1, so only the value rows of the qkv projection are computed and
-            the attention kernel is skipped (exact: fp32 accumulation order of that product only; CUDA and CPU,
-            inference).
+            the attention kernel is skipped (exact to fp32 rounding: that product's accumulation order, and torch's
+            fp32 CUDA kernel itself returns v only within 1e-6; CUDA and CPU, inference).
         sequence_parallel: split each sequence's frames over the ranks of a torch.distributed process group
             (``True``: the default group, or a ``ProcessGroup``); every rank calls the model with the same images
             (exact; inference only; see ``patches/sequence_parallel.py``). Off (``False``) by default.

@@ -85,6 +85,12 @@ def first_block(root: nn.Module) -> Optional[nn.Module]:
     return blocks[0] if blocks else None
 
 
+def dino_blocks(root: nn.Module) -> list[nn.Module]:
+    """The patch embed's (DINOv2) transformer blocks; none when it is a plain convolution."""
+    blocks = getattr(aggregator_of(root).patch_embed, "blocks", None)
+    return list(blocks) if isinstance(blocks, nn.ModuleList) else []
+
+
 def first_attention(root: nn.Module) -> Optional[nn.Module]:
     block = first_block(root)
     return block.attn if block is not None else None
@@ -157,11 +163,8 @@ AGGREGATOR_LAYOUT = (
 )
 
 # Every member of upstream's Attention that a patch re-implementing its forward (sdpa, fused_qk_norm_rope,
-# sequence_parallel) reads.
-ATTENTION_MEMBERS = members(
-    "Attention",
-    first_attention,
-    ("forward", ("x", "pos")),
+# sequence_parallel, dino_attention) reads, besides the forward itself.
+ATTENTION_PARTS = (
     ("qkv", None),
     ("q_norm", None),
     ("k_norm", None),
@@ -171,3 +174,4 @@ ATTENTION_MEMBERS = members(
     ("num_heads", None),
     ("head_dim", None),
 )
+ATTENTION_MEMBERS = members("Attention", first_attention, ("forward", ("x", "pos")), *ATTENTION_PARTS)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..config import TurboConfig
-from ..upstream import aggregator_of, members
+from ..upstream import ATTENTION_PARTS, aggregator_of, dino_blocks, members
 from ._base import Patch, Target, aggregator_path, join
 from .sdpa import FA4_FIRST, attend, backend, kernel_name
 
@@ -54,7 +54,7 @@ def make_wrapper(backend_name: str):
         ):
             return wrapped(*args, **kwargs)
         B, N, C = x.shape
-        qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
         out = attend(q, k, v, backend_name)
@@ -63,14 +63,8 @@ def make_wrapper(backend_name: str):
     return attention_forward
 
 
-def _dino_blocks(root: nn.Module) -> list[nn.Module]:
-    """The patch embed's transformer blocks (none when it is a plain convolution)."""
-    blocks = getattr(aggregator_of(root).patch_embed, "blocks", None)
-    return list(blocks) if isinstance(blocks, nn.ModuleList) else []
-
-
 def _first_dino_attention(root: nn.Module) -> Optional[nn.Module]:
-    blocks = _dino_blocks(root)
+    blocks = dino_blocks(root)
     return blocks[0].attn if blocks else None
 
 
@@ -86,25 +80,14 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
         backend(name)  # ValueError now, not at the first forward
     wrapper = make_wrapper(name)
     path = join(aggregator_path(root), "patch_embed", "blocks")
-    return [Target(join(path, str(i), "attn"), "forward", wrapper) for i in range(len(_dino_blocks(root)))]
+    return [Target(join(path, str(i), "attn"), "forward", wrapper) for i in range(len(dino_blocks(root)))]
 
 
 PATCH = Patch(
     name="dino_attention",
     exact=True,
-    requirements=(members("Aggregator", aggregator_of, ("patch_embed", None))
-                  + members(
-                      "MemEffAttention",
-                      _first_dino_attention,
-                      ("forward", ("x", "attn_bias", "pos")),
-                      ("qkv", None),
-                      ("q_norm", None),
-                      ("k_norm", None),
-                      ("rope", None),
-                      ("proj", None),
-                      ("proj_drop", None),
-                      ("num_heads", None),
-                  )),
+    requirements=members("Aggregator", aggregator_of, ("patch_embed", None))
+    + members("MemEffAttention", _first_dino_attention, ("forward", ("x", "attn_bias", "pos")), *ATTENTION_PARTS),
     enabled=lambda c: c.dino_attention,
     targets=_targets,
 )

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..config import TurboConfig
 from ..kernels.scale_add import scale_add
-from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, first_block, members
+from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, dino_blocks, first_block, members
 from ._base import Patch, Target, aggregator_path, join
 
 
@@ -55,12 +55,6 @@ def make_wrapper(bind: Callable[..., tuple[Any, Optional[torch.Tensor]]]):
     return block_forward
 
 
-def _dino_blocks(root: nn.Module) -> list[nn.Module]:
-    """The patch embed's transformer blocks (none when it is a plain convolution)."""
-    blocks = getattr(aggregator_of(root).patch_embed, "blocks", None)
-    return list(blocks) if isinstance(blocks, nn.ModuleList) else []
-
-
 def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
     agg = aggregator_of(root)
     path = aggregator_path(root)
@@ -71,11 +65,11 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
         for i in range(len(getattr(agg, kind)))
     ]
     dino = make_wrapper(_x_or_x_list)
-    return targets + [Target(join(path, "patch_embed", "blocks", str(i)), "forward", dino) for i in range(len(_dino_blocks(root)))]
+    return targets + [Target(join(path, "patch_embed", "blocks", str(i)), "forward", dino) for i in range(len(dino_blocks(root)))]
 
 
 def _first_dino_block(root: nn.Module) -> Optional[nn.Module]:
-    blocks = _dino_blocks(root)
+    blocks = dino_blocks(root)
     return blocks[0] if blocks else first_block(root)  # no DINO blocks: nothing more to check
 
 
