@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import NO_FLAGS, assert_equal, needs_cuda_triton, needs_interpreter, only, run
+from helpers import NO_FLAGS, assert_close, assert_equal, needs_cuda_triton, needs_interpreter, only, run
 
 import vggt_turbo
 from vggt_turbo.kernels import scale_add as sa
@@ -166,3 +166,93 @@ def test_gpu_model_equals_upstream_bit_for_bit(model, images, query_points) -> N
         vggt_turbo.apply_optimizations(model, base.replace(fused_layer_scale=True))
         got = run(model, images, query_points)
     assert_equal(got, expected)
+
+
+# fused_add_norm: the first sum and norm2 of it in one pass.
+
+
+def _norm_params(C: int, dtype: torch.dtype, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(C)
+    return torch.randn(C, generator=g).to(device, dtype), torch.randn(C, generator=g).to(device, dtype)
+
+
+def _assert_norm_within_an_ulp(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """The norm's fp32 sums run in another order than PyTorch's: bf16 outputs may differ by an ulp, fp32 ones by
+    fp32 rounding (a few ulps of the mean and variance, carried through)."""
+    tol = 2.0**-7 if got.dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", INTERPRETED, ids=[str(c[:2]) + str(c[2]) for c in INTERPRETED])
+def test_interpreted_norm_kernel(case) -> None:
+    from vggt_turbo.kernels._scale_add_triton import scale_add_norm_
+
+    x, b, gamma = _case(*case)
+    product, result = sa._dtypes(x, b, gamma)
+    weight, bias = _norm_params(x.shape[-1], result)
+    total, normed = torch.empty_like(x, dtype=result), torch.empty_like(x, dtype=result)
+    scale_add_norm_(x, b, gamma, weight, bias, 1e-6, total, normed, product)
+    expected_total, expected_normed = sa.reference_norm(x, b, gamma, weight, bias, 1e-6)
+    assert torch.equal(total, expected_total)
+    _assert_norm_within_an_ulp(normed, expected_normed)
+
+
+@needs_cuda_triton
+@pytest.mark.parametrize("case", CASES + [(13740, 1024, torch.bfloat16, torch.bfloat16, torch.bfloat16)], ids=str)
+def test_gpu_norm_kernel(case) -> None:
+    x, b, gamma = _case(*case, device="cuda")
+    weight, bias = _norm_params(x.shape[-1], sa._dtypes(x, b, gamma)[1], "cuda")
+    total, normed = sa.scale_add_norm(x, b, gamma, weight, bias, 1e-6)
+    expected_total, expected_normed = sa.reference_norm(x, b, gamma, weight, bias, 1e-6)
+    assert torch.equal(total, expected_total)
+    _assert_norm_within_an_ulp(normed, expected_normed)
+
+
+def _counting_norm(monkeypatch) -> list[int]:
+    calls = [0]
+    real = patch.scale_add_norm
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(patch, "scale_add_norm", counted)
+    return calls
+
+
+def test_fused_add_norm_cpu_equals_upstream_bit_for_bit(model, images, query_points, monkeypatch) -> None:
+    expected = run(model, images, query_points)
+    calls = _counting_norm(monkeypatch)
+    vggt_turbo.apply_optimizations(model, only("fused_add_norm"))
+    assert_equal(run(model, images, query_points), expected)  # the CPU runs the reference: upstream's ops
+    assert calls[0] == len(model.aggregator.frame_blocks) + len(model.aggregator.global_blocks)
+
+
+def test_fused_add_norm_needs_fused_layer_scale() -> None:
+    with pytest.raises(ValueError, match="fused_add_norm"):
+        vggt_turbo.TurboConfig(fused_layer_scale=False)
+
+
+def test_fused_add_norm_left_to_upstream_under_autocast(model, images, monkeypatch) -> None:
+    """Autocast runs LayerNorm in fp32 whatever its input: norm2 then stays upstream's module."""
+    calls = _counting_norm(monkeypatch)
+    vggt_turbo.apply_optimizations(model, only("fused_add_norm"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        run(model, images)
+    assert calls[0] == 0
+
+
+@needs_cuda_triton
+def test_gpu_fused_add_norm_within_bf16_rounding(model, images, query_points, monkeypatch) -> None:
+    model = model.cuda()
+    images, query_points = images.cuda(), query_points.cuda()
+    base = NO_FLAGS.replace(bf16_weights=True, fused_layer_scale=True)
+    calls = _counting_norm(monkeypatch)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        vggt_turbo.apply_optimizations(model, base)
+        expected = run(model, images, query_points)
+        vggt_turbo.apply_optimizations(model, base.replace(fused_add_norm=True))
+        got = run(model, images, query_points)
+    assert calls[0] == len(model.aggregator.frame_blocks) + len(model.aggregator.global_blocks)
+    assert_close(got, expected, tol=2e-2)

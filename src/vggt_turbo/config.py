@@ -22,6 +22,7 @@ REQUIRES: Mapping[str, tuple[str, ...]] = {
     "cuda_graphs": ("sync_free_rope", "cached_positions"),
     "fused_qk_norm_rope": ("sync_free_rope",),  # reads the RoPE table length it publishes
     "offload_intermediates": ("cached_positions",),  # hooks into its loop
+    "fused_add_norm": ("fused_layer_scale",),  # an option of its block wrapper
 }
 
 # Boolean flags that also take "auto": the patch is applied and decides per call (see the field's docstring).
@@ -112,6 +113,9 @@ class TurboConfig:
         fused_layer_scale: every block's LayerScale product and residual sum (frame, global and DINOv2 blocks) in
             one pass instead of two (exact, bit for bit; Triton on CUDA, PyTorch elsewhere; sequences that
             ``chunked_mlp`` slices keep PyTorch's sums).
+        fused_add_norm: with ``fused_layer_scale``, each block's first residual sum and the LayerNorm that follows
+            it (``norm2``) in one kernel pass (exact to bf16 rounding: the norm's fp32 sums in another order; only
+            outside autocast, i.e. under ``bf16_weights``; needs ``fused_layer_scale``).
         dino_attention: the patch embed's (DINOv2) attention on FlashAttention-4 where the package runs the call,
             as ``flash_attention_4`` does for the frame and global blocks, or on the backend ``sdpa`` forces;
             elsewhere torch's kernel on upstream's q, k, v (exact to bf16 rounding; bit for bit where torch's
@@ -154,6 +158,7 @@ class TurboConfig:
     dpt_channels_last: bool = True
     concurrent_heads: bool = True
     fused_layer_scale: bool = True
+    fused_add_norm: bool = True
     dino_attention: bool = True
     single_key_attention: bool = True
     sequence_parallel: Any = False  # False, True (the default process group) or a torch.distributed.ProcessGroup

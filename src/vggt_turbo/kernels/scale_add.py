@@ -9,6 +9,12 @@ kernel reads ``x`` and ``branch`` once and writes the sum once.
 Exact, bit for bit: PyTorch's arithmetic in the same order with the same roundings: the product is computed in
 fp32 and rounded to its dtype (``branch``'s and ``gamma``'s promoted), then the sum is computed in fp32 and
 rounded to the result dtype (``x``'s and the product's promoted). No fused multiply-add (it would round once).
+
+``scale_add_norm`` also returns the LayerNorm of the sum that the block applies next (``norm2``), from the same
+pass: the sum is read back from registers instead of from memory by a separate norm kernel. The sum stays bit for
+bit; the norm is PyTorch's formula in fp32 (mean, then the mean square of the deviations, ``1/sqrt(var + eps)``)
+with a different summation order than PyTorch's Welford kernel, so it can differ from it by an ulp of the output
+dtype.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from . import triton_installed
 
@@ -39,6 +46,42 @@ def scale_add(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, out: O
         scale_add_(x, branch, gamma, result, product)
         return result
     return reference(x, branch, gamma, out)
+
+
+def reference_norm(
+    x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, layer_norm(s))`` with ``s = x + branch * gamma``, as upstream's block computes them."""
+    total = reference(x, branch, gamma)
+    return total, F.layer_norm(total, (total.shape[-1],), weight, bias, eps)
+
+
+def scale_add_norm(
+    x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference_norm(...)``, by one Triton kernel when it covers the call: ``scale_add``'s conditions, rows of at
+    most ``NORM_MAX_C`` elements (one program holds a whole row) and a contiguous affine ``weight`` and ``bias`` of
+    the sum's dtype."""
+    product, dtype = _dtypes(x, branch, gamma)
+    if x.is_cuda and triton_covers(x, branch, gamma, None, dtype) and _norm_covered(x, weight, bias, dtype):
+        from ._scale_add_triton import scale_add_norm_
+
+        total = torch.empty_like(x, dtype=dtype)
+        normed = torch.empty_like(total)
+        scale_add_norm_(x, branch, gamma, weight, bias, eps, total, normed, product)
+        return total, normed
+    return reference_norm(x, branch, gamma, weight, bias, eps)
+
+
+NORM_MAX_C = 1024  # the widest row one program normalises (VGGT's blocks and DINOv2 ViT-L: 1024)
+
+
+def _norm_covered(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, dtype: torch.dtype) -> bool:
+    C = x.shape[-1]
+    return C <= NORM_MAX_C and all(
+        isinstance(t, torch.Tensor) and t.shape == (C,) and t.dtype == dtype and t.device == x.device and t.is_contiguous()
+        for t in (weight, bias)
+    )
 
 
 def _dtypes(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:

@@ -109,6 +109,7 @@ SUPPORTED = frozenset(
         "dpt_channels_last",  # a view of each rank's own feature maps
         "concurrent_heads",  # inactive in a call that exchanges tensors between ranks
         "fused_layer_scale",  # token-wise: the same sums on each rank's own tokens
+        "fused_add_norm",  # token-wise, inside fused_layer_scale's blocks
         "dino_attention",  # attention within each frame of the patch embed: each rank embeds its own frames
         "single_key_attention",  # an identity of one call's own input (one token per sequence), wherever it runs
     }
