@@ -193,8 +193,10 @@ def test_variants_follow_the_config() -> None:
             select_variants(bad)
     switched = select_variants("exact-flash_attention_4+compile")[0]
     assert switched.config == PRESETS["exact"].replace(flash_attention_4=False, compile=True)
-    with pytest.raises(ValueError, match="needs"):  # a combination TurboConfig refuses
-        select_variants("exact-sync_free_rope")
+    without = select_variants("exact-sync_free_rope")[0].config  # the flags that need it go off with it
+    assert not (without.sync_free_rope or without.cuda_graphs or without.fused_qk_norm_rope)
+    with pytest.raises(ValueError, match="needs"):  # asked for, but it needs a flag the spec switches off
+        select_variants("exact-sync_free_rope+cuda_graphs")
 
 
 def test_cli_registers_bench() -> None:

@@ -112,3 +112,14 @@ def test_unknown_preset_refused(name: object) -> None:
 def test_config_of_wrong_type_refused(config: object) -> None:
     with pytest.raises(TypeError, match="config must be"):
         resolve(config)  # type: ignore[arg-type]
+
+
+def test_switched_off_takes_the_flags_that_need_it_along() -> None:
+    from vggt_turbo.config import switched_off
+
+    exact = TurboConfig.preset("exact")
+    without = switched_off(exact, "fused_layer_scale")
+    assert not without.fused_layer_scale and not without.fused_add_norm and without.cuda_graphs
+    without = switched_off(exact, "sync_free_rope")  # cuda_graphs and fused_qk_norm_rope need it
+    assert not (without.sync_free_rope or without.cuda_graphs or without.fused_qk_norm_rope) and without.cached_positions
+    assert switched_off(exact, "nvtx") == exact  # already off, needed by nothing

@@ -249,6 +249,18 @@ def _check_kv_subsample(stride: Any, layers: tuple[int, ...], frame_layers: tupl
         )
 
 
+def switched_off(config: TurboConfig, *flags: str) -> TurboConfig:
+    """``config`` with ``flags`` off, and with them every flag that needs one of them (``REQUIRES``, transitively),
+    so that ablating a flag that others build on gives a valid config (``exact`` without ``fused_layer_scale`` is
+    also without ``fused_add_norm``)."""
+    off = set(flags)
+    while True:
+        dependents = {f for f, needs in REQUIRES.items() if f not in off and off & set(needs) and getattr(config, f)}
+        if not dependents:
+            return config.replace(**{f: False for f in off})
+        off |= dependents
+
+
 def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TurboConfig)]
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .. import config as config_module
-from ..config import AUTO_FLAGS, PRESETS, TurboConfig
+from ..config import AUTO_FLAGS, PRESETS, REQUIRES, TurboConfig, switched_off
 from .report import UPSTREAM
 
 log = logging.getLogger(__name__)
@@ -85,14 +85,20 @@ def all_variants() -> list[Variant]:
 
 
 def combined(spec: str) -> Variant:
-    """``PRESET+FLAG-FLAG...``: the preset with boolean flags switched on (``+``) or off (``-``) (``ValueError``
-    for unknown names and for combinations ``TurboConfig`` refuses)."""
+    """``PRESET+FLAG-FLAG...``: the preset with boolean flags switched on (``+``) or off (``-``; the flags that need
+    one switched off go off with it, ``config.switched_off``) (``ValueError`` for unknown names and for
+    combinations ``TurboConfig`` refuses)."""
     preset, *parts = re.split(r"([+-])", spec)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} in variant {spec!r}; choose one of {sorted(PRESETS)}")
     flags = {flag: sign == "+" for sign, flag in zip(parts[::2], parts[1::2])}
     try:
-        return Variant(spec, PRESETS[preset].replace(**flags))
+        on = PRESETS[preset].replace(**{f: True for f, value in flags.items() if value})
+        config = switched_off(on, *(f for f, value in flags.items() if not value))
+        lost = [f for f, value in flags.items() if value and not getattr(config, f)]
+        if lost:  # asked for, but it needs a flag the spec switches off
+            raise ValueError(f"{lost} needs {sorted({n for f in lost for n in REQUIRES[f]})} on as well")
+        return Variant(spec, config)
     except (TypeError, ValueError) as err:
         raise ValueError(f"variant {spec!r}: {err}") from None
 
