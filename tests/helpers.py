@@ -38,6 +38,19 @@ def only(flag: str, **extra: Any) -> TurboConfig:
     return NO_FLAGS.replace(**{flag: True}, **{need: True for need in REQUIRES.get(flag, ())}, **extra)
 
 
+def count_calls(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[int]:
+    """Replace ``owner.name`` by a wrapper that counts its calls (``calls[0]``) and calls the original."""
+    calls = [0]
+    real = getattr(owner, name)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
 def run(model: nn.Module, images: torch.Tensor, query_points: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """The model's predictions (those in ``OUTPUT_KEYS``), computed without autograd."""
     with torch.no_grad():

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import NO_FLAGS, assert_equal, needs_cuda_triton, needs_interpreter, only, run
+from helpers import NO_FLAGS, assert_equal, count_calls, needs_cuda_triton, needs_interpreter, only, run
 
 import vggt_turbo
 from vggt_turbo.kernels import conv_epilogue as ce
@@ -55,18 +55,6 @@ def _expected(y, bias, res, relu):
     return torch.relu(out) if relu else out
 
 
-def _counting(monkeypatch) -> list[int]:
-    calls = [0]
-    real = patch.conv_epilogue_
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(patch, "conv_epilogue_", counted)
-    return calls
-
-
 def _calls(model: nn.Module, images: torch.Tensor, query_points: torch.Tensor, counted,
            heads: tuple[str, ...] = DPT_HEADS) -> int:
     """How many times upstream calls the modules of ``heads`` that ``counted(name, module)`` selects in one
@@ -96,7 +84,7 @@ def test_outputs_equal_upstream_bit_for_bit(model, query_points, monkeypatch, fr
     expected = run(model, images, query_points)
     units = _calls(model, images, query_points, lambda _, module: patch._is_unit(module))
     outputs = _calls(model, images, query_points, lambda name, _: name == "scratch.output_conv2")
-    calls = _counting(monkeypatch)
+    calls = count_calls(monkeypatch, patch, "conv_epilogue_")
     vggt_turbo.apply_optimizations(model, only("fused_dpt_epilogue"))
     assert_equal(run(model, images, query_points), expected)
     assert units > 10 and outputs == 2 and calls[0] == 2 * units + outputs  # every unit took the fused path
@@ -104,7 +92,7 @@ def test_outputs_equal_upstream_bit_for_bit(model, query_points, monkeypatch, fr
 
 def test_cpu_convolutions_keep_their_bias(model, monkeypatch) -> None:
     """PyTorch's CPU kernels add the bias inside their accumulation: adding it after would not be bit for bit."""
-    calls = _counting(monkeypatch)
+    calls = count_calls(monkeypatch, patch, "conv_epilogue_")
     vggt_turbo.apply_optimizations(model, only("fused_dpt_epilogue"))
     conv = model.depth_head.scratch.output_conv1
     x = torch.randn(1, conv.in_channels, 6, 5)
@@ -132,7 +120,7 @@ def test_residual_unit_keeps_upstreams_semantics(model, inplace) -> None:
 
 def test_upstream_runs_where_the_patch_does_not_apply(model, monkeypatch) -> None:
     pristine = copy.deepcopy(model.depth_head.scratch.refinenet1.resConfUnit1)
-    calls = _counting(monkeypatch)
+    calls = count_calls(monkeypatch, patch, "conv_epilogue_")
     vggt_turbo.apply_optimizations(model, only("fused_dpt_epilogue"))
     unit = model.depth_head.scratch.refinenet1.resConfUnit1
     conv = model.depth_head.scratch.output_conv1
@@ -235,7 +223,7 @@ def test_gpu_model_equals_upstream_bit_for_bit(model, query_points, monkeypatch,
     with torch.autocast("cuda", dtype=torch.bfloat16):
         expected = run(model, images, query_points)
         convs = _calls(model, images, query_points, _is_biased_conv, heads=("depth_head", "point_head"))
-        calls = _counting(monkeypatch)
+        calls = count_calls(monkeypatch, patch, "conv_epilogue_")
         vggt_turbo.apply_optimizations(model, NO_FLAGS.replace(fused_dpt_epilogue=True))
         got = run(model, images, query_points)
     assert_equal(got, expected)

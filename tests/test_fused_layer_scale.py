@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import NO_FLAGS, assert_close, assert_equal, needs_cuda_triton, needs_interpreter, only, run
+from helpers import NO_FLAGS, assert_close, assert_equal, count_calls, needs_cuda_triton, needs_interpreter, only, run
 
 import vggt_turbo
 from vggt_turbo.kernels import scale_add as sa
@@ -37,21 +37,9 @@ def _case(rows, C, xd, bd, gd, device="cpu"):
     return x, b, gamma
 
 
-def _counting(monkeypatch) -> list[int]:
-    calls = [0]
-    real = patch.scale_add
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(patch, "scale_add", counted)
-    return calls
-
-
 def test_outputs_equal_upstream_bit_for_bit(model, images, query_points, monkeypatch) -> None:
     expected = run(model, images, query_points)
-    calls = _counting(monkeypatch)
+    calls = count_calls(monkeypatch, patch, "scale_add")
     vggt_turbo.apply_optimizations(model, only("fused_layer_scale"))
     assert_equal(run(model, images, query_points), expected)
     blocks = len(model.aggregator.frame_blocks) + len(model.aggregator.global_blocks)
@@ -64,7 +52,7 @@ def test_dino_blocks_equal_upstream_bit_for_bit(full_model, monkeypatch) -> None
     images = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
         expected = embed(images)
-    calls = _counting(monkeypatch)
+    calls = count_calls(monkeypatch, patch, "scale_add")
     vggt_turbo.apply_optimizations(full_model, only("fused_layer_scale"))
     try:
         with torch.no_grad():
@@ -79,7 +67,7 @@ def test_dino_blocks_equal_upstream_bit_for_bit(full_model, monkeypatch) -> None
 
 
 def test_autograd_training_and_missing_layer_scale_run_upstream(model, monkeypatch) -> None:
-    calls = _counting(monkeypatch)
+    calls = count_calls(monkeypatch, patch, "scale_add")
     vggt_turbo.apply_optimizations(model, only("fused_layer_scale"))
     block = model.aggregator.frame_blocks[0]
     x = torch.randn(2, 5, block.norm1.normalized_shape[0])
@@ -209,21 +197,9 @@ def test_gpu_norm_kernel(case) -> None:
     _assert_norm_within_an_ulp(normed, expected_normed)
 
 
-def _counting_norm(monkeypatch) -> list[int]:
-    calls = [0]
-    real = patch.scale_add_norm
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(patch, "scale_add_norm", counted)
-    return calls
-
-
 def test_fused_add_norm_cpu_equals_upstream_bit_for_bit(model, images, query_points, monkeypatch) -> None:
     expected = run(model, images, query_points)
-    calls = _counting_norm(monkeypatch)
+    calls = count_calls(monkeypatch, patch, "scale_add_norm")
     vggt_turbo.apply_optimizations(model, only("fused_add_norm"))
     assert_equal(run(model, images, query_points), expected)  # the CPU runs the reference: upstream's ops
     assert calls[0] == len(model.aggregator.frame_blocks) + len(model.aggregator.global_blocks)
@@ -236,7 +212,7 @@ def test_fused_add_norm_needs_fused_layer_scale() -> None:
 
 def test_fused_add_norm_left_to_upstream_under_autocast(model, images, monkeypatch) -> None:
     """Autocast runs LayerNorm in fp32 whatever its input: norm2 then stays upstream's module."""
-    calls = _counting_norm(monkeypatch)
+    calls = count_calls(monkeypatch, patch, "scale_add_norm")
     vggt_turbo.apply_optimizations(model, only("fused_add_norm"))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         run(model, images)
@@ -248,7 +224,7 @@ def test_gpu_fused_add_norm_within_bf16_rounding(model, images, query_points, mo
     model = model.cuda()
     images, query_points = images.cuda(), query_points.cuda()
     base = NO_FLAGS.replace(bf16_weights=True, fused_layer_scale=True)
-    calls = _counting_norm(monkeypatch)
+    calls = count_calls(monkeypatch, patch, "scale_add_norm")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         vggt_turbo.apply_optimizations(model, base)
         expected = run(model, images, query_points)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_close, assert_equal, only, run
+from helpers import assert_close, assert_equal, count_calls, only, run
 
 import vggt_turbo
 from vggt_turbo.random_model import random_images
@@ -19,18 +19,6 @@ def _count_qkv_calls(model) -> list[int]:
     calls = [0]
     for block in model.camera_head.trunk:
         block.attn.qkv.register_forward_hook(lambda m, a, o: calls.__setitem__(0, calls[0] + 1))
-    return calls
-
-
-def _count_sdpa_calls(monkeypatch) -> list[int]:
-    calls = [0]
-    real = F.scaled_dot_product_attention
-
-    def counted(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", counted)
     return calls
 
 
@@ -50,7 +38,7 @@ def test_premise_attention_over_one_key_is_the_value(dtype, device) -> None:
 
 def test_one_frame_within_fp32_rounding_without_queries_keys_or_kernel(model, monkeypatch) -> None:
     images = random_images(1)
-    sdpa = _count_sdpa_calls(monkeypatch)
+    sdpa = count_calls(monkeypatch, F, "scaled_dot_product_attention")
     expected = run(model, images)
     upstream_sdpa = sdpa[0]
     vggt_turbo.apply_optimizations(model, only("single_key_attention"))
