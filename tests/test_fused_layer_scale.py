@@ -46,20 +46,23 @@ def test_outputs_equal_upstream_bit_for_bit(model, images, query_points, monkeyp
     assert calls[0] == 2 * blocks  # two sums per block: every block took the patched path
 
 
-def test_dino_blocks_equal_upstream_bit_for_bit(full_model, monkeypatch) -> None:
-    """The full model's patch embed (DINOv2 ViT-L blocks, ``NestedTensorBlock.forward(x_or_x_list)``)."""
+@pytest.mark.parametrize("flag, kernel", [("fused_layer_scale", "scale_add"), ("fused_add_norm", "scale_add_norm")])
+def test_dino_blocks_equal_upstream_bit_for_bit(full_model, monkeypatch, flag, kernel) -> None:
+    """The full model's patch embed (DINOv2 ViT-L blocks, ``NestedTensorBlock.forward(x_or_x_list)``); with
+    ``fused_add_norm`` each block's norm2 and the next block's norm1 come from the sums' pass (the reference on
+    the CPU: bit for bit), so the kernel runs once less than twice per block."""
     embed = full_model.aggregator.patch_embed
     images = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
         expected = embed(images)
-    calls = count_calls(monkeypatch, patch, "scale_add")
-    vggt_turbo.apply_optimizations(full_model, only("fused_layer_scale"))
+    calls = count_calls(monkeypatch, patch, kernel)
+    vggt_turbo.apply_optimizations(full_model, only(flag))
     try:
         with torch.no_grad():
             got = embed(images)
     finally:
         vggt_turbo.revert_optimizations(full_model)
-    assert calls[0] == 2 * len(embed.blocks)
+    assert calls[0] == 2 * len(embed.blocks) - (flag == "fused_add_norm")
     tensors = [key for key, value in expected.items() if isinstance(value, torch.Tensor)]
     assert "x_norm_patchtokens" in tensors
     for key in tensors:
@@ -184,6 +187,10 @@ def test_interpreted_norm_kernel(case) -> None:
     expected_total, expected_normed = sa.reference_norm(x, b, gamma, weight, bias, 1e-6)
     assert torch.equal(total, expected_total)
     _assert_norm_within_an_ulp(normed, expected_normed)
+    if x.dtype == result:  # in place, as the blocks' second sum runs
+        scale_add_norm_(x, b, gamma, weight, bias, 1e-6, x, normed, product)
+        assert torch.equal(x, expected_total)
+        _assert_norm_within_an_ulp(normed, expected_normed)
 
 
 @needs_cuda_triton
@@ -195,14 +202,68 @@ def test_gpu_norm_kernel(case) -> None:
     expected_total, expected_normed = sa.reference_norm(x, b, gamma, weight, bias, 1e-6)
     assert torch.equal(total, expected_total)
     _assert_norm_within_an_ulp(normed, expected_normed)
+    if x.dtype == total.dtype:  # in place, as the blocks' second sum runs
+        got, normed = sa.scale_add_norm(x, b, gamma, weight, bias, 1e-6, out=x)
+        assert got is x and torch.equal(x, expected_total)
+        _assert_norm_within_an_ulp(normed, expected_normed)
+
+
+def _norm1_calls(blocks) -> list[int]:
+    """How often each block's ``norm1`` runs (hooks on the norms, not on the blocks, which would stop the handoff)."""
+    calls = [0] * len(blocks)
+    for i, block in enumerate(blocks):
+        block.norm1.register_forward_hook(lambda m, a, o, i=i: calls.__setitem__(i, calls[i] + 1))
+    return calls
 
 
 def test_fused_add_norm_cpu_equals_upstream_bit_for_bit(model, images, query_points, monkeypatch) -> None:
     expected = run(model, images, query_points)
+    agg = model.aggregator
+    norm1 = _norm1_calls(list(agg.frame_blocks) + list(agg.global_blocks))
     calls = count_calls(monkeypatch, patch, "scale_add_norm")
     vggt_turbo.apply_optimizations(model, only("fused_add_norm"))
-    assert_equal(run(model, images, query_points), expected)  # the CPU runs the reference: upstream's ops
-    assert calls[0] == len(model.aggregator.frame_blocks) + len(model.aggregator.global_blocks)
+    got = run(model, images, query_points)
+    assert_equal(got, expected)  # the CPU runs the reference: upstream's ops
+    blocks = len(agg.frame_blocks) + len(agg.global_blocks)
+    assert calls[0] == 2 * blocks - 1  # norm2 of every block, norm1 of every block but the first
+    assert norm1 == [1] + [0] * (blocks - 1)  # the first frame block's own norm1 ran; the others were handed over
+
+
+def test_handoff_follows_upstreams_block_order(model) -> None:
+    """frame 0, global 0, frame 1, ... and, with blocks grouped (``aa_block_size``), each group of a kind in turn."""
+    agg = model.aggregator
+    order = patch._aggregator_order(agg)
+    assert order[:4] == [agg.frame_blocks[0], agg.global_blocks[0], agg.frame_blocks[1], agg.global_blocks[1]]
+    agg.aa_block_size, agg.aa_block_num = 2, len(agg.frame_blocks) // 2
+    order = patch._aggregator_order(agg)
+    assert order[:6] == [agg.frame_blocks[0], agg.frame_blocks[1], agg.global_blocks[0], agg.global_blocks[1],
+                         agg.frame_blocks[2], agg.frame_blocks[3]]
+    assert len(order) == len(agg.frame_blocks) + len(agg.global_blocks)
+
+
+def test_handoff_is_taken_only_for_its_own_output_and_norm() -> None:
+    handoff = patch._Handoff()
+    norm, other = torch.nn.LayerNorm(8), torch.nn.LayerNorm(8)
+    total, normed = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    handoff.put(total, norm, normed)
+    assert handoff.take(total.view(6, 8), other) is None  # another block's norm
+    assert handoff.take(total, norm) is None  # emptied by the previous take
+    handoff.put(total, norm, normed)
+    assert handoff.take(total.clone(), norm) is None  # equal values, other memory
+    handoff.put(total, norm, normed)
+    got = handoff.take(total.view(1, 6, 8), norm)  # the aggregator's reshape between frame and global blocks
+    assert got is not None and got.shape == (1, 6, 8) and torch.equal(got.view(2, 3, 8), normed)
+
+
+def test_no_handoff_past_a_hook_that_changes_a_block_output(model, images) -> None:
+    """A forward hook may change a block's output in place: the next block must then run its own norm1."""
+    def double(module, args, output):
+        output.mul_(2)
+
+    model.aggregator.frame_blocks[0].register_forward_hook(double)
+    expected = run(model, images)
+    vggt_turbo.apply_optimizations(model, only("fused_add_norm"))
+    assert_equal(run(model, images), expected)
 
 
 def test_fused_add_norm_needs_fused_layer_scale() -> None:
@@ -230,5 +291,5 @@ def test_gpu_fused_add_norm_within_bf16_rounding(model, images, query_points, mo
         expected = run(model, images, query_points)
         vggt_turbo.apply_optimizations(model, base.replace(fused_add_norm=True))
         got = run(model, images, query_points)
-    assert calls[0] == len(model.aggregator.frame_blocks) + len(model.aggregator.global_blocks)
+    assert calls[0] == 2 * (len(model.aggregator.frame_blocks) + len(model.aggregator.global_blocks)) - 1
     assert_close(got, expected, tol=2e-2)

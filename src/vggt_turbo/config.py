@@ -113,9 +113,10 @@ class TurboConfig:
         fused_layer_scale: every block's LayerScale product and residual sum (frame, global and DINOv2 blocks) in
             one pass instead of two (exact, bit for bit; Triton on CUDA, PyTorch elsewhere; sequences that
             ``chunked_mlp`` slices keep PyTorch's sums).
-        fused_add_norm: with ``fused_layer_scale``, each block's first residual sum and the LayerNorm that follows
-            it (``norm2``) in one kernel pass (exact to bf16 rounding: the norm's fp32 sums in another order; only
-            outside autocast, i.e. under ``bf16_weights``; needs ``fused_layer_scale``).
+        fused_add_norm: with ``fused_layer_scale``, each residual sum and the LayerNorm that reads it next in one
+            kernel pass: a block's first sum and its ``norm2``, its output and the next block's ``norm1`` (exact to
+            bf16 rounding: the norm's fp32 sums in another order; only outside autocast, i.e. under
+            ``bf16_weights``; needs ``fused_layer_scale``).
         dino_attention: the patch embed's (DINOv2) attention on FlashAttention-4 where the package runs the call,
             as ``flash_attention_4`` does for the frame and global blocks, or on the backend ``sdpa`` forces;
             elsewhere torch's kernel on upstream's q, k, v (exact to bf16 rounding; bit for bit where torch's

@@ -54,8 +54,9 @@ def _scale_add_norm_kernel(x_ptr, b_ptr, g_ptr, w_ptr, nb_ptr, out_ptr, norm_ptr
 
 def scale_add_norm_(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, weight: torch.Tensor,
                     bias: torch.Tensor, eps: float, out: torch.Tensor, normed: torch.Tensor, product: torch.dtype) -> None:
-    """Write ``x + branch * gamma`` into ``out`` and its LayerNorm into ``normed`` (whole rows per program; the
-    caller checked shapes, layouts and that a row fits one block)."""
+    """Write ``x + branch * gamma`` into ``out`` (which may be ``x``: each program reads its rows before writing
+    them) and its LayerNorm into ``normed`` (whole rows per program; the caller checked shapes, layouts and that a
+    row fits one block)."""
     C = x.shape[-1]
     rows = x.numel() // C
     block_c = triton.next_power_of_2(C)

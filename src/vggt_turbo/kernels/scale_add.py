@@ -48,29 +48,28 @@ def scale_add(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, out: O
     return reference(x, branch, gamma, out)
 
 
-def reference_norm(
-    x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(s, layer_norm(s))`` with ``s = x + branch * gamma``, as upstream's block computes them."""
-    total = reference(x, branch, gamma)
+def reference_norm(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   eps: float, out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, layer_norm(s))`` with ``s = x + branch * gamma`` (written into ``out`` when given), as upstream's
+    blocks compute them."""
+    total = reference(x, branch, gamma, out)
     return total, F.layer_norm(total, (total.shape[-1],), weight, bias, eps)
 
 
-def scale_add_norm(
-    x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``reference_norm(...)``, by one Triton kernel when it covers the call: ``scale_add``'s conditions, rows of at
-    most ``NORM_MAX_C`` elements (one program holds a whole row) and a contiguous affine ``weight`` and ``bias`` of
-    the sum's dtype."""
+def scale_add_norm(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   eps: float, out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference_norm(...)``, by one Triton kernel when it covers the call: ``scale_add``'s conditions (``out``
+    None or ``x``), rows of at most ``NORM_MAX_C`` elements (one program holds a whole row) and a contiguous affine
+    ``weight`` and ``bias`` of the sum's dtype."""
     product, dtype = _dtypes(x, branch, gamma)
-    if x.is_cuda and triton_covers(x, branch, gamma, None, dtype) and _norm_covered(x, weight, bias, dtype):
+    if x.is_cuda and triton_covers(x, branch, gamma, out, dtype) and _norm_covered(x, weight, bias, dtype):
         from ._scale_add_triton import scale_add_norm_
 
-        total = torch.empty_like(x, dtype=dtype)
+        total = out if out is not None else torch.empty_like(x, dtype=dtype)
         normed = torch.empty_like(total)
         scale_add_norm_(x, branch, gamma, weight, bias, eps, total, normed, product)
         return total, normed
-    return reference_norm(x, branch, gamma, weight, bias, eps)
+    return reference_norm(x, branch, gamma, weight, bias, eps, out)
 
 
 NORM_MAX_C = 1024  # the widest row one program normalises (VGGT's blocks and DINOv2 ViT-L: 1024)

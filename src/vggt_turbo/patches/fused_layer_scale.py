@@ -8,10 +8,12 @@ an input or a kept output). Measured on an H100 at 10 frames, the products and s
 stack (about 10 ms of the forward).
 
 Exact, bit for bit: the same operations with the same roundings (see ``kernels/scale_add.py``); the norms,
-attention and MLP are upstream's own modules, called in upstream's order. With ``fused_add_norm`` on, the first
-sum's kernel also writes ``norm2`` of it (LayerNorm in fp32 in another summation order: within an ulp of the
-output dtype of PyTorch's, so exact to bf16 rounding rather than bit for bit), saving that norm's pass over the
-tokens; it applies outside autocast only (with ``bf16_weights``), where ``norm2`` returns the sum's dtype. Runs in inference (eval, autograd off)
+attention and MLP are upstream's own modules, called in upstream's order. With ``fused_add_norm`` on, each sum's
+kernel also writes the LayerNorm that reads it next, saving that norm's pass over the tokens: the first sum's
+``norm2``, and the second sum's (the block's output) ``norm1`` of the block that runs next (frame, global and
+DINOv2 blocks in upstream's order), handed over to it (``_Handoff``). LayerNorm in fp32 in another summation
+order: within an ulp of the output dtype of PyTorch's, so exact to bf16 rounding rather than bit for bit. It
+applies outside autocast only (with ``bf16_weights``), where the norm returns the sum's dtype. Runs in inference (eval, autograd off)
 on any device (the CPU runs the PyTorch reference); in training, with autograd on, for list inputs (the DINOv2
 nested-tensor path) or when a LayerScale is absent (``init_values=None``) upstream runs. Sequences long enough for
 ``chunked_mlp`` to slice take its path instead, with PyTorch's sums (there attention dominates the time).
@@ -56,37 +58,121 @@ def _fusable_norm(norm: nn.Module) -> bool:
     )
 
 
-def make_wrapper(bind: Callable[..., tuple[Any, Optional[torch.Tensor]]], fuse_norm: bool):
-    """The block forward wrapper for one upstream signature (``bind`` names its arguments); ``fuse_norm``
-    (``fused_add_norm``): the first sum and ``norm2`` of it in one pass where ``_fusable_norm``."""
+class _Handoff:
+    """The next block's ``norm1`` output, written by the previous block's last kernel.
+
+    A block that knows which block runs after it (``successors``) computes that block's ``norm1`` of its output in
+    the same pass as the output itself and leaves it here; the next block takes it instead of running the norm if
+    its input is that output (the same memory: the aggregator only reshapes it between blocks) and the norm is its
+    own. Anything else — another order of calls, a hook that could change the tensors in between — finds no
+    match or no handoff, and the block runs its norm as upstream does. One slot per model, emptied on every take.
+    """
+
+    def __init__(self) -> None:
+        self._slot: Optional[tuple[torch.Tensor, nn.Module, torch.Tensor]] = None
+
+    def put(self, total: torch.Tensor, norm: nn.Module, normed: torch.Tensor) -> None:
+        self._slot = (total, norm, normed)
+
+    def take(self, x: torch.Tensor, norm: nn.Module) -> Optional[torch.Tensor]:
+        slot, self._slot = self._slot, None
+        if slot is None:
+            return None
+        total, expected_norm, normed = slot
+        same = (
+            expected_norm is norm
+            and x.data_ptr() == total.data_ptr()
+            and x.numel() == total.numel()
+            and x.dtype == total.dtype
+            and x.is_contiguous()
+        )
+        return normed.view(x.shape) if same else None
+
+
+def _hooked(*blocks: nn.Module) -> bool:
+    """Whether a forward hook could see or change a block's output, or a pre-hook the next block's input."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    return any(b._forward_hooks or b._forward_pre_hooks for b in blocks)
+
+
+def make_wrapper(
+    bind: Callable[..., tuple[Any, Optional[torch.Tensor]]],
+    fuse_norm: bool,
+    handoff: _Handoff,
+    successor: Optional[nn.Module] = None,
+):
+    """The forward wrapper of one block (``bind`` names its arguments). ``fuse_norm`` (``fused_add_norm``): each
+    sum and the norm after it in one pass where ``_fusable_norm``: ``norm2`` inside the block, and ``successor``'s
+    ``norm1`` (the block that runs next, if any), handed over through ``handoff``."""
 
     def block_forward(wrapped: Any, block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         x, pos = bind(*args, **kwargs)
         gamma1, gamma2 = _gamma(block.ls1), _gamma(block.ls2)
         if block.training or torch.is_grad_enabled() or not isinstance(x, torch.Tensor) or gamma1 is None or gamma2 is None:
             return wrapped(*args, **kwargs)
-        branch = block.attn(block.norm1(x), pos=pos)
+        normed = handoff.take(x, block.norm1)
+        branch = block.attn(block.norm1(x) if normed is None else normed, pos=pos)
         if fuse_norm and _fusable_norm(block.norm2):
             x, normed = scale_add_norm(x, branch, gamma1, block.norm2.weight, block.norm2.bias, block.norm2.eps)
         else:
             x = scale_add(x, branch, gamma1)
             normed = block.norm2(x)
-        return scale_add(x, block.mlp(normed), gamma2, out=x)
+        branch = block.mlp(normed)
+        following = successor.norm1 if successor is not None else None
+        if fuse_norm and following is not None and _fusable_norm(following) and not _hooked(block, successor):
+            x, normed = scale_add_norm(x, branch, gamma2, following.weight, following.bias, following.eps, out=x)
+            handoff.put(x, following, normed)
+            return x
+        return scale_add(x, branch, gamma2, out=x)
 
     return block_forward
+
+
+def _aggregator_order(agg: nn.Module) -> list[nn.Module]:
+    """The aggregator's blocks in the order its forward runs them (upstream's loop: ``aa_block_num`` groups, each
+    ``aa_block_size`` blocks of every kind in ``aa_order``)."""
+    kinds = {"frame": agg.frame_blocks, "global": agg.global_blocks}
+    size = agg.aa_block_size
+    return [
+        kinds[kind][group * size + i]
+        for group in range(agg.aa_block_num)
+        for kind in agg.aa_order
+        if kind in kinds
+        for i in range(size)
+    ]
+
+
+def _successors(blocks: list[nn.Module]) -> dict[int, nn.Module]:
+    return {id(a): b for a, b in zip(blocks, blocks[1:])}
 
 
 def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
     agg = aggregator_of(root)
     path = aggregator_path(root)
-    aggregator_blocks = make_wrapper(_x_pos, config.fused_add_norm)
+    handoff = _Handoff()
+    following = _successors(_aggregator_order(agg))
     targets = [
-        Target(join(path, kind, str(i)), "forward", aggregator_blocks)
+        Target(
+            join(path, kind, str(i)),
+            "forward",
+            make_wrapper(_x_pos, config.fused_add_norm, handoff, following.get(id(block))),
+        )
         for kind in ("frame_blocks", "global_blocks")
-        for i in range(len(getattr(agg, kind)))
+        for i, block in enumerate(getattr(agg, kind))
     ]
-    dino = make_wrapper(_x_or_x_list, config.fused_add_norm)
-    return targets + [Target(join(path, "patch_embed", "blocks", str(i)), "forward", dino) for i in range(len(dino_blocks(root)))]
+    dino = dino_blocks(root)
+    following = _successors(dino)
+    return targets + [
+        Target(
+            join(path, "patch_embed", "blocks", str(i)),
+            "forward",
+            make_wrapper(_x_or_x_list, config.fused_add_norm, handoff, following.get(id(block))),
+        )
+        for i, block in enumerate(dino)
+    ]
 
 
 def _first_dino_block(root: nn.Module) -> Optional[nn.Module]:
@@ -100,6 +186,7 @@ PATCH = Patch(
     name="fused_layer_scale",
     exact=True,
     requirements=AGGREGATOR_LAYOUT
+    + members("Aggregator", aggregator_of, ("aa_block_num", None))
     + members("Block", first_block, ("forward", ("x", "pos")), *BLOCK_MEMBERS)
     + members("NestedTensorBlock", _first_dino_block, *BLOCK_MEMBERS),
     enabled=lambda c: c.fused_layer_scale,
