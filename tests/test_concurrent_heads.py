@@ -4,16 +4,14 @@ upstream's order runs."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
-from helpers import NO_FLAGS, assert_equal, only, run
+from helpers import NO_FLAGS, assert_equal, needs_cuda, only, run
 
 import vggt_turbo
 from vggt_turbo.patches import concurrent_heads as patch
 from vggt_turbo.random_model import random_images
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def test_wraps_the_model_and_its_three_heads(model) -> None:
@@ -64,6 +62,8 @@ def test_gpu_heads_on_their_own_streams_bit_for_bit(model) -> None:
     main = torch.cuda.current_stream()
     streams = [s[0] for s in seen.values()]
     assert all(s != main for s in streams) and len(set(streams)) == 3
+    # the camera head's chain of small kernels goes first when the GPU is full (lower number: higher priority)
+    assert seen["camera_head"][0].priority < seen["depth_head"][0].priority == seen["point_head"][0].priority == 0
 
 
 @needs_cuda
