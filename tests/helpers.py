@@ -22,6 +22,7 @@ needs_interpreter = pytest.mark.skipif(
     not (triton_installed() and os.environ.get("TRITON_INTERPRET") == "1"),
     reason="needs triton importable and TRITON_INTERPRET=1",
 )
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 needs_cuda_triton = pytest.mark.skipif(not (torch.cuda.is_available() and triton_installed()), reason="needs CUDA and triton")
 
 # The predictions an equivalence test compares (``images`` is the input echoed back; ``pose_enc_list`` ends in

@@ -8,12 +8,13 @@ import logging
 import pytest
 import torch
 
+from helpers import needs_cuda
+
 import vggt_turbo
 from vggt_turbo.patches import cuda_graphs
 from vggt_turbo.random_model import build_vggt, random_images
 
 OUTPUTS = ("pose_enc", "depth", "depth_conf", "world_points", "world_points_conf")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -7,13 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import NO_FLAGS, assert_close, assert_equal, only, run
+from helpers import NO_FLAGS, assert_close, assert_equal, needs_cuda, only, run
 
 import vggt_turbo
 from vggt_turbo.patches import dpt_channels_last as patch
 from vggt_turbo.random_model import random_images
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def _tokens_map(n: int, c: int = 8, h: int = 5, w: int = 7) -> torch.Tensor:

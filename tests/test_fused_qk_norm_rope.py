@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers import assert_close, assert_equal, assert_unchanged, errors, needs_interpreter, only, patched_methods, run, snapshot
+from helpers import assert_close, assert_equal, assert_unchanged, errors, needs_cuda, needs_interpreter, only, patched_methods, run, snapshot
 
 import vggt_turbo
 from vggt_turbo import IncompatibleUpstreamError
@@ -35,7 +35,6 @@ DEPTH = 24  # frame and global blocks each in the small model
 SPECIAL = 5  # camera + register tokens, at position 0
 BF16_FLOOR = 2e-2  # as tests/test_gpu.py: relative error two bf16 runs may differ by
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 # --- helpers ----------------------------------------------------------------------------------------------------

@@ -9,14 +9,13 @@ import copy
 import pytest
 import torch
 
-from helpers import NO_FLAGS, assert_close, assert_equal, only, run
+from helpers import NO_FLAGS, assert_close, assert_equal, needs_cuda, only, run
 
 import vggt_turbo
 from vggt_turbo import TurboConfig
 from vggt_turbo.patches import offload_intermediates
 from vggt_turbo.random_model import random_images
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def test_kept_layers_are_stored_as_made_and_outputs_unchanged(model, images, query_points, reference, monkeypatch):

@@ -125,6 +125,9 @@ class TurboConfig:
             softmax over a single key is exactly 1, so only the value rows of the qkv projection are computed and
             the attention kernel is skipped (exact to fp32 rounding: that product's accumulation order, and torch's
             fp32 CUDA kernel itself returns v only within 1e-6; CUDA and CPU, inference).
+        patch_embed_matmul: the patch projection (a 14 x 14 convolution with stride 14) as one matrix product over
+            the image's patches, on cuBLAS instead of cuDNN's generic convolution kernel (exact to the output
+            dtype's rounding: the same products summed in another order; inference).
         sequence_parallel: split each sequence's frames over the ranks of a torch.distributed process group
             (``True``: the default group, or a ``ProcessGroup``); every rank calls the model with the same images
             (exact; inference only; see ``patches/sequence_parallel.py``). Off (``False``) by default.
@@ -162,6 +165,7 @@ class TurboConfig:
     fused_add_norm: bool = True
     dino_attention: bool = True
     single_key_attention: bool = True
+    patch_embed_matmul: bool = True
     sequence_parallel: Any = False  # False, True (the default process group) or a torch.distributed.ProcessGroup
     sequence_parallel_output: str = "gathered"
     kv_subsample: int = 1

@@ -19,12 +19,14 @@ from .global_to_frame import PATCH as GLOBAL_TO_FRAME
 from .kv_subsample import PATCH as KV_SUBSAMPLE
 from .nvtx_ranges import PATCH as NVTX
 from .offload_intermediates import PATCH as OFFLOAD_INTERMEDIATES
+from .patch_embed_matmul import PATCH as PATCH_EMBED_MATMUL
 from .sdpa import PATCH as SDPA
 from .sequence_parallel import PATCH as SEQUENCE_PARALLEL
 from .single_key_attention import PATCH as SINGLE_KEY_ATTENTION
 from .sync_free_rope import PATCH as SYNC_FREE_ROPE
 
 ALL_PATCHES: tuple[Patch, ...] = (
+    PATCH_EMBED_MATMUL,  # innermost on the patch projection: the wrappers of a "conv" patch embed run around it
     FUSED_DPT_UPSAMPLE,  # replaces DPTHead._forward_impl without calling upstream's: below the head-input wrappers
     FUSED_DPT_EPILOGUE,  # the heads' residual units and convolutions
     DPT_CHANNELS_LAST,  # above fused_dpt_epilogue: hands its projects convolutions a restrided view

@@ -112,6 +112,7 @@ SUPPORTED = frozenset(
         "fused_add_norm",  # token-wise, inside fused_layer_scale's blocks
         "dino_attention",  # attention within each frame of the patch embed: each rank embeds its own frames
         "single_key_attention",  # an identity of one call's own input (one token per sequence), wherever it runs
+        "patch_embed_matmul",  # each rank embeds its own frames
     }
 )
 
