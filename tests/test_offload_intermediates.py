@@ -86,12 +86,11 @@ def test_auto_from_the_threshold_on_offloads_like_true(model, pristine, host_cop
     assert auto == host_copies and len(auto) == kept and auto[0] == (batch, 4 // batch, 21, 128)
 
 
-def test_auto_stands_aside_under_sequence_parallel_and_for_an_aggregator_alone(model, caplog):
+def test_auto_applies_under_sequence_parallel_and_stands_aside_for_an_aggregator_alone(model, caplog):
     enabled = offload_intermediates.PATCH.enabled
     assert enabled(TurboConfig()) and enabled(TurboConfig(offload_intermediates=True))
     assert not enabled(TurboConfig(offload_intermediates=False))
-    assert not enabled(TurboConfig(sequence_parallel=True))  # "auto": not verified with sequence parallelism
-    assert enabled(TurboConfig(offload_intermediates=True, sequence_parallel=True))  # refused there, by name
+    assert enabled(TurboConfig(sequence_parallel=True))  # each rank's own frames (tests/test_sequence_parallel.py)
     with caplog.at_level("INFO", logger=offload_intermediates.__name__):
         vggt_turbo.apply_optimizations(model.aggregator, AUTO)
     assert vggt_turbo.describe(model.aggregator).targets["offload_intermediates"] == []

@@ -38,7 +38,7 @@ from vggt_turbo import TurboConfig, describe
 from vggt_turbo.bench.parallel import multicast_problems
 from vggt_turbo.bench.parallel_report import max_frames
 from vggt_turbo.distributed import Shard, split
-from vggt_turbo.patches import chunked_mlp, chunked_patch_embed
+from vggt_turbo.patches import chunked_mlp, chunked_patch_embed, offload_intermediates
 from vggt_turbo.patches import sequence_parallel as sp
 from vggt_turbo.random_model import build_vggt, random_images
 
@@ -61,6 +61,7 @@ class Case:
     root: str = "vggt"  # or "aggregator": an Aggregator patched alone
     older_layout: bool = False  # upstream before 2025-11 keeps all 24 intermediates
     small_mlp_chunks: bool = False  # chunked_mlp and chunked_patch_embed slice even these short sequences
+    offload: bool = False  # offload_intermediates=True, its "host memory" float64 tensors on the CPU (see _offloading)
 
 
 CASES = {
@@ -74,6 +75,8 @@ CASES = {
     "S5-B1-older-layout": Case(5, 1, EXACT, older_layout=True),
     "S5-B2-aggregator": Case(5, 2, EXACT, root="aggregator"),
     "S5-B1-aggregator-sharded": Case(5, 1, EXACT, root="aggregator", output="sharded"),
+    "S5-B2-offload": Case(5, 2, EXACT.replace(offload_intermediates=True), offload=True),
+    "S5-B1-offload-sharded": Case(5, 1, EXACT.replace(offload_intermediates=True), output="sharded", offload=True),
 }
 
 
@@ -136,6 +139,29 @@ def _outputs(model: nn.Module, images: torch.Tensor, root: str) -> dict[str, tor
         return layer_outputs(model(images)[0])
 
 
+class _Offloading:
+    """``offload_intermediates`` on the CPU: it applies to CUDA calls only and pins host memory, so here it applies
+    to every call and "moves" each kept layer to float64, a storage the heads' input wrappers must convert back
+    from, exactly as they fetch from host memory on a GPU (float32 -> float64 -> float32 is exact). Counts the
+    layers stored."""
+
+    def __init__(self) -> None:
+        self.stored = 0
+
+    def __enter__(self) -> "_Offloading":
+        self._saved = offload_intermediates.applies, offload_intermediates.to_host
+        offload_intermediates.applies = lambda agg, images: not agg.training and not torch.is_grad_enabled()
+        offload_intermediates.to_host = self._store
+        return self
+
+    def _store(self, t: torch.Tensor) -> torch.Tensor:
+        self.stored += 1
+        return t.to(torch.float64)
+
+    def __exit__(self, *exc: Any) -> None:
+        offload_intermediates.applies, offload_intermediates.to_host = self._saved
+
+
 def _run_case(base: nn.Module, case: Case, counters: Counters) -> dict[str, Any]:
     if case.older_layout:
         base = copy.deepcopy(base)
@@ -152,11 +178,17 @@ def _run_case(base: nn.Module, case: Case, counters: Counters) -> dict[str, Any]
     chunk, frames_chunk = chunked_mlp.CHUNK_TOKENS, chunked_patch_embed.CHUNK_FRAMES
     chunked_mlp.CHUNK_TOKENS = 16 if case.small_mlp_chunks else chunk
     chunked_patch_embed.CHUNK_FRAMES = 1 if case.small_mlp_chunks else frames_chunk
+    offloading = _Offloading()
     try:
-        out = _outputs(model, images, case.root)
+        if case.offload:
+            with offloading:
+                out = _outputs(model, images, case.root)
+        else:
+            out = _outputs(model, images, case.root)
     finally:
         chunked_mlp.CHUNK_TOKENS, chunked_patch_embed.CHUNK_FRAMES = chunk, frames_chunk
-    return {"errors": errors(out, expected), "all_to_all": counters.all_to_all, "embedded": counters.embedded}
+    return {"errors": errors(out, expected), "all_to_all": counters.all_to_all, "embedded": counters.embedded,
+            "offloaded": offloading.stored}
 
 
 def _bf16_autocast(base: nn.Module) -> dict[str, Any]:
@@ -237,6 +269,14 @@ def test_each_rank_embeds_its_frames_and_global_layers_communicate(ranks, name: 
         across_frames = DEPTH - len(case.config.global_to_frame_layers)  # the others are frame attention: local
         assert seen[name]["embedded"] == case.batch * frames_here
         assert seen[name]["all_to_all"] == 2 * across_frames
+
+
+def test_offloaded_layers_are_each_ranks_own(ranks) -> None:
+    """With offload_intermediates the kept layers were stored away on every rank (4 in the small model) and the
+    outputs above still equal one process's; without it, nothing was."""
+    for seen in ranks:
+        assert [seen[name]["offloaded"] for name in CASES if CASES[name].offload] == [4, 4]
+        assert all(seen[name]["offloaded"] == 0 for name in CASES if not CASES[name].offload)
 
 
 def test_bf16_weights_runs_under_sequence_parallel(ranks) -> None:
@@ -345,12 +385,10 @@ def test_unverified_combination_refused(model, one_rank) -> None:
     assert_unchanged(model, before)
 
 
-def test_offload_intermediates_refused_but_auto_stands_aside(model, one_rank) -> None:
-    refused = r"not supported together with \['offload_intermediates'\].*offload_intermediates=False"
-    with pytest.raises(ValueError, match=refused):
-        vggt_turbo.apply_optimizations(model, offload_intermediates=True, sequence_parallel=True)
-    vggt_turbo.apply_optimizations(model, offload_intermediates="auto", sequence_parallel=True)
-    assert "offload_intermediates" not in describe(model).targets and "chunked_patch_embed" in describe(model).targets
+def test_offload_intermediates_applies_under_sequence_parallel(model, one_rank) -> None:
+    for value in (True, "auto"):
+        vggt_turbo.apply_optimizations(model, offload_intermediates=value, sequence_parallel=True)
+        assert "offload_intermediates" in describe(model).targets
 
 
 def test_revert_leaves_nothing(model, images, one_rank) -> None:
@@ -407,10 +445,11 @@ def _on_gpus(rank: int, out_dir: str) -> None:
     base = build_vggt("small", enable_track=False).to(device)
     images = random_images(5).to(device)
     results = {}
-    for name, autocast in (("fp32", False), ("bf16", True)):
+    for name, autocast, config in (("fp32", False, EXACT), ("bf16", True, EXACT),
+                                   ("bf16-offload", True, EXACT.replace(offload_intermediates=True))):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            expected = run(_patched(base, EXACT), images)
-            out = run(_patched(base, EXACT.replace(sequence_parallel=True)), images)
+            expected = run(_patched(base, config), images)
+            out = run(_patched(base, config.replace(sequence_parallel=True)), images)
         results[name] = errors(out, expected)
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
 
@@ -425,3 +464,4 @@ def test_two_gpus_over_nccl_equal_one(tmp_path: Path, monkeypatch) -> None:
         seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert max(seen["fp32"].values()) < 1e-3, seen  # TF32 convolutions may differ in the last bits
         assert max(seen["bf16"].values()) < 2e-2, seen  # bf16 kernels on different row counts
+        assert max(seen["bf16-offload"].values()) < 2e-2, seen  # layers in host memory, camera tokens gathered on the GPU

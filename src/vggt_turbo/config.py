@@ -84,8 +84,8 @@ class TurboConfig:
             and bring back each head's chunk of frames just before it runs (exact; CUDA, whole VGGT only). ``True``,
             ``False`` or ``"auto"`` (default): it trades PCIe transfers (a few % of the time) for the largest block
             of long-sequence memory, so ``"auto"`` offloads only calls of at least
-            ``patches.offload_intermediates.OFFLOAD_AUTO_FRAMES`` frames (B*S) and runs as ``False`` below that
-            (and under ``sequence_parallel``, with which offloading is not verified).
+            ``patches.offload_intermediates.OFFLOAD_AUTO_FRAMES`` frames (B*S; under ``sequence_parallel``, the
+            rank's own) and runs as ``False`` below that.
         fused_qk_norm_rope: qk-norm and RoPE-2D of every block's attention in one kernel (Triton on CUDA) writing
             q and k in place into the qkv projection's output (exact: upstream's fp32 arithmetic, rounded once to
             the attention dtype; needs ``sync_free_rope``; a PyTorch path with upstream's arithmetic elsewhere).

@@ -19,8 +19,9 @@ GPU as upstream (nothing would fetch them back). Needs ``cached_positions``, who
 hold at least ``OFFLOAD_AUTO_FRAMES`` frames in all (B*S); shorter calls run as with ``False`` (the heads' input
 wrappers pass tensors already on the GPU through untouched). The PCIe copies cost a few % of the time at every
 length, while the kept intermediates are a large share of the peak only at long sequences. Under
-``sequence_parallel``, with which offloading is not verified, ``"auto"`` applies nothing (``True`` is refused there).
-``True`` offloads every call where it applies, as described above.
+``sequence_parallel`` the frames counted are the rank's own (its aggregator sees only those), and the camera head's
+tokens are brought back to the GPU before they are gathered across ranks (``sequence_parallel``'s camera-head
+wrapper). ``True`` offloads every call where it applies, as described above.
 
 Exact: the same values, moved and brought back bit for bit.
 """
@@ -96,10 +97,8 @@ def auto_aggregator_forward(wrapped: Any, agg: nn.Module, args: tuple, kwargs: d
 
 
 def _enabled(config: TurboConfig) -> bool:
-    """True: on; "auto": on except under sequence_parallel (not verified together; True is refused there)."""
-    if config.offload_intermediates == AUTO:
-        return config.sequence_parallel is False
-    return config.offload_intermediates is True
+    """True and "auto" apply the patch ("auto" decides per call)."""
+    return config.offload_intermediates == AUTO or config.offload_intermediates is True
 
 
 def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:

@@ -113,6 +113,7 @@ SUPPORTED = frozenset(
         "dino_attention",  # attention within each frame of the patch embed: each rank embeds its own frames
         "single_key_attention",  # an identity of one call's own input (one token per sequence), wherever it runs
         "patch_embed_matmul",  # each rank embeds its own frames
+        "offload_intermediates",  # each rank's own kept layers; the camera tokens come back to the GPU to be gathered
     }
 )
 
@@ -205,7 +206,9 @@ def make_aggregator_wrapper(group: Group, output: str):
             return wrapped(*args, **kwargs)
         with calling(_begin(images, group, output)) as call:
             outputs, patch_start_idx = aggregator_forward(wrapped, agg, args, kwargs)
-            return [None if t is None else _place(t, call, call.communicates) for t in outputs], patch_start_idx
+            # on the images' device: offload_intermediates leaves a whole VGGT's layers in host memory
+            placed = [None if t is None else _place(t.to(images.device), call, call.communicates) for t in outputs]
+            return placed, patch_start_idx
 
     return aggregator_forward
 
@@ -227,13 +230,15 @@ def first_step(wrapped: Any, agg: nn.Module, args: tuple, kwargs: dict) -> Any:
 
 
 def camera_head_forward(wrapped: Any, head: nn.Module, args: tuple, kwargs: dict) -> Any:
-    """The trunk attends across frames: give it every frame's camera token (it reads only token 0 of the last layer)."""
+    """The trunk attends across frames: give it every frame's camera token (it reads only token 0 of the last layer;
+    from the head's device: ``offload_intermediates`` may have left the layer in host memory)."""
     call = current()
     if call is None:
         return wrapped(*args, **kwargs)
     tokens, num_iterations = _camera_args(*args, **kwargs)
     if call.communicates:
-        tokens = [all_gather_frames(tokens[-1][:, :, :1], call.shard, call.group)]
+        local = tokens[-1][:, :, :1].to(next(head.parameters()).device)
+        tokens = [all_gather_frames(local, call.shard, call.group)]
     return [_place(pose, call, local=False) for pose in wrapped(tokens, num_iterations)]
 
 
