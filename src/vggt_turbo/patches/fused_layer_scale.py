@@ -7,14 +7,14 @@ both in one pass and writes the block's second sum into its first one's buffer (
 an input or a kept output). Measured on an H100 at 10 frames, the products and sums took 3.2 ms of each 24-block
 stack (about 10 ms of the forward).
 
-Exact, bit for bit: the same operations with the same roundings (see ``kernels/scale_add.py``); the norms,
-attention and MLP are upstream's own modules, called in upstream's order. With ``fused_add_norm`` on, each sum's
-kernel also writes the LayerNorm that reads it next, saving that norm's pass over the tokens: the first sum's
-``norm2``, and the second sum's (the block's output) ``norm1`` of the block that runs next (frame, global and
-DINOv2 blocks in upstream's order), handed over to it (``_Handoff``). LayerNorm in fp32 in another summation
-order: within an ulp of the output dtype of PyTorch's, so exact to bf16 rounding rather than bit for bit. It
-applies outside autocast only (with ``bf16_weights``), where the norm returns the sum's dtype. Runs in inference (eval, autograd off)
-on any device (the CPU runs the PyTorch reference); in training, with autograd on, for list inputs (the DINOv2
+Exact, bit for bit: the same operations with the same roundings (see ``kernels/scale_add.py``); the norms, attention
+and MLP are upstream's own modules, called in upstream's order. With ``fused_add_norm`` on, each sum's kernel also
+writes the LayerNorm that reads it next, saving that norm's pass over the tokens: the first sum's ``norm2``, and the
+second sum's (the block's output) ``norm1`` of the block that runs next (frame, global and DINOv2 blocks in
+upstream's order), handed over to it (``_Handoff``). LayerNorm in fp32 in another summation order: within an ulp of
+the output dtype of PyTorch's, so exact to bf16 rounding rather than bit for bit. It applies outside autocast only
+(with ``bf16_weights``), where the norm returns the sum's dtype. Runs in inference (eval, autograd off) on any
+device (the CPU runs the PyTorch reference); in training, with autograd on, for list inputs (the DINOv2
 nested-tensor path) or when a LayerScale is absent (``init_values=None``) upstream runs. Sequences long enough for
 ``chunked_mlp`` to slice take its path instead, with PyTorch's sums (there attention dominates the time).
 """
@@ -61,7 +61,7 @@ def _fusable_norm(norm: nn.Module) -> bool:
 class _Handoff:
     """The next block's ``norm1`` output, written by the previous block's last kernel.
 
-    A block that knows which block runs after it (``successors``) computes that block's ``norm1`` of its output in
+    A block that knows which block runs after it (``_successors``) computes that block's ``norm1`` of its output in
     the same pass as the output itself and leaves it here; the next block takes it instead of running the norm if
     its input is that output (the same memory: the aggregator only reshapes it between blocks) and the norm is its
     own. Anything else — another order of calls, a hook that could change the tensors in between — finds no
