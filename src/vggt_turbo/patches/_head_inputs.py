@@ -20,7 +20,8 @@ from ..upstream import Requirement, looks_like_vggt
 from ._base import Target
 
 
-def _param(module: nn.Module) -> torch.Tensor:
+def first_param(module: nn.Module) -> torch.Tensor:
+    """A parameter of ``module``: the device and dtype its head computes in."""
     return next(module.parameters())
 
 
@@ -35,7 +36,7 @@ def _camera_args(aggregated_tokens_list: list, num_iterations: int = 4) -> tuple
 def camera_head_forward(wrapped: Any, head: nn.Module, args: tuple, kwargs: dict) -> Any:
     """The camera head reads only token 0 of each frame of the last layer: convert that slice alone."""
     tokens, num_iterations = _camera_args(*args, **kwargs)
-    like = _param(head)
+    like = first_param(head)
     if _fits(tokens[-1], like):
         return wrapped(*args, **kwargs)
     last = tokens[-1][:, :, :1].to(device=like.device, dtype=like.dtype, non_blocking=True)
@@ -56,7 +57,7 @@ def dpt_forward_impl(wrapped: Any, head: nn.Module, args: tuple, kwargs: dict) -
     """Convert only the layers this DPT head reads, only for the frames of this chunk (the chunk's frames are
     then passed as the whole sequence: upstream's ``_forward_impl`` uses ``images`` for its shape only)."""
     tokens, images, patch_start_idx, start, end = _dpt_args(*args, **kwargs)
-    like = _param(head)
+    like = first_param(head)
     layers = sorted(set(head.intermediate_layer_idx))
     if all(_fits(tokens[i], like) for i in layers):
         return wrapped(*args, **kwargs)

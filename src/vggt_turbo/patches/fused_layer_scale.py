@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from ..config import TurboConfig
 from ..autocast import autocast_dtype
@@ -91,8 +92,6 @@ class _Handoff:
 
 def _hooked(*blocks: nn.Module) -> bool:
     """Whether a forward hook could see or change a block's output, or a pre-hook the next block's input."""
-    from torch.nn.modules import module as torch_module
-
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return True
     return any(b._forward_hooks or b._forward_pre_hooks for b in blocks)

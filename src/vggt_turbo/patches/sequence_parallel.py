@@ -83,7 +83,7 @@ from ..distributed import (
 from ..upstream import AGGREGATOR_LAYOUT, AGGREGATOR_STEPS, ATTENTION_MEMBERS, aggregator_of, looks_like_vggt, members
 from ._base import Patch, Target, aggregator_path, join
 from ._blocks import step_args
-from ._head_inputs import head_of
+from ._head_inputs import first_param, head_of
 from .fused_qk_norm_rope import fits, fused_qkv
 from .sdpa import attend, kernel_name
 
@@ -237,7 +237,7 @@ def camera_head_forward(wrapped: Any, head: nn.Module, args: tuple, kwargs: dict
         return wrapped(*args, **kwargs)
     tokens, num_iterations = _camera_args(*args, **kwargs)
     if call.communicates:
-        local = tokens[-1][:, :, :1].to(next(head.parameters()).device)
+        local = tokens[-1][:, :, :1].to(first_param(head).device)
         tokens = [all_gather_frames(local, call.shard, call.group)]
     return [_place(pose, call, local=False) for pose in wrapped(tokens, num_iterations)]
 
