@@ -21,11 +21,12 @@ def test_exact_preset_is_the_default() -> None:
     assert cfg.chunked_patch_embed is True and cfg.offload_intermediates == "auto"
 
 
-def test_fast_preset_adds_only_the_approximations() -> None:
+def test_fast_preset_adds_only_reduced_precision_and_the_approximations() -> None:
     fast = TurboConfig.preset("fast")
     assert not fast.is_exact
     assert fast.global_to_frame_layers == FAST_GLOBAL_TO_FRAME_LAYERS and fast.kv_subsample == FAST_KV_SUBSAMPLE
-    assert fast.replace(global_to_frame_layers=(), kv_subsample=1) == PRESETS["exact"]
+    assert fast.bf16_weights and not PRESETS["exact"].bf16_weights
+    assert fast.replace(bf16_weights=False, global_to_frame_layers=(), kv_subsample=1) == PRESETS["exact"]
 
 
 def test_layers_are_normalised_to_a_sorted_tuple() -> None:

@@ -271,13 +271,46 @@ def test_fused_add_norm_needs_fused_layer_scale() -> None:
         vggt_turbo.TurboConfig(fused_layer_scale=False)
 
 
-def test_fused_add_norm_left_to_upstream_under_autocast(model, images, monkeypatch) -> None:
-    """Autocast runs LayerNorm in fp32 whatever its input: norm2 then stays upstream's module."""
-    calls = count_calls(monkeypatch, patch, "scale_add_norm")
-    vggt_turbo.apply_optimizations(model, only("fused_add_norm"))
+def test_fused_add_norm_under_autocast_keeps_upstreams_outputs(model, images, query_points, monkeypatch) -> None:
+    """Under autocast the fp32 residual sum is kept and the norm is handed to the next linear layer in the autocast
+    dtype, which that layer would have cast it to: on the CPU (the PyTorch reference) bit for bit."""
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        run(model, images)
-    assert calls[0] == 0
+        expected = run(model, images, query_points)
+        calls = count_calls(monkeypatch, patch, "scale_add_norm")
+        vggt_turbo.apply_optimizations(model, only("fused_add_norm"))
+        got = run(model, images, query_points)
+    blocks = len(model.aggregator.frame_blocks) + len(model.aggregator.global_blocks)
+    assert calls[0] == 2 * blocks - 1
+    assert_equal(got, expected)
+
+
+@needs_cuda_triton
+@pytest.mark.parametrize("rows", [1374, 13740])
+def test_gpu_norm_kernel_fp32_sum_bf16_norm(rows) -> None:
+    """Autocast's case: an fp32 residual, a bf16 branch and fp32 gamma; the sum is fp32 bit for bit, the norm is
+    written in bf16 within an ulp of PyTorch's fp32 norm cast to bf16."""
+    x, b, gamma = _case(rows, 1024, torch.float32, torch.bfloat16, torch.float32, device="cuda")
+    weight, bias = _norm_params(1024, torch.float32, "cuda")
+    total, normed = sa.scale_add_norm(x, b, gamma, weight, bias, 1e-6, norm_dtype=torch.bfloat16)
+    expected_total, expected_normed = sa.reference_norm(x, b, gamma, weight, bias, 1e-6)
+    assert total.dtype == torch.float32 and normed.dtype == torch.bfloat16
+    assert torch.equal(total, expected_total)
+    _assert_norm_within_an_ulp(normed, expected_normed.to(torch.bfloat16))
+
+
+@needs_cuda_triton
+def test_gpu_fused_add_norm_under_autocast_within_rounding(model, images, query_points, monkeypatch) -> None:
+    model = model.cuda()
+    images, query_points = images.cuda(), query_points.cuda()
+    base = NO_FLAGS.replace(fused_layer_scale=True)
+    calls = count_calls(monkeypatch, patch, "scale_add_norm")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        vggt_turbo.apply_optimizations(model, base)
+        expected = run(model, images, query_points)
+        vggt_turbo.apply_optimizations(model, base.replace(fused_add_norm=True))
+        got = run(model, images, query_points)
+    assert calls[0] == 2 * (len(model.aggregator.frame_blocks) + len(model.aggregator.global_blocks)) - 1
+    assert_close(got, expected, tol=2e-2)
 
 
 @needs_cuda_triton

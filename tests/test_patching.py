@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from helpers import (
+    needs_cuda,
     BOOL_FLAGS,
     NO_FLAGS,
     assert_close,
@@ -28,10 +29,11 @@ from helpers import (
 import vggt_turbo
 from vggt_turbo import IncompatibleUpstreamError, TurboConfig, describe
 from vggt_turbo import patching
-from vggt_turbo.patches import ALL_PATCHES, Target
+from vggt_turbo.patches import ALL_PATCHES, Target, Tier, patch_tiers
 
 EXACT = TurboConfig.preset("exact")
-EVERY_EXACT = TurboConfig(**{f: True for f in BOOL_FLAGS})  # every exact patch, those off by default included
+# every exact-tier patch, those off by default included
+EVERY_EXACT = TurboConfig(**{f: patch_tiers().get(f, Tier.EXACT) is Tier.EXACT for f in BOOL_FLAGS})
 
 
 # --- revert ---------------------------------------------------------------------------------------------------
@@ -48,6 +50,45 @@ def test_revert_restores_bit_identical_outputs_and_leaves_nothing(model, images,
     assert not patched_methods(model)
     assert describe(model).config is None
     assert_equal(run(model, images, query_points), expected)
+
+
+@pytest.mark.parametrize("config", ["exact", "fast"])
+def test_patched_calls_leave_no_trace_in_upstreams_caches(model, images, config) -> None:
+    """Upstream's RoPE caches its cos/sin table per (dim, length, device, dtype), computed in the autocast state of
+    the first call: a table a patched call left there would be read after revert (issue #17: the reverted model
+    then differed from an unpatched twin). The patches keep their tables apart."""
+    rope = model.aggregator.rope
+    for autocast in (False, True):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with vggt_turbo.optimized(model, config):
+                model(images)
+    assert rope.frequency_cache == {}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("bf16_weights", [False, True])
+def test_revert_after_patched_calls_matches_an_unpatched_twin(model, images, bf16_weights, device) -> None:
+    """Issue #17's sequence: calls of a patched model under autocast, then the same in-place weight edits on it and
+    on an unpatched twin, then revert: the reverted model equals the twin bit for bit, in fp32 and under autocast.
+    The bug it guards against: a RoPE table that a patched call left in upstream's cache, made in another autocast
+    state than upstream's call would make it (CUDA autocast runs upstream's ``einsum`` in bf16; the CPU's does
+    not, so only the CUDA case could show the numbers move; ``..._leave_no_trace_...`` checks the cache itself)."""
+    model, images = model.to(device), images.to(device)
+    twin = copy.deepcopy(model)
+    vggt_turbo.apply_optimizations(model, "exact", bf16_weights=bf16_weights)
+    for frames in (1, 2):
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16):
+            model(images[:, :frames])
+    with torch.no_grad():
+        for m in (model, twin):
+            m.depth_head.scratch.output_conv2[-1].weight.mul_(1.5)
+            m.camera_head.trunk[0].attn.proj.weight.mul_(0.7)
+    vggt_turbo.revert_optimizations(model)
+    keys = ("pose_enc", "depth", "world_points")
+    for autocast in (False, True):
+        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            got, expected = model(images), twin(images)
+        assert_equal({k: got[k] for k in keys}, {k: expected[k] for k in keys})
 
 
 def test_revert_on_an_unpatched_model_is_a_no_op(model) -> None:
@@ -344,7 +385,7 @@ def test_describe_reports_config_and_targets(model) -> None:
     assert "aggregator.rope.forward" in d.targets["sync_free_rope"]
     assert len(d.targets["sdpa"]) == 48
     assert "global_to_frame_layers" not in d.targets
-    assert "exact" in str(d) and "APPROXIMATE" not in str(d) and "sdpa" in str(d)
+    assert "(exact)" in str(d) and "APPROXIMATE" not in str(d) and "sdpa [exact]" in str(d)
     d.targets.clear()
     assert describe(model).targets, "describe() returned the live state, not a copy"
 
@@ -352,5 +393,13 @@ def test_describe_reports_config_and_targets(model) -> None:
 def test_describe_flags_fast_as_approximate(model) -> None:
     vggt_turbo.apply_optimizations(model, "fast")
     d = describe(model)
-    assert not d.exact and d.targets["global_to_frame_layers"] == ["aggregator._process_global_attention"]
-    assert "APPROXIMATE" in str(d) and "global_to_frame_layers=(0, 1, 2, 3, 4)" in str(d)
+    assert not d.exact and d.tier is Tier.APPROXIMATE
+    assert d.targets["global_to_frame_layers"] == ["aggregator._process_global_attention"]
+    assert "(APPROXIMATE)" in str(d) and "global_to_frame_layers=(0, 1, 2, 3, 4)" in str(d)
+    assert "bf16_weights [reduced precision]" in str(d) and "kv_subsample [approximate]" in str(d)
+
+
+def test_describe_names_reduced_precision(model) -> None:
+    vggt_turbo.apply_optimizations(model, "exact", bf16_weights=True)
+    d = describe(model)
+    assert not d.exact and d.tier is Tier.REDUCED and "(REDUCED PRECISION)" in str(d)

@@ -1,21 +1,25 @@
 """The typed configuration: one field per optimization, validated before anything is patched.
 
 Presets:
-  - ``"exact"`` (default): every patch that keeps upstream's outputs (within the dtype's rounding) and was
-    measured faster or leaner. ``fused_frame_batching`` and ``sdpa`` are exact but measured no gain on an H100 with
-    torch 2.11 (benchmarks/results), so they are off by default and stay available for ablations.
-  - ``"fast"``: ``"exact"`` plus the approximations: early global layers run as frame attention, the others
-    attend to subsampled keys/values (``kv_subsample``).
+  - ``"exact"`` (default): every patch of the exact tier (``patches._base.Tier``: upstream's operations, at most
+    another summation order or fewer roundings than autocast) that was measured faster or leaner.
+    ``fused_frame_batching`` and ``sdpa`` are exact but measured no gain on an H100 with torch 2.11
+    (benchmarks/results), so they are off by default and stay available for ablations.
+  - ``"fast"``: ``"exact"`` plus the reduced-precision ``bf16_weights`` and the approximations: early global layers
+    run as frame attention, the others attend to subsampled keys/values (``kv_subsample``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping, Union
+from typing import TYPE_CHECKING, Any, Mapping, Union
 
 from .distributed import OUTPUTS as SEQUENCE_PARALLEL_OUTPUTS
 from .distributed import describe_group, is_process_group
+
+if TYPE_CHECKING:
+    from .patches._base import Tier
 
 # Flags that only work on top of others (a CUDA graph cannot capture a host sync or a host-to-device copy).
 REQUIRES: Mapping[str, tuple[str, ...]] = {
@@ -71,8 +75,11 @@ class TurboConfig:
             vs 259.9 ms.
         bf16_weights: under bf16 autocast, run the aggregator natively in bf16 from a bf16 copy of its weights
             (residual stream, norms and RoPE in bf16) and hand the heads their fp32 inputs; the heads keep upstream's
-            fp32. Exact to bf16 rounding (the difference is measured per output in the benchmarks); no effect
-            without bf16 autocast.
+            fp32. REDUCED PRECISION: rounds more often than upstream-autocast (its error against fp32 is in
+            ``precision.md``); off in ``"exact"``, on in ``"fast"``; no effect without bf16 autocast.
+        cached_casts: under autocast, keep the bf16 (or fp16) copies of the aggregator's linear and convolution
+            weights between calls instead of letting autocast cast them again in every forward (exact, bit for
+            bit; the copies stay allocated between calls).
         chunked_mlp: run the frame and global blocks' MLP over slices of tokens, so its 4x-wide hidden activation never
             exists for the whole sequence at once (exact; only long sequences are sliced).
         chunked_patch_embed: run the patch embed (DINOv2 ViT-L) over slices of frames, so its activations never exist
@@ -114,9 +121,9 @@ class TurboConfig:
             one pass instead of two (exact, bit for bit; Triton on CUDA, PyTorch elsewhere; sequences that
             ``chunked_mlp`` slices keep PyTorch's sums).
         fused_add_norm: with ``fused_layer_scale``, each residual sum and the LayerNorm that reads it next in one
-            kernel pass: a block's first sum and its ``norm2``, its output and the next block's ``norm1`` (exact to
-            bf16 rounding: the norm's fp32 sums in another order; only outside autocast, i.e. under
-            ``bf16_weights``; needs ``fused_layer_scale``).
+            kernel pass: a block's first sum and its ``norm2``, its output and the next block's ``norm1`` (exact:
+            the norm's fp32 sums in another order; under autocast the fp32 sum is kept and the norm is written
+            in the autocast dtype that the next matmul casts it to; needs ``fused_layer_scale``).
         dino_attention: the patch embed's (DINOv2) attention on FlashAttention-4 where the package runs the call,
             as ``flash_attention_4`` does for the frame and global blocks, or on the backend ``sdpa`` forces;
             elsewhere torch's kernel on upstream's q, k, v (exact to bf16 rounding; bit for bit where torch's
@@ -150,7 +157,8 @@ class TurboConfig:
     cached_positions: bool = True
     cuda_graphs: bool = True
     cuda_graph_max_frames: int = 16
-    bf16_weights: bool = True
+    bf16_weights: bool = False
+    cached_casts: bool = True
     chunked_mlp: bool = True
     chunked_patch_embed: bool = True
     compile: bool = False
@@ -194,9 +202,17 @@ class TurboConfig:
                 raise ValueError(f"TurboConfig.{flag}={getattr(self, flag)!r} needs {missing} on as well")
 
     @property
+    def tier(self) -> "Tier":
+        """The loosest precision tier among the patches this config enables (``patches._base.Tier``)."""
+        from .patches import config_tier  # the patches import this module: their tiers are read here, at call time
+
+        return config_tier(self)
+
+    @property
     def is_exact(self) -> bool:
-        """True when no approximation is enabled."""
-        return not self.global_to_frame_layers and self.kv_subsample == 1
+        """True when every enabled patch is of the exact tier (no reduced precision, no approximation)."""
+        tier = self.tier
+        return tier is type(tier).EXACT
 
     def replace(self, **flags: Any) -> "TurboConfig":
         """A copy with some fields changed; unknown names raise ``TypeError``."""
@@ -272,7 +288,9 @@ def field_names() -> list[str]:
 
 PRESETS: Mapping[str, TurboConfig] = {
     "exact": TurboConfig(),
-    "fast": TurboConfig(global_to_frame_layers=FAST_GLOBAL_TO_FRAME_LAYERS, kv_subsample=FAST_KV_SUBSAMPLE),
+    "fast": TurboConfig(
+        bf16_weights=True, global_to_frame_layers=FAST_GLOBAL_TO_FRAME_LAYERS, kv_subsample=FAST_KV_SUBSAMPLE
+    ),
 }
 
 ConfigLike = Union[TurboConfig, str, None]

@@ -26,7 +26,7 @@ from torch import nn
 
 from . import upstream
 from .config import ConfigLike, TurboConfig, resolve
-from .patches import ALL_PATCHES, Target
+from .patches import ALL_PATCHES, Target, Tier, patch_tiers
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +73,23 @@ class Description:
     targets: dict[str, list[str]]
 
     @property
+    def tier(self) -> Tier:
+        """The loosest precision tier applied (``Tier.EXACT`` when unpatched)."""
+        return Tier.EXACT if self.config is None else self.config.tier
+
+    @property
     def exact(self) -> bool:
-        return self.config is None or self.config.is_exact
+        return self.tier is Tier.EXACT
 
     def __str__(self) -> str:
         if self.config is None:
             return "vggt_turbo: not applied (upstream behaviour)"
-        kind = "exact" if self.exact else "APPROXIMATE"
+        kind = self.tier.label if self.exact else self.tier.label.upper()
         lines = [f"vggt_turbo: applied ({kind}) {self.config}"]
+        tiers = patch_tiers()
         for name, paths in self.targets.items():
             shown = ", ".join(paths[:3]) + (f", ... ({len(paths)} in all)" if len(paths) > 3 else "")
-            lines.append(f"  {name}: {shown}")
+            lines.append(f"  {name} [{tiers[name].label}]: {shown}")
         return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import json
 import logging
 import signal
 import sys
@@ -16,7 +17,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ..fidelity import find_examples
 from ..random_model import SMALL_IMAGE, build_vggt, random_images
+from . import precision
 from .meta import device_slug, make_meta
 from .parallel import run_parallel
 from .report import (
@@ -127,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
         return report_main([args.report_only] if args.report_only else [], default_out=Path(args.out))
     if args.sequence_parallel:
         return run_parallel(args)
+    if args.precision:
+        return run_precision_command(args)
     t0 = time.perf_counter()
     started = datetime.datetime.now(datetime.timezone.utc)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -287,8 +292,61 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         ".json; NCCL needs NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 (see bench/parallel.py)")
     add("--max-frames", action="store_true", help="with --sequence-parallel: predict the largest frame count that "
         "fits per GPU count from the measured peaks (needs two frame counts or more)")
+    add("--precision", action="store_true", help="the precision contract instead of timings: every variant's error "
+        "against upstream in fp32 (TF32 off), beside upstream-autocast's, at --frames (default 1,10,32 on CUDA) and "
+        "--batches, into <out>/<slug>/precision.{json,md}")
+    add("--batches", default="1,2", help="with --precision: batch sizes (default %(default)s)")
+    add("--examples", type=Path, help="with --precision: folder of example scenes (<scene>/images/*), loaded by "
+        "upstream's loader; default $VGGT_EXAMPLES or shared/data/vggt-examples; without any, random 518x392 images")
     parser.set_defaults(func=run, argv=None)
     return parser
+
+
+def run_precision_command(args: argparse.Namespace) -> int:
+    """``bench --precision``: write ``<out>/<slug>/precision.json`` and ``precision.md``."""
+    started = datetime.datetime.now(datetime.timezone.utc)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    args.size = args.size or ("full" if device.type == "cuda" else "small")
+    args.image_size = args.image_size or (FULL_IMAGE if args.size == "full" else SMALL_IMAGE)
+    try:
+        frames = [int(x) for x in (args.frames or ",".join(map(str, precision.CUDA_FRAMES if device.type == "cuda"
+                                                                   else precision.CPU_FRAMES))).split(",") if x]
+        batches = [int(x) for x in args.batches.split(",") if x]
+    except ValueError:
+        print(f"error: --frames and --batches take comma-separated integers, got {args.frames!r}, {args.batches!r}",
+              file=sys.stderr)
+        return 2
+    if not frames or not batches or min(frames + batches) < 1:
+        print("error: --frames and --batches must be >= 1", file=sys.stderr)
+        return 2
+    examples = args.examples or find_examples()
+    size_hw = (392, 518) if args.size == "full" else (args.image_size, args.image_size)
+    model = build_vggt(args.size, enable_track=True).to(device)
+    rows, kinds = precision.run_precision(model, device, frames, batches, examples if args.size == "full" else None,
+                                          size_hw=size_hw)
+    meta = make_meta(args, device, started)
+    meta.update(
+        reference="upstream in fp32, no autocast, TF32 off for matmuls and convolutions",
+        autocast="bfloat16 autocast (torch's default TF32 settings)",
+        inputs=f"{kinds} ({size_hw[1]}x{size_hw[0]}, upstream's loader for the examples)",
+        weights="random init with the near-zero parameters re-drawn (vggt_turbo.random_model, seed 0), track head",
+        contract=f"exact tier: every output and the rotation within {precision.CONTRACT}x of upstream-autocast's "
+        "error against the reference",
+    )
+    for key in ("warmup", "repeats", "statistic", "timer", "aggregator_timing", "peak_memory", "errors", "batch"):
+        meta.pop(key, None)
+    data = {"meta": meta, "rows": rows}
+    out_dir = Path(args.out) / device_slug(device, args.size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "precision.json").write_text(json.dumps(data, indent=1) + "\n")
+    (out_dir / "precision.md").write_text(precision.markdown(data))
+    print(precision.markdown(data))
+    print(f"wrote {out_dir / 'precision.json'} and precision.md")
+    outside = [r for r in rows if r["tier"] == "exact" and not r.get("within_contract")]
+    return 1 if outside else 0
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

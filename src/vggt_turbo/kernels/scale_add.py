@@ -14,7 +14,9 @@ rounded to the result dtype (``x``'s and the product's promoted). No fused multi
 pass: the sum is read back from registers instead of from memory by a separate norm kernel. The sum stays bit for
 bit; the norm is PyTorch's formula in fp32 (mean, then the mean square of the deviations, ``1/sqrt(var + eps)``)
 with a different summation order than PyTorch's Welford kernel, so it can differ from it by an ulp of the output
-dtype.
+dtype. ``norm_dtype`` writes the norm in another dtype than the sum's: under autocast the residual sum stays fp32
+as upstream keeps it, while the norm goes straight to the bf16 that the next matmul would cast it to (one rounding
+of the fp32 norm either way), so the pass writes half the bytes for it.
 """
 
 from __future__ import annotations
@@ -49,15 +51,18 @@ def scale_add(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, out: O
 
 
 def reference_norm(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float, out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   eps: float, out: Optional[torch.Tensor] = None,
+                   norm_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s, layer_norm(s))`` with ``s = x + branch * gamma`` (written into ``out`` when given), as upstream's
-    blocks compute them."""
+    blocks compute them; the norm rounded to ``norm_dtype`` when given."""
     total = reference(x, branch, gamma, out)
-    return total, F.layer_norm(total, (total.shape[-1],), weight, bias, eps)
+    normed = F.layer_norm(total, (total.shape[-1],), weight, bias, eps)
+    return total, normed if norm_dtype is None else normed.to(norm_dtype)
 
 
 def scale_add_norm(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float, out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   eps: float, out: Optional[torch.Tensor] = None,
+                   norm_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``reference_norm(...)``, by one Triton kernel when it covers the call: ``scale_add``'s conditions (``out``
     None or ``x``), rows of at most ``NORM_MAX_C`` elements (one program holds a whole row) and a contiguous affine
     ``weight`` and ``bias`` of the sum's dtype."""
@@ -66,10 +71,10 @@ def scale_add_norm(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, w
         from ._scale_add_triton import scale_add_norm_
 
         total = out if out is not None else torch.empty_like(x, dtype=dtype)
-        normed = torch.empty_like(total)
+        normed = torch.empty_like(total, dtype=norm_dtype or dtype)
         scale_add_norm_(x, branch, gamma, weight, bias, eps, total, normed, product)
         return total, normed
-    return reference_norm(x, branch, gamma, weight, bias, eps, out)
+    return reference_norm(x, branch, gamma, weight, bias, eps, out, norm_dtype)
 
 
 NORM_MAX_C = 1024  # the widest row one program normalises (VGGT's blocks and DINOv2 ViT-L: 1024)

@@ -1,7 +1,9 @@
 """One module per optimization. ``ALL_PATCHES`` is the order in which wrappers are stacked (last = outermost)."""
 
-from ._base import Patch, Target
+from ..config import TurboConfig
+from ._base import Patch, Target, Tier
 from .bf16_weights import PATCH as BF16_WEIGHTS
+from .cached_casts import PATCH as CACHED_CASTS
 from .cached_positions import PATCH as CACHED_POSITIONS
 from .chunked_mlp import PATCH as CHUNKED_MLP
 from .chunked_patch_embed import PATCH as CHUNKED_PATCH_EMBED
@@ -32,6 +34,7 @@ ALL_PATCHES: tuple[Patch, ...] = (
     DPT_CHANNELS_LAST,  # above fused_dpt_epilogue: hands its projects convolutions a restrided view
     CACHED_POSITIONS,  # replaces Aggregator.forward without calling upstream's: must sit below sync_free_rope
     SYNC_FREE_ROPE,
+    CACHED_CASTS,  # below bf16_weights, which turns autocast off inside it (then these copies are not used)
     BF16_WEIGHTS,  # above the Aggregator.forward wrappers it runs in bf16
     CHUNKED_PATCH_EMBED,  # above bf16_weights' patch_embed wrapper: each slice is cast to bf16 on its own
     OFFLOAD_INTERMEDIATES,
@@ -51,4 +54,16 @@ ALL_PATCHES: tuple[Patch, ...] = (
     SEQUENCE_PARALLEL,  # outermost: splits frames before anything runs; its attention replaces sdpa's on global blocks
 )
 
-__all__ = ["ALL_PATCHES", "Patch", "Target"]
+
+
+def config_tier(config: TurboConfig) -> Tier:
+    """The loosest tier among the patches ``config`` enables (``Tier.EXACT`` when none is enabled)."""
+    return max((p.tier for p in ALL_PATCHES if p.enabled(config)), default=Tier.EXACT)
+
+
+def patch_tiers() -> dict[str, Tier]:
+    """Each patch's tier, by patch name (which is its flag's name)."""
+    return {p.name: p.tier for p in ALL_PATCHES}
+
+
+__all__ = ["ALL_PATCHES", "Patch", "Target", "Tier", "config_tier", "patch_tiers"]

@@ -1,8 +1,9 @@
-"""What every patch module provides: a ``Patch`` naming its flag, its exactness, its upstream requirements and
-the (module, method, wrapper) targets it replaces on a given model."""
+"""What every patch module provides: a ``Patch`` naming its flag, its precision tier, its upstream requirements
+and the (module, method, wrapper) targets it replaces on a given model."""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -13,6 +14,31 @@ from ..upstream import Requirement, aggregator_of
 
 # wrapt's wrapper convention: wrapper(wrapped, instance, args, kwargs) -> result
 Wrapper = Callable[[Callable[..., Any], Any, tuple, dict], Any]
+
+
+class Tier(enum.IntEnum):
+    """How far a patch may move the outputs from upstream's, loosest last (a config's tier is its loosest patch's).
+
+    The yardstick is upstream run in fp32: upstream's own bf16 autocast already differs from it, and that
+    difference is the noise floor (``vggt-turbo bench --precision`` measures every flag against it).
+
+    - ``EXACT``: upstream's operations; at most another summation order, another kernel for the same product, or
+      fewer roundings than autocast. On the GPU every output stays within 1.25x of upstream-autocast's own error
+      against fp32; on the CPU in fp32 within ~1e-5 relative of upstream.
+    - ``REDUCED``: the same computation, rounded more often than upstream-autocast (e.g. a bf16 residual stream).
+    - ``APPROXIMATE``: another computation (e.g. fewer keys in attention).
+    """
+
+    EXACT = 0
+    REDUCED = 1
+    APPROXIMATE = 2
+
+    def __str__(self) -> str:
+        return self.label
+
+    @property
+    def label(self) -> str:
+        return {Tier.EXACT: "exact", Tier.REDUCED: "reduced precision", Tier.APPROXIMATE: "approximate"}[self]
 
 
 @dataclass(frozen=True)
@@ -26,14 +52,15 @@ class Target:
 
 @dataclass(frozen=True)
 class Patch:
-    """One optimization: ``enabled(config)`` says whether it is requested, ``targets`` where it goes.
+    """One optimization: ``enabled(config)`` says whether it is requested, ``targets`` where it goes, ``tier`` how
+    far it may move the outputs (``Tier``).
 
     ``targets`` may raise ``ValueError`` for a config that does not fit the model (e.g. a layer index past the
     model's depth); it must not modify the model.
     """
 
     name: str
-    exact: bool
+    tier: Tier
     requirements: tuple[Requirement, ...]
     enabled: Callable[[TurboConfig], bool]
     targets: Callable[[nn.Module, TurboConfig], list[Target]]

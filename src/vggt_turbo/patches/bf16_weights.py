@@ -12,26 +12,25 @@ receive the intermediates upcast to fp32, one chunk of frames at a time, so the 
 bf16 (half of upstream's memory for them).
 
 The bf16 copy (half the aggregator's fp32 size, about 1.7 GiB for the full model) is made on the first call and
-kept for later calls; it is rebuilt when a parameter is moved, replaced or changed in place (tracked by storage
-address and version counter). Upstream's autocast keeps the same bf16 copies in its cast cache during a forward,
-so the peak is not higher; between calls the copy stays allocated. During the forward the aggregator's
-parameters point at their bf16 copies (``param.data`` is swapped, as ``Module.half()`` does, and restored after),
-so a model must not run the same aggregator from two threads at once.
+kept for later calls (``_shadow.Shadow``: rebuilt when a parameter is moved, replaced or changed in place).
 
 When it applies: inference (eval mode, autograd off), under bf16 autocast on the input's device, with fp32
 parameters. Otherwise (fp32 runs, fp16 autocast, training, a model already converted to bf16) upstream runs as is.
 
-Exact to bf16 rounding, not bit-exact: the same operations, rounded to bf16 at more places than under autocast
-(residual adds, norms, RoPE tables). The benchmarks report the difference per output against upstream-autocast.
-Called alone, ``model.aggregator(images)`` returns bf16 intermediates when this patch is applied to the whole VGGT
-(the heads upcast them); applied to an Aggregator alone it returns fp32, as upstream.
+REDUCED PRECISION, not exact: the same operations, rounded to bf16 at more places than under autocast (the
+residual stream, the norms' outputs, RoPE tables). Upstream-autocast keeps the residual stream in fp32, and
+measured against upstream in fp32 this patch's error is a few times autocast's own (pose and camera rotation
+most), so it is off in ``exact`` and on in ``fast``; ``cached_casts`` and ``fused_add_norm`` win back most of its
+speed within the exact tier (``benchmarks/results/<gpu>/precision.md``). Called alone, ``model.aggregator(images)``
+returns bf16 intermediates when this patch is applied to the whole VGGT (the heads upcast them); applied to an
+Aggregator alone it returns fp32, as upstream.
 """
 
 from __future__ import annotations
 
 import contextvars
 import weakref
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,8 +38,9 @@ from torch import nn
 from ..autocast import autocast_dtype
 from ..config import TurboConfig
 from ..upstream import Requirement, aggregator_of, looks_like_vggt
-from ._base import Patch, Target, aggregator_path, join
+from ._base import Patch, Target, Tier, aggregator_path, join
 from ._head_inputs import HEAD_INPUT_REQUIREMENTS, head_input_targets
+from ._shadow import Shadow
 
 # True while a patched aggregator runs in bf16: tells its patch_embed to take bf16 input.
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("vggt_turbo_bf16_active", default=False)
@@ -48,29 +48,6 @@ _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("vggt_turbo_bf16_
 
 def _images(images: torch.Tensor) -> torch.Tensor:
     return images
-
-
-class Shadow:
-    """The bf16 copies of one module's fp32 parameters, valid while the parameters keep address and version."""
-
-    def __init__(self) -> None:
-        self._params: list[nn.Parameter] = []
-        self._copies: list[torch.Tensor] = []
-        self._key: Optional[tuple] = None
-
-    def refresh(self, module: nn.Module) -> None:
-        params = [p for p in module.parameters() if p.dtype == torch.float32]
-        key = tuple((p.data_ptr(), p._version) for p in params)
-        if key != self._key:
-            self._copies = []  # free the old copies before making the new ones
-            with torch.no_grad(), torch.inference_mode(False):  # plain tensors: .data may be swapped to them
-                self._copies = [p.detach().to(torch.bfloat16) for p in params]
-            self._params, self._key = params, key
-
-    def swap(self) -> None:
-        """Exchange every parameter's data with its copy (called twice: in, then out)."""
-        for i, p in enumerate(self._params):
-            p.data, self._copies[i] = self._copies[i], p.data
 
 
 def make_aggregator_wrapper(upcast_outputs: bool):
@@ -90,8 +67,8 @@ def make_aggregator_wrapper(upcast_outputs: bool):
             return wrapped(*args, **kwargs)
         shadow = shadows.get(agg)
         if shadow is None:
-            shadow = shadows[agg] = Shadow()
-        shadow.refresh(agg)
+            shadow = shadows[agg] = Shadow(nn.Module.parameters)
+        shadow.refresh(agg, torch.bfloat16)
         token = _ACTIVE.set(True)
         shadow.swap()
         try:
@@ -126,7 +103,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 
 PATCH = Patch(
     name="bf16_weights",
-    exact=True,
+    tier=Tier.REDUCED,
     requirements=(
         Requirement("Aggregator", "forward", aggregator_of, ("images",)),
         Requirement("Aggregator", "patch_embed", aggregator_of),

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import TurboConfig
 from ..upstream import AGGREGATOR_LAYOUT, AGGREGATOR_STEPS, aggregator_of, members, upstream_module
-from ._base import Patch, Target, aggregator_path
+from ._base import Patch, Target, Tier, aggregator_path
 
 _MAX_CACHED_SHAPES = 8
 
@@ -127,7 +127,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 
 PATCH = Patch(
     name="cached_positions",
-    exact=True,
+    tier=Tier.EXACT,
     requirements=AGGREGATOR_LAYOUT
     + members(
         "Aggregator",

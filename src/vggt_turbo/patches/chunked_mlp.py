@@ -20,7 +20,7 @@ from torch import nn
 
 from ..config import TurboConfig
 from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, first_block, members
-from ._base import Patch, Target, aggregator_path, join
+from ._base import Patch, Target, Tier, aggregator_path, join
 
 CHUNK_TOKENS = 32768
 
@@ -59,7 +59,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 
 PATCH = Patch(
     name="chunked_mlp",
-    exact=True,
+    tier=Tier.EXACT,
     requirements=AGGREGATOR_LAYOUT
     + members(
         "Block",

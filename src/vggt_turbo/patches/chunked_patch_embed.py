@@ -29,7 +29,7 @@ from torch import nn
 
 from ..config import TurboConfig
 from ..upstream import Requirement, aggregator_of
-from ._base import Patch, Target, aggregator_path, join
+from ._base import Patch, Target, Tier, aggregator_path, join
 
 CHUNK_FRAMES = 16
 
@@ -99,7 +99,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 
 PATCH = Patch(
     name="chunked_patch_embed",
-    exact=True,
+    tier=Tier.EXACT,
     requirements=(Requirement("Aggregator", "patch_embed", aggregator_of),),
     enabled=lambda c: c.chunked_patch_embed,
     targets=_targets,

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..config import TurboConfig
 from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, first_block, members
-from ._base import Patch, Target, aggregator_path, join
+from ._base import Patch, Target, Tier, aggregator_path, join
 from .chunked_mlp import CHUNK_TOKENS, _x_pos
 
 OPTIONS: dict[str, Any] = {"dynamic": False}
@@ -63,7 +63,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 
 PATCH = Patch(
     name="compile",
-    exact=True,
+    tier=Tier.EXACT,
     requirements=AGGREGATOR_LAYOUT + members("Block", first_block, ("forward", ("x", "pos"))),
     enabled=lambda c: c.compile,
     targets=_targets,

@@ -32,7 +32,7 @@ from torch import nn
 from ..config import TurboConfig
 from ..distributed import communicating
 from ..upstream import looks_like_vggt, members
-from ._base import Patch, Target
+from ._base import Patch, Target, Tier
 
 MAX_FRAMES = 1  # the largest call (B*S frames) whose heads run concurrently (see above: memory)
 HEADS = ("camera_head", "depth_head", "point_head")
@@ -133,7 +133,7 @@ def _root(root: nn.Module) -> Optional[nn.Module]:
 
 PATCH = Patch(
     name="concurrent_heads",
-    exact=True,
+    tier=Tier.EXACT,
     requirements=members(
         "VGGT", _root, ("forward", ("images", "query_points")), ("camera_head", None), ("depth_head", None),
         ("point_head", None),

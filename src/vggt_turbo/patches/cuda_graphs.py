@@ -48,7 +48,7 @@ from torch import nn
 from ..config import TurboConfig
 from ..distributed import communicating
 from ..upstream import Requirement, aggregator_of, looks_like_vggt
-from ._base import Patch, Target
+from ._base import Patch, Target, Tier
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 
 PATCH = Patch(
     name="cuda_graphs",
-    exact=True,
+    tier=Tier.EXACT,
     requirements=(
         Requirement("Aggregator", "forward", aggregator_of, ("images",)),
         Requirement("VGGT", "forward", lambda root: root if looks_like_vggt(root) else None, ("images", "query_points")),

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..config import TurboConfig
 from ..upstream import ATTENTION_PARTS, aggregator_of, dino_blocks, members
-from ._base import Patch, Target, aggregator_path, join
+from ._base import Patch, Target, Tier, aggregator_path, join
 from .sdpa import FA4_FIRST, attend, backend, kernel_name
 
 
@@ -85,7 +85,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 
 PATCH = Patch(
     name="dino_attention",
-    exact=True,
+    tier=Tier.EXACT,
     requirements=members("Aggregator", aggregator_of, ("patch_embed", None))
     + members("MemEffAttention", _first_dino_attention, ("forward", ("x", "attn_bias", "pos")), *ATTENTION_PARTS),
     enabled=lambda c: c.dino_attention,

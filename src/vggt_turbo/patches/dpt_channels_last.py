@@ -29,7 +29,7 @@ from torch import nn
 
 from ..config import TurboConfig
 from ..upstream import dpt_heads, first_dpt_head, members
-from ._base import Patch, Target
+from ._base import Patch, Target, Tier
 
 
 def channels_last_view(x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 
 PATCH = Patch(
     name="dpt_channels_last",
-    exact=True,
+    tier=Tier.EXACT,
     requirements=members("DPTHead", first_dpt_head, ("projects", None)),
     enabled=lambda c: c.dpt_channels_last,
     targets=_targets,

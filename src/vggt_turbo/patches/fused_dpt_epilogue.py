@@ -33,7 +33,7 @@ from ..autocast import autocast_dtype
 from ..config import TurboConfig
 from ..kernels.conv_epilogue import KERNEL_DTYPES, conv_epilogue_
 from ..upstream import dpt_heads, members
-from ._base import Patch, Target
+from ._base import Patch, Target, Tier
 
 CONVS = (nn.Conv2d, nn.ConvTranspose2d)
 
@@ -148,7 +148,7 @@ def _first_unit(root: nn.Module) -> Optional[nn.Module]:
 
 PATCH = Patch(
     name="fused_dpt_epilogue",
-    exact=True,
+    tier=Tier.EXACT,
     requirements=members(
         "ResidualConvUnit",
         _first_unit,

@@ -32,7 +32,7 @@ from torch import nn
 from ..config import TurboConfig
 from ..kernels.bilinear import SeparableMap, bilinear
 from ..upstream import dpt_heads, first_dpt_head, members
-from ._base import Patch, Target
+from ._base import Patch, Target, Tier
 from ._head_inputs import _dpt_args
 
 MAX_CACHED = 32  # embeddings kept per head: 5 per input resolution (4 levels + the output), tens of MB in all
@@ -223,7 +223,7 @@ REQUIREMENTS = (
 
 PATCH = Patch(
     name="fused_dpt_upsample",
-    exact=True,
+    tier=Tier.EXACT,
     requirements=REQUIREMENTS,
     enabled=lambda c: c.fused_dpt_upsample,
     targets=_targets,

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import TurboConfig
 from ..upstream import AGGREGATOR_LAYOUT, Requirement, aggregator_of
-from ._base import Patch, Target, aggregator_path
+from ._base import Patch, Target, Tier, aggregator_path
 from ._blocks import run_blocks, step_args
 
 
@@ -35,7 +35,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 
 PATCH = Patch(
     name="fused_frame_batching",
-    exact=True,
+    tier=Tier.EXACT,
     requirements=AGGREGATOR_LAYOUT
     + (
         Requirement(

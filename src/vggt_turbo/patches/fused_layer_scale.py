@@ -12,8 +12,11 @@ and MLP are upstream's own modules, called in upstream's order. With ``fused_add
 writes the LayerNorm that reads it next, saving that norm's pass over the tokens: the first sum's ``norm2``, and the
 second sum's (the block's output) ``norm1`` of the block that runs next (frame, global and DINOv2 blocks in
 upstream's order), handed over to it (``_Handoff``). LayerNorm in fp32 in another summation order: within an ulp of
-the output dtype of PyTorch's, so exact to bf16 rounding rather than bit for bit. It applies outside autocast only
-(with ``bf16_weights``), where the norm returns the sum's dtype. Runs in inference (eval, autograd off) on any
+the output dtype of PyTorch's, so exact (another summation order) rather than bit for bit. Outside autocast (a model
+run natively in one dtype, e.g. under ``bf16_weights``) the norm is written in the sum's dtype. Under autocast the
+sum stays in upstream's fp32 and the norm is written in the autocast dtype: upstream's norm returns fp32 there, and
+the next operation, always a linear layer (the attention's ``qkv``, the MLP's ``fc1``), casts it to that dtype,
+so the kernel rounds the same fp32 value once, as that cast would. Runs in inference (eval, autograd off) on any
 device (the CPU runs the PyTorch reference); in training, with autograd on, for list inputs (the DINOv2
 nested-tensor path) or when a LayerScale is absent (``init_values=None``) upstream runs. Sequences long enough for
 ``chunked_mlp`` to slice take its path instead, with PyTorch's sums (there attention dominates the time).
@@ -31,7 +34,7 @@ from ..config import TurboConfig
 from ..autocast import autocast_dtype
 from ..kernels.scale_add import scale_add, scale_add_norm
 from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, dino_blocks, first_block, members
-from ._base import Patch, Target, aggregator_path, join
+from ._base import Patch, Target, Tier, aggregator_path, join
 
 
 def _x_pos(x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -49,14 +52,18 @@ def _gamma(layer_scale: nn.Module) -> Optional[torch.Tensor]:
 
 
 def _fusable_norm(norm: nn.Module) -> bool:
-    """A plain affine LayerNorm over the last dimension, outside autocast (which would run it in fp32)."""
+    """A plain affine LayerNorm over the last dimension."""
     return (
         type(norm) is nn.LayerNorm
         and norm.elementwise_affine
         and isinstance(norm.bias, torch.Tensor)
         and len(norm.normalized_shape) == 1
-        and autocast_dtype(norm.weight.device.type) is None
     )
+
+
+def _norm_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The dtype the norm's consumer computes in: autocast's on ``x``'s device (None outside autocast: the sum's)."""
+    return autocast_dtype(x.device.type)
 
 
 class _Handoff:
@@ -115,14 +122,16 @@ def make_wrapper(
         normed = handoff.take(x, block.norm1)
         branch = block.attn(block.norm1(x) if normed is None else normed, pos=pos)
         if fuse_norm and _fusable_norm(block.norm2):
-            x, normed = scale_add_norm(x, branch, gamma1, block.norm2.weight, block.norm2.bias, block.norm2.eps)
+            x, normed = scale_add_norm(x, branch, gamma1, block.norm2.weight, block.norm2.bias, block.norm2.eps,
+                                       norm_dtype=_norm_dtype(x))
         else:
             x = scale_add(x, branch, gamma1)
             normed = block.norm2(x)
         branch = block.mlp(normed)
         following = successor.norm1 if successor is not None else None
         if fuse_norm and following is not None and _fusable_norm(following) and not _hooked(block, successor):
-            x, normed = scale_add_norm(x, branch, gamma2, following.weight, following.bias, following.eps, out=x)
+            x, normed = scale_add_norm(x, branch, gamma2, following.weight, following.bias, following.eps, out=x,
+                                       norm_dtype=_norm_dtype(x))
             handoff.put(x, following, normed)
             return x
         return scale_add(x, branch, gamma2, out=x)
@@ -183,7 +192,7 @@ BLOCK_MEMBERS = (("norm1", None), ("attn", None), ("ls1", None), ("norm2", None)
 
 PATCH = Patch(
     name="fused_layer_scale",
-    exact=True,
+    tier=Tier.EXACT,
     requirements=AGGREGATOR_LAYOUT
     + members("Aggregator", aggregator_of, ("aa_block_num", None))
     + members("Block", first_block, ("forward", ("x", "pos")), *BLOCK_MEMBERS)

@@ -9,7 +9,7 @@ lowers the peak memory of long sequences. q, k and v reach SDPA as strided views
 upstream's v already is); cuDNN, which gives its output the query's layout (pytorch#138340), then returns a
 token-major output and the transpose before ``proj`` is a view instead of a copy.
 
-The RoPE table is upstream's own (its cache; fp32 entries, fp64 for an fp64 model); its length comes from
+The RoPE table is upstream's own (``sync_free_rope.rope_table``; fp32 entries, fp64 for an fp64 model); its length comes from
 ``sync_free_rope`` (a prerequisite), so no host sync happens. The attention kernel is chosen as the ``sdpa`` patch
 chooses it (``sdpa.attend``, ``sdpa.kernel_name``): with ``sdpa`` on, ``sdpa_backend`` applies here too, this
 wrapper sitting above ``sdpa``'s and computing the attention itself; with it off, FlashAttention-4 where the
@@ -35,9 +35,9 @@ from torch import nn
 from ..config import TurboConfig
 from ..kernels.qk_norm_rope import compute_dtype, qk_norm_rope
 from ..upstream import AGGREGATOR_LAYOUT, ATTENTION_MEMBERS, aggregator_of, members, rope_of
-from ._base import Patch, Target, aggregator_path, join
+from ._base import Patch, Target, Tier, aggregator_path, join
 from .sdpa import _x_pos, attend, kernel_name
-from .sync_free_rope import published_table_length
+from .sync_free_rope import published_table_length, rope_table
 
 
 def make_wrapper(backend_name: str):
@@ -66,7 +66,7 @@ def fused_qkv(
         return None
     B, N, C = x.shape
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim)
-    table = attn.rope._compute_frequency_components(attn.head_dim // 2, length, x.device, compute_dtype(qkv))
+    table = rope_table(attn.rope, attn.head_dim // 2, length, x.device, compute_dtype(qkv))
     return qk_norm_rope(qkv, pos, attn.q_norm, attn.k_norm, *table)
 
 
@@ -93,13 +93,14 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 
 PATCH = Patch(
     name="fused_qk_norm_rope",
-    exact=True,
+    tier=Tier.EXACT,
     requirements=AGGREGATOR_LAYOUT
     + ATTENTION_MEMBERS
     + members(
         "RotaryPositionEmbedding2D",
         rope_of,
         ("_compute_frequency_components", ("dim", "seq_len", "device", "dtype")),
+        ("frequency_cache", None),
     ),
     enabled=lambda c: c.fused_qk_norm_rope,
     targets=_targets,

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import TurboConfig
 from ..upstream import AGGREGATOR_LAYOUT, Requirement, aggregator_of
-from ._base import Patch, Target, aggregator_path
+from ._base import Patch, Target, Tier, aggregator_path
 from ._blocks import run_blocks, step_args
 
 
@@ -44,7 +44,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 
 PATCH = Patch(
     name="global_to_frame_layers",
-    exact=False,
+    tier=Tier.APPROXIMATE,
     requirements=AGGREGATOR_LAYOUT
     + (
         Requirement("Aggregator", "use_reentrant", aggregator_of),

@@ -56,7 +56,7 @@ from torch import nn
 from ..autocast import autocast_dtype
 from ..config import TurboConfig
 from ..upstream import aggregator_of, members
-from ._base import Patch, Target, aggregator_path, join
+from ._base import Patch, Target, Tier, aggregator_path, join
 from ._lse_attention import attention_with_lse
 from .fused_qk_norm_rope import fits, fused_qkv
 from .sdpa import PATCH as SDPA
@@ -240,7 +240,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 
 PATCH = Patch(
     name="kv_subsample",
-    exact=False,
+    tier=Tier.APPROXIMATE,
     # the aggregator layout and the Attention parts that sdpa's forward reads too, and the grid's geometry
     requirements=SDPA.requirements
     + members("Aggregator", aggregator_of, ("forward", ("images",)), ("patch_size", None), ("patch_start_idx", None)),

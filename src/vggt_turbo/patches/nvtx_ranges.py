@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import TurboConfig
 from ..upstream import AGGREGATOR_LAYOUT, Requirement, aggregator_of
-from ._base import Patch, Target, aggregator_path, join
+from ._base import Patch, Target, Tier, aggregator_path, join
 
 DOMAIN = "vggt_turbo"
 HEADS = ("camera_head", "depth_head", "point_head", "track_head")
@@ -49,7 +49,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 
 PATCH = Patch(
     name="nvtx",
-    exact=True,
+    tier=Tier.EXACT,
     requirements=AGGREGATOR_LAYOUT + (Requirement("Aggregator", "patch_embed", aggregator_of),),
     enabled=lambda c: c.nvtx,
     targets=_targets,

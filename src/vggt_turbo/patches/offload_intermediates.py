@@ -36,7 +36,7 @@ from torch import nn
 
 from ..config import AUTO, TurboConfig
 from ..upstream import Requirement, aggregator_of, looks_like_vggt
-from ._base import Patch, Target, aggregator_path
+from ._base import Patch, Target, Tier, aggregator_path
 from ._head_inputs import HEAD_INPUT_REQUIREMENTS, head_input_targets
 from .cached_positions import STORE
 
@@ -112,7 +112,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 
 PATCH = Patch(
     name="offload_intermediates",
-    exact=True,
+    tier=Tier.EXACT,
     requirements=(Requirement("Aggregator", "forward", aggregator_of, ("images",)),) + HEAD_INPUT_REQUIREMENTS,
     enabled=_enabled,
     targets=_targets,

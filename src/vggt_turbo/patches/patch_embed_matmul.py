@@ -30,7 +30,7 @@ from torch import nn
 from ..autocast import autocast_dtype
 from ..config import TurboConfig
 from ..upstream import aggregator_of, members
-from ._base import Patch, Target, aggregator_path, join
+from ._base import Patch, Target, Tier, aggregator_path, join
 
 
 def _x(x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +99,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 
 PATCH = Patch(
     name="patch_embed_matmul",
-    exact=True,
+    tier=Tier.EXACT,
     requirements=members(
         "PatchEmbed", _patch_embed, ("forward", ("x",)), ("proj", None), ("norm", None), ("flatten_embedding", None),
         ("embed_dim", None),

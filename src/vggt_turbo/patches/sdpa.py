@@ -27,7 +27,7 @@ from torch import nn
 from ..config import TurboConfig
 from ..kernels import flash_attention_4 as fa4
 from ..upstream import AGGREGATOR_LAYOUT, ATTENTION_MEMBERS, aggregator_of
-from ._base import Patch, Target, aggregator_path, join
+from ._base import Patch, Target, Tier, aggregator_path, join
 
 try:
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -119,7 +119,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 
 PATCH = Patch(
     name="sdpa",
-    exact=True,
+    tier=Tier.EXACT,
     requirements=AGGREGATOR_LAYOUT
     + ATTENTION_MEMBERS,
     enabled=lambda c: c.sdpa,

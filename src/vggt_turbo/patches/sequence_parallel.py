@@ -81,7 +81,7 @@ from ..distributed import (
     world_size,
 )
 from ..upstream import AGGREGATOR_LAYOUT, AGGREGATOR_STEPS, ATTENTION_MEMBERS, aggregator_of, looks_like_vggt, members
-from ._base import Patch, Target, aggregator_path, join
+from ._base import Patch, Target, Tier, aggregator_path, join
 from ._blocks import step_args
 from ._head_inputs import first_param, head_of
 from .fused_qk_norm_rope import fits, fused_qkv
@@ -96,6 +96,7 @@ SUPPORTED = frozenset(
         "cached_positions",
         "sync_free_rope",
         "bf16_weights",
+        "cached_casts",  # the same weights' copies on every rank
         "sdpa",
         "fused_frame_batching",
         "global_to_frame_layers",
@@ -375,7 +376,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 
 PATCH = Patch(
     name="sequence_parallel",
-    exact=True,
+    tier=Tier.EXACT,
     requirements=AGGREGATOR_LAYOUT
     + members(
         "Aggregator",

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..config import TurboConfig
 from ..upstream import looks_like_vggt, members
-from ._base import Patch, Target, join
+from ._base import Patch, Target, Tier, join
 
 
 def _x_pos(x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -68,7 +68,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 
 PATCH = Patch(
     name="single_key_attention",
-    exact=True,
+    tier=Tier.EXACT,
     requirements=members(
         "Attention", _first_trunk_attention, ("forward", ("x", "pos")), ("qkv", None), ("proj", None), ("proj_drop", None)
     ),

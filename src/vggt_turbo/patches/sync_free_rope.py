@@ -5,25 +5,34 @@ Why faster: upstream sizes its cos/sin table with ``int(positions.max()) + 1`` i
 synchronisation in each of the 48 attention layers that stalls the CPU until the GPU catches up (the 1-frame
 regime is host-bound). The aggregator already knows the largest position: patch positions are the grid indices
 plus one (special tokens sit at 0), so the table length is ``max(H, W) // patch_size + 1``. The patched
-aggregator publishes that length for the duration of its forward; the patched RoPE uses it and upstream's own
-cached table (same cache key as upstream's).
+aggregator publishes that length for the duration of its forward; the patched RoPE uses it and a table made by
+upstream's own ``_compute_frequency_components`` (``rope_table``).
 
-Exact: the same table entries, the same lookups and arithmetic as upstream. Called outside its aggregator's
-forward (no length published), the RoPE falls back to upstream's code, sync included.
+The tables are kept apart from upstream's ``frequency_cache``: upstream's table depends on the autocast state of
+the call that first fills a key (under autocast its ``einsum`` runs in bf16, outside it in fp32, both stored under
+the same key), so a table a patched call stored there could later be read by the reverted model where upstream
+would have computed its own, and the reverted model would no longer match an unpatched one bit for bit. Here the
+tables are computed on a scratch cache and kept per RoPE module, keyed by the autocast state as well.
+
+Exact: the same table entries (upstream's function in the same autocast state), the same lookups and arithmetic
+as upstream. Called outside its aggregator's forward (no length published), the RoPE falls back to upstream's
+code, sync included.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import weakref
 from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
 
+from ..autocast import autocast_dtype
 from ..config import TurboConfig
 from ..upstream import aggregator_of, members, rope_of
-from ._base import Patch, Target, aggregator_path, join
+from ._base import Patch, Target, Tier, aggregator_path, join
 
 # (the RoPE module, its table length) while a patched Aggregator.forward runs.
 _TABLE: contextvars.ContextVar[Optional[tuple[nn.Module, int]]] = contextvars.ContextVar(
@@ -63,6 +72,28 @@ def published_table_length(rope: nn.Module) -> Optional[int]:
     return published[1] if published is not None and published[0] is rope else None
 
 
+# Per RoPE module (weakly held): (dim, length, device, dtype, autocast dtype) -> (cos, sin)
+_TABLES: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[torch.Tensor, torch.Tensor]]]" = weakref.WeakKeyDictionary()
+
+
+def rope_table(rope: nn.Module, dim: int, length: int, device: torch.device,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upstream's ``rope._compute_frequency_components(dim, length, device, dtype)`` as it computes it in the
+    current autocast state, without reading or writing upstream's ``frequency_cache`` (see the module docstring)."""
+    key = (dim, length, device, dtype, autocast_dtype(device.type))
+    tables = _TABLES.setdefault(rope, {})
+    table = tables.get(key)
+    if table is None:
+        upstream_cache = rope.frequency_cache
+        rope.frequency_cache = {}
+        try:
+            table = rope._compute_frequency_components(dim, length, device, dtype)
+        finally:
+            rope.frequency_cache = upstream_cache
+        tables[key] = table
+    return table
+
+
 def aggregator_forward(wrapped: Any, aggregator: nn.Module, args: tuple, kwargs: dict) -> Any:
     images = _images(*args, **kwargs)
     with table_published(aggregator.rope, table_length(aggregator, images.shape[-2], images.shape[-1])):
@@ -75,7 +106,7 @@ def rope_forward(wrapped: Any, rope: nn.Module, args: tuple, kwargs: dict) -> to
         return wrapped(*args, **kwargs)
     tokens, positions = _tokens_positions(*args, **kwargs)
     half = tokens.size(-1) // 2
-    cos, sin = rope._compute_frequency_components(half, length, tokens.device, tokens.dtype)
+    cos, sin = rope_table(rope, half, length, tokens.device, tokens.dtype)
     vertical, horizontal = tokens.chunk(2, dim=-1)
     vertical = rope._apply_1d_rope(vertical, positions[..., 0], cos, sin)
     horizontal = rope._apply_1d_rope(horizontal, positions[..., 1], cos, sin)
@@ -91,7 +122,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 
 PATCH = Patch(
     name="sync_free_rope",
-    exact=True,
+    tier=Tier.EXACT,
     requirements=members(
         "Aggregator",
         aggregator_of,
@@ -105,6 +136,7 @@ PATCH = Patch(
         ("forward", ("tokens", "positions")),
         ("_compute_frequency_components", ("dim", "seq_len", "device", "dtype")),
         ("_apply_1d_rope", ("tokens", "positions", "cos_comp", "sin_comp")),
+        ("frequency_cache", None),
     ),
     enabled=lambda c: c.sync_free_rope,
     targets=_targets,
