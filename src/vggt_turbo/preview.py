@@ -72,7 +72,9 @@ def render_preview(
                      fontsize=15 if notes else 13, fontweight="bold" if notes else "normal")
     _point_cloud(rows[0], xyz, rgb, extrinsics, intrinsics, width, height)
     _strip(rows[1], frames, depth, names, shown)
-    FigureCanvasAgg(fig).print_png(str(path))
+    # The notes go into the PNG's text chunks too, where a program (or a test) reads them without OCR.
+    metadata = {"Title": "vggt-turbo reconstruct preview", **({"Warning": " / ".join(notes)} if notes else {})}
+    FigureCanvasAgg(fig).print_png(str(path), metadata=metadata)
 
 
 def _point_cloud(fig: Figure, xyz: np.ndarray, rgb: np.ndarray, extrinsics: np.ndarray, intrinsics: np.ndarray,
