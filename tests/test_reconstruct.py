@@ -86,7 +86,8 @@ def test_predictions_npz_shapes_and_dtypes(room: dict) -> None:
     assert d["image_names"].tolist() == room["names"]
     assert bool(d["random_weights"]) is True
     assert "RANDOM WEIGHTS" in str(d["weights"])
-    assert sorted(p.name for p in room["out"].iterdir()) == ["images", "points.ply", "predictions.npz", "report.json", "sparse"]
+    assert sorted(p.name for p in room["out"].iterdir()) == ["images", "points.ply", "predictions.npz", "preview.png",
+                                                             "report.json", "sparse"]
 
 
 @needs_examples
@@ -129,13 +130,13 @@ def test_colmap_model_parses_and_reproduces_the_extrinsics(room: dict) -> None:
         k = d["intrinsics"][i]
         np.testing.assert_allclose(camera.params, [k[0, 0], k[1, 1], k[0, 2], k[1, 2]], rtol=1e-6)
         np.testing.assert_allclose(cam_from_world(image).matrix(), d["extrinsics"][i], atol=1e-5)
-    assert len(rec.points3D) == min(room_report(room)["points"]["written"], export.MAX_COLMAP_POINTS)
+    assert len(rec.points3D) == room_report(room)["points"]["colmap_points"] > 0
 
-    # The text itself: PINHOLE with 4 params, unit quaternions, an empty POINTS2D line per image.
+    # The text itself: PINHOLE with 4 params, unit quaternions, a POINTS2D line per image (one triple per point).
     cameras = [l.split() for l in (sparse / "cameras.txt").read_text().splitlines() if l and not l.startswith("#")]
     assert all(c[1] == "PINHOLE" and len(c) == 8 for c in cameras)
     lines = [l for l in (sparse / "images.txt").read_text().splitlines() if not l.startswith("#")]
-    assert len(lines) == 6 and all(l == "" for l in lines[1::2])
+    assert len(lines) == 6 and sum(len(l.split()) for l in lines[1::2]) == 3 * len(rec.points3D)
     for line in lines[::2]:
         assert np.linalg.norm([float(v) for v in line.split()[1:5]]) == pytest.approx(1.0, abs=1e-12)
     assert (sparse / "cameras.txt").read_text().startswith("# RANDOM WEIGHTS")
@@ -442,11 +443,14 @@ def test_colmap_leaves_out_degenerate_cameras(tmp_path: Path) -> None:
     extrinsics[:, 2, 3] = [1.0, 2.0, 3.0]
     intrinsics = np.tile(np.array([[50, 0, 28], [0, 50, 28], [0, 0, 1]], dtype=np.float32), (3, 1, 1))
     intrinsics[1, 0, 0] = np.inf  # a field of view of 0
-    xyz, rgb = np.zeros((4, 3), np.float32), np.full((4, 3), 7, np.uint8)
-    written, skipped = export.write_colmap(tmp_path, extrinsics, intrinsics, ["a.png", "b.png", "c.png"], 56, 56, xyz, rgb)
-    assert (written, skipped) == (4, ["b.png"])
+    depth, conf = np.ones((3, 4, 4, 1), np.float32), np.ones((3, 4, 4), np.float32)
+    colors = np.full((3, 4, 4, 3), 7, np.uint8)
+    model = export.colmap_model(extrinsics, intrinsics, depth, conf, colors, ["a.png", "b.png", "c.png"], 56, 56, 50.0)
+    assert (len(model.xyz), model.skipped) == (32, ["b.png"])  # frame b's 16 pixels are left out with it
+    export.write_colmap(tmp_path, model)
     rec = pycolmap.Reconstruction(str(tmp_path))
     assert sorted(im.name for im in rec.images.values()) == ["a.png", "c.png"]
+    assert {el.image_id for p in rec.points3D.values() for el in p.track.elements} == {1, 3}
     assert cam_from_world(rec.images[3]).translation.tolist() == [0.0, 0.0, 3.0]
 
 

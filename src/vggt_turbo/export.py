@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
@@ -124,30 +125,75 @@ def quaternions_from_rotations(rotations: np.ndarray) -> np.ndarray:
     return wxyz / np.linalg.norm(wxyz, axis=1, keepdims=True)
 
 
-def write_colmap(
-    sparse: Path,
+@dataclass(frozen=True)
+class ColmapModel:
+    """The cameras and points that every COLMAP-shaped export writes: the text model, the binary model and
+    nerfstudio's transforms.json all read these arrays, so they describe exactly the same scene.
+
+    Only the frames with a representable camera are here (``frames``); image and camera ids are a frame's
+    position in the input + 1, as in predictions.npz's order. The points are sorted by the image they were seen
+    in, so image ``i``'s observations are one contiguous run of points and a point's ``point2d_idx`` is its place
+    in that run.
+    """
+
+    frames: np.ndarray  # (F,) int: positions of the kept frames in the input
+    names: list[str]  # (F,) their image names
+    width: int
+    height: int
+    cam_from_world: np.ndarray  # (F, 3, 4) float64, OpenCV axes (COLMAP's own convention)
+    intrinsics: np.ndarray  # (F, 3, 3) float64 at width x height
+    xyz: np.ndarray  # (P, 3) float64 world coordinates
+    rgb: np.ndarray  # (P, 3) uint8
+    point_frames: np.ndarray  # (P,) int: the frame each point was seen in (its image id - 1)
+    points2d: np.ndarray  # (P, 2) float64: where, in COLMAP pixel coordinates (a pixel's centre is at +0.5)
+    point2d_idx: np.ndarray  # (P,) int: its index among that image's 2-D points
+    skipped: list[str] = field(default_factory=list)  # frames left out: degenerate cameras
+
+    @property
+    def params(self) -> np.ndarray:
+        """(F, 4) PINHOLE parameters fx, fy, cx, cy."""
+        k = self.intrinsics
+        return np.stack([k[:, 0, 0], k[:, 1, 1], k[:, 0, 2], k[:, 1, 2]], axis=1)
+
+    @property
+    def quaternions(self) -> np.ndarray:
+        """(F, 4) the rotations of ``cam_from_world`` as COLMAP's (qw, qx, qy, qz)."""
+        return quaternions_from_rotations(self.cam_from_world[:, :, :3])
+
+    def observations(self, position: int) -> slice:
+        """The points (as a slice of ``xyz``) seen in the ``position``-th kept frame, in point2D order."""
+        frame = self.frames[position]
+        lo, hi = (int(np.searchsorted(self.point_frames, frame, side=side)) for side in ("left", "right"))
+        return slice(lo, hi)
+
+
+def colmap_model(
     extrinsics: np.ndarray,
     intrinsics: np.ndarray,
+    depth: np.ndarray,
+    depth_conf: np.ndarray,
+    colors: np.ndarray,
     names: Sequence[str],
     width: int,
     height: int,
-    xyz: np.ndarray,
-    rgb: np.ndarray,
-    comments: Sequence[str] = (),
-) -> tuple[int, list[str]]:
-    """COLMAP text model: one PINHOLE camera per image, poses, and up to ``MAX_COLMAP_POINTS`` points.
+    percentile: float,
+) -> ColmapModel:
+    """One PINHOLE camera per frame, its pose, and up to ``MAX_COLMAP_POINTS`` points with one-view tracks.
 
-    VGGT's extrinsics are camera-from-world in OpenCV axes (x right, y down, z forward), which is exactly the
-    world-to-camera pose COLMAP stores in images.txt, so R and t are written as they are (R as a quaternion).
-    The intrinsics are at the processed resolution (``width`` x ``height``), the resolution of the images
-    written beside ``sparse/``. Image and camera ids are the frame's position + 1. The points have empty tracks
-    (there are no 2D keypoints).
+    VGGT's extrinsics are camera-from-world in OpenCV axes (x right, y down, z forward), exactly the
+    world-to-camera pose COLMAP stores, so they are kept as they are. The intrinsics are at the processed
+    resolution (``width`` x ``height``), the resolution of the images written beside ``sparse/``.
+
+    The points are the depth map's pixels whose depth confidence is at least its ``percentile``-th percentile,
+    lifted through their frame's predicted camera, not the point head's ``world_points`` (points.ply): COLMAP
+    readers treat a point's track as an observation, and only depth-lifted points reproject onto the pixel they
+    came from (the two heads disagree, by a lot with random weights). Each point's track is that pixel, at its
+    centre (COLMAP puts pixel centres at +0.5; VGGT's principal point at W/2, H/2 is in the same convention).
 
     A frame whose camera is degenerate (non-finite values, focal length <= 0) cannot be represented, and COLMAP
-    refuses the whole model if it is there: such frames are left out (they stay in the npz) and named in the
-    return value ``(points written, names of the frames left out)``.
+    refuses the whole model if it is there: such frames and their points are left out (they stay in the npz)
+    and named in ``skipped``.
     """
-    sparse.mkdir(parents=True, exist_ok=True)
     valid = (
         np.isfinite(extrinsics).all(axis=(1, 2))
         & np.isfinite(intrinsics).all(axis=(1, 2))
@@ -157,31 +203,57 @@ def write_colmap(
     skipped = [name for name, ok in zip(names, valid) if not ok]
     if skipped:
         log.warning("left out of the COLMAP model, their predicted cameras are degenerate: %s", ", ".join(skipped))
+    z = depth[..., 0]
+    keep = (depth_conf >= np.percentile(depth_conf, percentile)) & np.isfinite(z) & (z > 0) & valid[:, None, None]
+    frame, y, x = np.nonzero(keep)  # row-major: sorted by frame, as ColmapModel needs
+    if len(frame) > MAX_COLMAP_POINTS:
+        pick = np.sort(np.random.default_rng(0).choice(len(frame), MAX_COLMAP_POINTS, replace=False))
+        frame, y, x = frame[pick], y[pick], x[pick]
+    k, pose = intrinsics.astype(np.float64), extrinsics.astype(np.float64)
+    pixels = np.stack([x + 0.5, y + 0.5], axis=1)
+    d = z[frame, y, x].astype(np.float64)[:, None]
+    focal = np.stack([k[frame, 0, 0], k[frame, 1, 1]], axis=1)
+    cam = np.concatenate([d * (pixels - k[frame, :2, 2]) / focal, d], axis=1)
+    world = np.einsum("pji,pj->pi", pose[frame, :, :3], cam - pose[frame, :, 3])  # R^T (X_cam - t)
+    finite = np.isfinite(world).all(axis=1)
+    frame, y, x, pixels, world = frame[finite], y[finite], x[finite], pixels[finite], world[finite]
+    first = np.searchsorted(frame, frame, side="left")
+    kept = np.flatnonzero(valid)
+    return ColmapModel(
+        frames=kept, names=[names[i] for i in kept], width=width, height=height, cam_from_world=pose[kept],
+        intrinsics=k[kept], xyz=world, rgb=colors[frame, y, x], point_frames=frame, points2d=pixels,
+        point2d_idx=np.arange(len(frame)) - first, skipped=skipped,
+    )
+
+
+def write_colmap(sparse: Path, model: ColmapModel, comments: Sequence[str] = ()) -> None:
+    """COLMAP text model (cameras.txt, images.txt, points3D.txt) of ``model``, ``comments`` as header lines."""
+    sparse.mkdir(parents=True, exist_ok=True)
     notes = "".join(f"# {c}\n" for c in comments)
-    quats = quaternions_from_rotations(extrinsics[:, :, :3])
+    quats = model.quaternions
+    ids = model.frames + 1
+    point_ids = np.arange(1, len(model.xyz) + 1)
     cameras = [notes, "# Camera list with one line of data per camera:\n", "#   CAMERA_ID, MODEL, WIDTH, HEIGHT, PARAMS[]\n"]
     images = [notes, "# Image list with two lines of data per image:\n",
               "#   IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME\n", "#   POINTS2D[] as (X, Y, POINT3D_ID)\n"]
-    for i in np.flatnonzero(valid):
-        k, t = intrinsics[i].astype(np.float64), extrinsics[i, :, 3].astype(np.float64)
-        params = " ".join(repr(float(v)) for v in (k[0, 0], k[1, 1], k[0, 2], k[1, 2]))
-        cameras.append(f"{i + 1} PINHOLE {width} {height} {params}\n")
-        pose = " ".join(repr(float(v)) for v in (*quats[i], *t))
-        images.append(f"{i + 1} {pose} {i + 1} {names[i]}\n\n")
+    for i, (image_id, name) in enumerate(zip(ids.tolist(), model.names)):
+        params = " ".join(repr(v) for v in model.params[i].tolist())
+        cameras.append(f"{image_id} PINHOLE {model.width} {model.height} {params}\n")
+        pose = " ".join(repr(v) for v in (*quats[i].tolist(), *model.cam_from_world[i, :, 3].tolist()))
+        seen = model.observations(i)
+        points2d = " ".join(f"{u!r} {v!r} {p}" for (u, v), p in zip(model.points2d[seen].tolist(), point_ids[seen].tolist()))
+        images.append(f"{image_id} {pose} {image_id} {name}\n{points2d}\n")
     (sparse / "cameras.txt").write_text("".join(cameras))
     (sparse / "images.txt").write_text("".join(images))
 
-    if len(xyz) > MAX_COLMAP_POINTS:
-        pick = np.sort(np.random.default_rng(0).choice(len(xyz), MAX_COLMAP_POINTS, replace=False))
-        xyz, rgb = xyz[pick], rgb[pick]
     lines = [notes, "# 3D point list with one line of data per point:\n",
              "#   POINT3D_ID, X, Y, Z, R, G, B, ERROR, TRACK[] as (IMAGE_ID, POINT2D_IDX)\n"]
     lines += [
-        f"{i} {p[0]!r} {p[1]!r} {p[2]!r} {c[0]} {c[1]} {c[2]} 0\n"
-        for i, (p, c) in enumerate(zip(xyz.astype(np.float64).tolist(), rgb.tolist()), start=1)
+        f"{i} {p[0]!r} {p[1]!r} {p[2]!r} {c[0]} {c[1]} {c[2]} 0 {f + 1} {j}\n"
+        for i, p, c, f, j in zip(point_ids.tolist(), model.xyz.tolist(), model.rgb.tolist(),
+                                 model.point_frames.tolist(), model.point2d_idx.tolist())
     ]
     (sparse / "points3D.txt").write_text("".join(lines))
-    return len(xyz), skipped
 
 
 def output_image_name(name: str) -> str:

@@ -6,9 +6,12 @@ at all (see ``export.staged_directory``):
 
   predictions.npz   extrinsics (S,3,4) camera-from-world, intrinsics (S,3,3), depth (S,H,W,1), depth_conf (S,H,W),
                     world_points (S,H,W,3), world_points_conf (S,H,W), image_names, weights, random_weights
-  points.ply        world points whose confidence is >= the --conf-percentile, coloured by the images
+  points.ply        world points whose confidence is >= the --conf-percentile, coloured by the images (--export ply)
   images/           the preprocessed frames (the resolution the cameras describe)
-  sparse/           COLMAP text model: cameras.txt (PINHOLE), images.txt, points3D.txt
+  sparse/           COLMAP text model: cameras.txt (PINHOLE), images.txt, points3D.txt (depth-lifted points)
+  sparse/0/         the same model in COLMAP's binary format, as gsplat and nerfstudio read it (--export colmap)
+  transforms.json   nerfstudio's cameras, with its initial points in sparse_pc.ply (--export nerfstudio)
+  preview.png       the point cloud and cameras from two viewpoints, frames and their depth maps
   report.json       timings per phase, peak memory, patches applied, versions, frames, weights
 
 Problems the user can fix exit with code 2 and one line on stderr (``-v`` adds the traceback).
@@ -33,7 +36,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import apply_optimizations, describe, export, inputs, memory
+from . import apply_optimizations, describe, export, export_options, inputs, memory
+from .export_colmap_binary import write_colmap_binary
+from .export_nerfstudio import write_nerfstudio
+from .preview import render_preview
 from .config import PRESETS
 from .errors import UserError
 from .inference import phases, predict
@@ -44,8 +50,7 @@ from .weights import DEFAULT_WEIGHTS, load_model
 log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-OUTPUTS = ("predictions.npz", "points.ply", "images/", "sparse/cameras.txt", "sparse/images.txt",
-           "sparse/points3D.txt", "report.json")
+OUTPUTS = export_options.outputs(export_options.DEFAULT)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -74,6 +79,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="upstream preprocessing: 518 px wide and crop the height, or fit in 518x518 and pad")
     p.add_argument("--conf-percentile", type=_percentile, default=50.0, metavar="P",
                    help="points.ply keeps the points whose confidence is at or above this percentile (default: 50)")
+    p.add_argument("--export", default=",".join(export_options.DEFAULT), metavar="LIST",
+                   help=f"formats to write besides the npz, images/, COLMAP text, preview and report: a comma list "
+                   f"of {', '.join(export_options.FORMATS)} (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--quiet", action="store_true", help="print errors only")
     p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log details, tracebacks on errors")
@@ -128,6 +136,7 @@ class Result:
 
 def reconstruct(args: argparse.Namespace) -> Result:
     """Load, build, infer, export; each phase timed. Raises ``UserError`` for what the user can fix."""
+    formats = export_options.parse(args.export)
     device = _device(args.device)
     dtype = _dtype(args.dtype, device)
     _check_out(args.out, args.input, args.force)
@@ -168,46 +177,59 @@ def reconstruct(args: argparse.Namespace) -> Result:
     result = Result(
         args=args, weights=weights, frames=frames, frames_in_input=available, input_kind=kind,
         image_names=[export.output_image_name(n) for n in names], width=width, height=height, device=device,
-        dtype=dtype, timings=timings,
+        dtype=dtype, timings=timings, outputs=export_options.outputs(formats),
         optimizations={"config": applied.config.as_dict() if applied.config else None, "exact": applied.exact,
                        "patched": applied.targets},
     )
-    _export(result, predictions, export.images_to_uint8(images.numpy()))
+    _export(result, predictions, export.images_to_uint8(images.numpy()), formats)
     return result
 
 
-def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarray) -> None:
+def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarray, formats: tuple[str, ...]) -> None:
     """Write every output into a staging folder that replaces ``--out`` only once all are written."""
     args, names = result.args, result.image_names
     start = time.perf_counter()
     notes = [RANDOM_WEIGHTS_NOTE] if result.random_weights else []
-    steps = ("predictions.npz", "points.ply", "images/", "sparse/", "report.json")
-    with _bar("export", len(steps), "step", args.quiet) as bar, export.staged_directory(args.out, args.force) as stage:
+    steps = 5 + len(formats)  # predictions.npz, images/, sparse/, preview.png, report.json, then one per format
+    with _bar("export", steps, "step", args.quiet) as bar, export.staged_directory(args.out, args.force) as stage:
         arrays = dict(predictions, image_names=np.array(names), weights=np.array(result.weights),
                       random_weights=np.array(result.random_weights))
         export.write_npz(stage / "predictions.npz", arrays)
-        _step(bar, steps[0])
+        _step(bar, "predictions.npz")
 
         xyz, rgb, result.conf_threshold = export.confident_points(
             predictions["world_points"], predictions["world_points_conf"], colors, args.conf_percentile
         )
-        export.write_ply(stage / "points.ply", xyz, rgb, comments=[*notes, f"weights: {result.weights}"])
         result.points = len(xyz)
-        _step(bar, steps[1])
+        if "ply" in formats:
+            export.write_ply(stage / "points.ply", xyz, rgb, comments=[*notes, f"weights: {result.weights}"])
+            _step(bar, "points.ply")
 
         export.write_images(stage / "images", colors, names)
-        _step(bar, steps[2])
+        _step(bar, "images/")
 
-        result.colmap_points, result.colmap_skipped = export.write_colmap(
-            stage / "sparse", predictions["extrinsics"], predictions["intrinsics"], names, result.width,
-            result.height, xyz, rgb, comments=notes,
+        model = export.colmap_model(
+            predictions["extrinsics"], predictions["intrinsics"], predictions["depth"], predictions["depth_conf"],
+            colors, names, result.width, result.height, args.conf_percentile,
         )
-        _step(bar, steps[3])
+        export.write_colmap(stage / "sparse", model, comments=notes)
+        result.colmap_points, result.colmap_skipped = len(model.xyz), model.skipped
+        _step(bar, "sparse/")
+        if "colmap" in formats:
+            write_colmap_binary(stage / "sparse" / "0", model)
+            _step(bar, "sparse/0/")
+        if "nerfstudio" in formats:
+            write_nerfstudio(stage, model, notes)
+            _step(bar, "transforms.json")
+
+        render_preview(stage / "preview.png", xyz, rgb, predictions["extrinsics"], predictions["intrinsics"], colors,
+                       predictions["depth"], names, notes)
+        _step(bar, "preview.png")
 
         result.timings["export"] = time.perf_counter() - start
         result.peak_bytes, result.peak_measured = memory.peak(result.device)
         export.write_json(stage / "report.json", build_report(result))
-        _step(bar, steps[4])
+        _step(bar, "report.json")
 
 
 def _load(args: argparse.Namespace) -> tuple[torch.Tensor, list[str], str, int]:
