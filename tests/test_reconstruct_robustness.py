@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from test_reconstruct import SMALL, assert_user_error, cam_from_world, run_cli  # noqa: E402
 
-from vggt_turbo import export, inputs, reconstruct, weights  # noqa: E402
+from vggt_turbo import example_scene, export, inputs, reconstruct, weights  # noqa: E402
 from vggt_turbo.random_model import build_vggt  # noqa: E402
 
 
@@ -331,3 +331,31 @@ def test_damaged_video_is_one_line_and_ffmpeg_stays_quiet(tmp_path: Path, capfd:
     assert_user_error(result, "clip.mp4", "the video is damaged", "the decoder reported")
     captured = capfd.readouterr()  # what reached the real file descriptors, past Python's sys.stderr
     assert "mpeg4 @" not in captured.err and "mpeg4 @" not in result[2]
+
+
+# ------------------------------------------------------------ item 4: a main job that runs anywhere
+
+
+def test_example_runs_from_any_folder_without_input_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's first command: no INPUT, no shared/ data, no network (small model here for speed)."""
+    monkeypatch.chdir(tmp_path)
+    code, stdout, stderr = run_cli("--example", "--out", "out", *SMALL)
+    assert code == 0, stderr
+    report = json.loads((tmp_path / "out/report.json").read_text())
+    assert (report["input_kind"], report["frames"]) == ("example scene", example_scene.VIEWS)
+    assert report["input_names"] == [f"view_{i}.png" for i in range(1, example_scene.VIEWS + 1)]
+    assert "example scene example-room" in stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the rendered views were temporary
+
+
+def test_example_scene_is_a_textured_deterministic_scene() -> None:
+    first, again = example_scene.render(2, 128, 96), example_scene.render(2, 128, 96)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert first[0].shape == (96, 128, 3) and first[0].dtype == np.uint8
+    assert not np.array_equal(first[0], first[1])  # the cameras moved
+    assert len(np.unique(first[0].reshape(-1, 3), axis=0)) > 500  # texture, not flat colour
+
+
+def test_input_or_example_exactly_one(tmp_path: Path) -> None:
+    assert_user_error(run_cli("--out", tmp_path / "o", *SMALL), "no INPUT", "--example")
+    assert_user_error(run_cli(tmp_path, "--example", "--out", tmp_path / "o", *SMALL), "not both")

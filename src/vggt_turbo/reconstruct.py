@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import apply_optimizations, describe, export, inputs, memory
+from . import apply_optimizations, describe, example_scene, export, inputs, memory
 from .config import PRESETS
 from .errors import UserError
 from .inference import phases, predict
@@ -57,7 +57,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "by vggt_turbo. Writes into --out, all at once or not at all:\n\n" + __doc__.split("\n\n")[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", type=Path, help="folder of images (sorted by name) or a video file")
+    p.add_argument("input", type=Path, nargs="?", help="folder of images (sorted by name) or a video file")
+    p.add_argument("--example", action="store_true",
+                   help=f"instead of INPUT, a room the package renders itself ({example_scene.VIEWS} views): runs "
+                   "anywhere, offline with --random-weights")
     p.add_argument("--out", type=Path, required=True, help="output folder (must be absent or empty unless --force)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="exact", help="vggt_turbo preset (default: exact)")
     source = p.add_mutually_exclusive_group()
@@ -91,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     """
     with _quiet(args.quiet):
         try:
-            result = reconstruct(args)
+            with _example_input(args):
+                result = reconstruct(args)
         except UserError as exc:
             if getattr(args, "verbose", False):
                 traceback.print_exc()
@@ -106,6 +110,23 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print_summary(result)
     return 0
+
+
+@contextlib.contextmanager
+def _example_input(args: argparse.Namespace) -> Iterator[None]:
+    """With ``--example``, INPUT is a folder of ``example_scene`` views rendered for this run (then deleted)."""
+    if args.example == (args.input is not None):
+        raise UserError("give INPUT (a folder of images or a video) or --example, not both" if args.example
+                        else "no INPUT: give a folder of images or a video, or --example for the built-in scene")
+    if not args.example:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="vggt-turbo-example-") as workdir:
+        args.input = example_scene.write(Path(workdir) / "example-room")
+        try:
+            yield
+        finally:
+            args.input = Path("example-room")  # what the summary names, once the rendered folder is gone
 
 
 @dataclass
@@ -158,6 +179,7 @@ def reconstruct(args: argparse.Namespace) -> Result:
 
     start = time.perf_counter()
     images, names, kind, available = _load(args)
+    kind = "example scene" if args.example else kind
     if args.model_size == "small":  # test-only path: the toy model expects a 4x4 patch grid
         images = F.interpolate(images, size=(SMALL_IMAGE, SMALL_IMAGE), mode="bilinear", align_corners=False, antialias=True)
     frames, _, height, width = images.shape

@@ -32,7 +32,7 @@ def build_report(result: "Result") -> dict[str, Any]:
         report["warning"] = RANDOM_WEIGHTS_NOTE
     report.update(
         weights=result.weights,
-        input=str(args.input.absolute()),
+        input="example-room (rendered by vggt_turbo.example_scene)" if args.example else str(args.input.absolute()),
         input_kind=result.input_kind,
         frames=result.frames,
         frames_in_input=result.frames_in_input,
