@@ -359,3 +359,24 @@ def test_example_scene_is_a_textured_deterministic_scene() -> None:
 def test_input_or_example_exactly_one(tmp_path: Path) -> None:
     assert_user_error(run_cli("--out", tmp_path / "o", *SMALL), "no INPUT", "--example")
     assert_user_error(run_cli(tmp_path, "--example", "--out", tmp_path / "o", *SMALL), "not both")
+
+
+def test_readme_install_and_main_command_work_from_a_fresh_clone() -> None:
+    """The README's commands: torch lines within the supported range (CPU and CUDA), upstream's install with the
+    local-checkout alternative at the pinned commit, and a main command that needs no file beside the clone."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    install = readme[readme.index("## Install"):readme.index("## The two commands")]
+    torch_lines = re.findall(r"pip install torch==(\d+)\.(\d+)\.\d+ --index-url https://download\.pytorch\.org/whl/(\w+)",
+                             install)
+    assert {kind[:2] for *_, kind in torch_lines} == {"cp", "cu"}
+    assert all((2, 3) <= (int(major), int(minor)) <= (2, 13) for major, minor, _ in torch_lines)
+    pinned = (root / "requirements-upstream.txt").read_text().split("@")[-1].strip()
+    assert f"git -C vggt checkout {pinned}" in install and "pip install --no-deps ./vggt" in install
+    assert "VGGT_SRC=" in install and "numpy<2" in install and "opencv-python" in install
+
+    commands = readme[readme.index("## The two commands"):readme.index("**Run the tests**")]
+    assert "shared/" not in commands
+    assert "$ vggt-turbo reconstruct --example --out out/ --random-weights" in commands
