@@ -380,3 +380,8 @@ def test_readme_install_and_main_command_work_from_a_fresh_clone() -> None:
     commands = readme[readme.index("## The two commands"):readme.index("**Run the tests**")]
     assert "shared/" not in commands
     assert "$ vggt-turbo reconstruct --example --out out/ --random-weights" in commands
+
+
+def test_32_bit_integer_image_beyond_16_bits_is_refused_by_name(tmp_path: Path, no_model_build: None) -> None:
+    Image.fromarray(np.full((48, 64), 1 << 20, np.int32)).save(folder_of(tmp_path, {}) / "deep.tif")
+    assert_user_error(run_cli(tmp_path / "in", "--out", tmp_path / "o", *SMALL), "deep.tif", "outside 0..65535")

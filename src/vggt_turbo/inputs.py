@@ -237,7 +237,11 @@ def load_images(paths: list[Path], mode: str) -> torch.Tensor:
                 if needs_conversion(img):
                     log.info("%s: mode %s converted to the RGB a viewer shows", path.name, img.mode)
                     files.append(os.path.join(workdir, f"{i:06d}.png"))
-                    as_viewed(img).save(files[-1])
+                    try:
+                        viewed = as_viewed(img)
+                    except ValueError as exc:  # e.g. a 32-bit integer image beyond 16-bit range
+                        raise UserError(f"{path}: cannot show it as an 8-bit RGB image ({exc})") from exc
+                    viewed.save(files[-1])
                 else:
                     files.append(str(path))
         images = load_and_preprocess_images(files, mode=mode)
