@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -21,11 +22,32 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import numpy as np
 from PIL import Image
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 # COLMAP's points3D.txt is text: a few million lines would take minutes to write and to read. Upstream's
 # demo_colmap.py samples 100,000 points for the same reason; the full cloud is in points.ply.
 MAX_COLMAP_POINTS = 100_000
+
+
+def check_writable(out: Path) -> None:
+    """Raise ``UserError`` now if ``out`` could not be created or replaced, not after minutes of inference.
+
+    The check is the real operation: a folder made (and removed) in the nearest existing ancestor of ``out``,
+    which is where ``staged_directory`` will work. Permission bits alone would not do (root, ACLs, read-only
+    mounts).
+    """
+    out = out.absolute()
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"--out {out}: {ancestor} is a file, so no folder can be made under it")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.check-", dir=ancestor))
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write in {ancestor} ({exc.strerror or exc})") from exc
 
 
 @contextlib.contextmanager
@@ -34,25 +56,54 @@ def staged_directory(out: Path, force: bool) -> Iterator[Path]:
 
     Why: a reconstruction interrupted halfway (an exception, Ctrl-C) must not leave files that look like a
     result. The sibling is on the same file system, so the final renames are atomic; an existing ``out`` (only
-    with ``force``) is moved aside first and deleted only once the new one is in place.
+    with ``force``) is moved aside first and deleted only once the new one is in place. If a rename fails, the
+    previous output is put back (or, when even that fails, the message says where it is) and the staging folder
+    is removed: the user never finds only hidden folders. Failures to write raise ``UserError``.
     """
     out = out.absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot write in {out.parent} ({exc.strerror or exc})") from exc
     os.chmod(stage, 0o777 & ~_umask())  # mkdtemp makes it private (0700); the result gets a new folder's mode
     try:
         yield stage
+    except OSError as exc:  # disk full, quota, a file system gone read-only: the user's to fix, not a bug
+        shutil.rmtree(stage, ignore_errors=True)
+        kept = "previous output kept" if out.exists() else "nothing written"
+        raise UserError(f"could not write the output in {out.parent} ({exc.strerror or exc}); {kept}") from exc
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    _replace(stage, out, force)
+
+
+def _replace(stage: Path, out: Path, force: bool) -> None:
+    """Rename ``stage`` to ``out``, moving an existing ``out`` aside first; undo on failure (see above)."""
     old: Optional[Path] = None
-    if out.exists():
-        if any(out.iterdir()) and not force:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise FileExistsError(f"{out} appeared while reconstructing; nothing was overwritten")
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-    os.replace(stage, out)
+    try:
+        if out.exists():
+            if any(out.iterdir()) and not force:
+                raise UserError(f"{out} appeared while reconstructing; nothing was overwritten")
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+        os.replace(stage, out)
+    except (OSError, UserError) as exc:
+        shutil.rmtree(stage, ignore_errors=True)
+        where = ""
+        if old is not None:
+            try:
+                if (old / out.name).exists():
+                    os.replace(old / out.name, out)
+                old.rmdir()
+            except OSError:
+                where = f"; the previous output is in {old / out.name}"
+        if isinstance(exc, UserError):
+            raise
+        kept = "previous output kept" if out.exists() and not where else "nothing written"
+        raise UserError(f"could not move the new output into place at {out} ({exc.strerror or exc}); "
+                        f"{kept}{where}") from exc
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -256,13 +307,32 @@ def write_colmap(sparse: Path, model: ColmapModel, comments: Sequence[str] = ())
     (sparse / "points3D.txt").write_text("".join(lines))
 
 
-def output_image_name(name: str) -> str:
-    """The name a frame is saved under in ``images/`` (and named by in COLMAP and the npz).
+def output_image_names(names: Sequence[str]) -> list[str]:
+    """The names the frames are saved under in ``images/`` (and named by in COLMAP and the npz), in order.
 
-    The original name when it is a PNG or JPEG, so outputs line up with the inputs; otherwise ``.png`` is
-    appended, because PIL cannot write every format it reads (and a video's frames are PNG already).
+    The original name where it can be, so outputs line up with the inputs, but:
+      - ``.png`` is appended unless it is a PNG or JPEG, because PIL cannot write every format it reads;
+      - whitespace and control characters become ``_``: COLMAP's text format splits lines on spaces, so
+        ``images.txt`` would name "my photo.jpg" as "my" and ``sparse/`` would no longer match ``images/``;
+        other characters (accents, any script) are kept, COLMAP reads them as they are;
+      - a name that is then taken already gets its frame number (``_2``...) before the suffix.
+    The original names stay in predictions.npz and report.json (``input_names``).
     """
-    return name if Path(name).suffix.lower() in (".png", ".jpg", ".jpeg") else f"{name}.png"
+    out: list[str] = []
+    taken: set[str] = set()
+    for i, name in enumerate(names):
+        safe = _UNSAFE.sub("_", name)
+        if Path(safe).suffix.lower() not in (".png", ".jpg", ".jpeg"):
+            safe = f"{safe}.png"
+        if safe.casefold() in taken:  # casefold: images/ may be on a case-insensitive file system
+            stem, suffix = os.path.splitext(safe)
+            safe = f"{stem}_{i + 1}{suffix}"
+        taken.add(safe.casefold())
+        out.append(safe)
+    return out
+
+
+_UNSAFE = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
 def write_images(folder: Path, colors: np.ndarray, names: Sequence[str]) -> None:

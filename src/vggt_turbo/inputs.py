@@ -8,7 +8,15 @@ wide, crop or pad, divisible by 14), so the model sees exactly what upstream's d
 torchvision for ``transforms.ToTensor`` alone. Where torchvision cannot be imported — PyPI's Linux wheels are CUDA
 builds that fail beside a CPU-only torch, whose matching CPU wheels live on PyTorch's own index — upstream's
 loader is imported with a stand-in ``ToTensor`` doing the same documented conversion (RGB uint8 HWC to float CHW
-in [0, 1]); the stand-in is visible to that module only (see ``_upstream_loader``).
+in [0, 1]); the stand-in is visible to that module only (see ``upstream_loader``).
+
+Upstream's loader turns every file into RGB with ``convert("RGB")`` (RGBA composited on white first). That is
+right for 8-bit RGB, RGBA, grey and opaque palette images, and wrong for others: 16-bit grey is clipped to almost
+white, grey or palette images with transparency lose it instead of going onto white, and EXIF rotation is
+ignored. Such files are converted here to the 8-bit RGB image a viewer shows (``as_viewed``) and handed to
+upstream's loader as lossless PNGs; every other file reaches it untouched, so ordinary images give upstream's
+tensors bit for bit. Images upstream's arithmetic cannot resize sensibly (too small, extreme aspect ratio) are
+refused by ``image_problem`` before any model work.
 """
 
 from __future__ import annotations
@@ -16,20 +24,34 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import re
 import sys
+import tempfile
 import types
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_VIDEO_FRAMES = 32  # a video has thousands of frames; VGGT needs a few dozen views of a scene
+# Smaller than one 14-px patch a side, an image carries no detail the model can use (upscaled to 518 px it is blur).
+MIN_SIDE = 14
+# Upstream makes one side 518 px and rounds the other to a multiple of 14: at 74:1 that side becomes 0 px (its
+# loader raises), and well before that the frame is a sliver of a few patches. 8:1 keeps at least 70 px (5 patches).
+MAX_ASPECT = 8.0
+# Modes upstream's convert("RGB") already turns into what a viewer shows (when the image is not EXIF-rotated and,
+# for palettes, has no transparency). CMYK is in it: PIL's conversion is the usual naive one, as ours would be.
+_UPSTREAM_OK = {"1", "L", "P", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"}
+_WITH_ALPHA = {"LA", "PA", "La", "RGBa"}
+_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+_EXIF_ORIENTATION = 0x0112
 
 
 def select(count: int, frames: Optional[int] = None, stride: Optional[int] = None) -> list[int]:
@@ -55,16 +77,60 @@ def image_problem(path: Path, decode: bool) -> Optional[str]:
 
     ``decode``: decode it in full, which catches truncated files too; for the frames that will be used. The
     others are only identified from their header, which is enough to name a file that is no image at all.
+    Used frames are also checked for what upstream's resize cannot handle: a side under ``MIN_SIDE`` px, an
+    aspect ratio beyond ``MAX_ASPECT``, or a colour mode that has no RGB view.
     """
     try:
         with Image.open(path) as img:
             if decode:
                 img.load()
+                return shape_problem(img.size) or mode_problem(img)
     except UnidentifiedImageError:
         return "not an image"
     except Exception as exc:  # a broken image: PIL raises OSError, SyntaxError, ValueError... depending on the format
         return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return None
+
+
+def shape_problem(size: tuple[int, int]) -> Optional[str]:
+    """Why an image of ``size`` (width, height) cannot be preprocessed sensibly, or None."""
+    width, height = size
+    if min(width, height) < MIN_SIDE:
+        return f"too small: {width}x{height}, at least {MIN_SIDE} px a side"
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT:
+        return f"aspect ratio {ratio:.0f}:1 ({width}x{height}) is beyond {MAX_ASPECT:.0f}:1; crop it"
+    return None
+
+
+def mode_problem(img: Image.Image) -> Optional[str]:
+    """Why ``img``'s colour mode has no RGB view here, or None."""
+    if img.mode in _UPSTREAM_OK | _WITH_ALPHA | _SIXTEEN_BIT:
+        return None
+    return f"colour mode {img.mode} is not supported; save it as 8- or 16-bit RGB or grey"
+
+
+def needs_conversion(img: Image.Image) -> bool:
+    """Whether upstream's ``convert("RGB")`` would show the model something else than a viewer shows."""
+    rotated = img.getexif().get(_EXIF_ORIENTATION, 1) not in (1, None)
+    transparent_palette = img.mode in ("P", "L", "RGB") and "transparency" in img.info
+    return rotated or transparent_palette or img.mode not in _UPSTREAM_OK
+
+
+def as_viewed(img: Image.Image) -> Image.Image:
+    """``img`` as the 8-bit RGB image a viewer shows: EXIF rotation applied, 16-bit scaled (not clipped) to 8
+    bits, transparency composited on white (as upstream does for RGBA), other modes by PIL's conversion."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in _SIXTEEN_BIT:
+        values = np.asarray(img).astype(np.float64)
+        if values.max(initial=0) > 65535 or values.min(initial=0) < 0:
+            raise ValueError(f"{img.mode} values outside 0..65535")
+        return Image.fromarray(np.round(values / 257.0).astype(np.uint8), "L").convert("RGB")
+    if img.mode in _WITH_ALPHA or "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode == "RGBA":
+        return Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img).convert("RGB")
+    return img.convert("RGB")
 
 
 def raise_for_problems(problems: dict[Path, str]) -> None:
@@ -74,24 +140,80 @@ def raise_for_problems(problems: dict[Path, str]) -> None:
         raise UserError(f"{len(problems)} file(s) in {next(iter(problems)).parent} are not readable images: {shown}")
 
 
-def video_frame_count(path: Path) -> int:
+class DecoderNoise:
+    """What video decoders write to the process's stderr while they run, kept from the terminal.
+
+    Why: FFmpeg (inside OpenCV, or imageio's plugins) prints to file descriptor 2 from C, past Python's
+    ``sys.stderr`` and ``--quiet``: a damaged video printed thousands of lines. Each decoder call runs with fd 2
+    pointed at a temporary file (``capture``); the command then names the count and the first message in its own
+    one line. Progress bars are drawn between the calls, so they still reach the terminal.
+    """
+
+    _PREFIX = re.compile(r"^\[[^\]]*@ 0x[0-9a-fA-F]+\]\s*")  # FFmpeg's "[mpeg4 @ 0x55d...] "
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+        except (OSError, ValueError):  # no fd 2 to redirect (a closed or replaced stderr): nothing to capture
+            yield
+            return
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+                sink.seek(0)
+                text = sink.read().decode("utf-8", errors="replace")
+                self.lines += [line.strip() for line in text.splitlines() if line.strip()]
+
+    def summary(self) -> str:
+        """E.g. "the decoder reported 3 errors, first: 'header damaged'" (empty when it said nothing)."""
+        if not self.lines:
+            return ""
+        first = self._PREFIX.sub("", self.lines[0])[:120]
+        return f"the decoder reported {len(self.lines)} problem(s), first: {first!r}"
+
+
+def video_frame_count(path: Path, noise: Optional[DecoderNoise] = None) -> int:
     """Number of frames of the video at ``path`` (decoded with OpenCV, else imageio)."""
     decoder = _decoder()
+    noise = noise or DecoderNoise()
     try:
-        count = decoder.count(path)
+        with noise.capture():
+            count = decoder.count(path)
     except UserError:
         raise
     except Exception as exc:  # each backend has its own error types for a file it cannot read
-        raise UserError(f"{path}: cannot read it as a video ({exc})") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: cannot read it as a video ({first[:200]})") from exc
     if count == 0:
-        raise UserError(f"{path}: is not a folder of images nor a video with frames")
+        extra = f" ({noise.summary()})" if noise.lines else ""
+        raise UserError(f"{path}: is not a folder of images nor a video with frames{extra}")
     return count
 
 
-def video_frames(path: Path, indices: list[int]) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (index, RGB uint8 frame) for each of ``indices``, in order, decoding the video once."""
-    wanted = set(indices)
-    yield from _decoder().frames(path, wanted)
+def video_frames(path: Path, indices: list[int], noise: Optional[DecoderNoise] = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (index, RGB uint8 frame) for each of ``indices``, in order, decoding the video once; what the
+    decoder prints meanwhile goes to ``noise``."""
+    noise = noise or DecoderNoise()
+    frames = _decoder().frames(path, set(indices))
+    try:
+        while True:
+            with noise.capture():
+                item = next(frames, None)
+            if item is None:
+                return
+            yield item
+    finally:
+        with noise.capture():
+            frames.close()
 
 
 def save_frame(rgb: np.ndarray, path: Path) -> None:
@@ -102,13 +224,27 @@ def save_frame(rgb: np.ndarray, path: Path) -> None:
 def load_images(paths: list[Path], mode: str) -> torch.Tensor:
     """(S, 3, H, W) in [0, 1], by upstream's ``load_and_preprocess_images(paths, mode)``.
 
-    Upstream prints a warning when frames have different shapes (they are padded to the largest); it is passed
-    on to logging, where ``--quiet`` can silence it.
+    Files that upstream's ``convert("RGB")`` would misread (``needs_conversion``) are given to it as lossless
+    PNGs of ``as_viewed``; the others as they are. Upstream prints a warning when frames have different shapes
+    (they are padded to the largest); it is passed on to logging, where ``--quiet`` can silence it.
     """
-    load_and_preprocess_images = _upstream_loader()
+    load_and_preprocess_images = upstream_loader()
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        images = load_and_preprocess_images([str(p) for p in paths], mode=mode)
+    with tempfile.TemporaryDirectory(prefix="vggt-turbo-rgb-") as workdir, contextlib.redirect_stdout(printed):
+        files = []
+        for i, path in enumerate(paths):
+            with Image.open(path) as img:
+                if needs_conversion(img):
+                    log.info("%s: mode %s converted to the RGB a viewer shows", path.name, img.mode)
+                    files.append(os.path.join(workdir, f"{i:06d}.png"))
+                    try:
+                        viewed = as_viewed(img)
+                    except ValueError as exc:  # e.g. a 32-bit integer image beyond 16-bit range
+                        raise UserError(f"{path}: cannot show it as an 8-bit RGB image ({exc})") from exc
+                    viewed.save(files[-1])
+                else:
+                    files.append(str(path))
+        images = load_and_preprocess_images(files, mode=mode)
     for line in printed.getvalue().splitlines():
         log.warning("upstream: %s", line)
     return images
@@ -122,7 +258,7 @@ class ToTensor:
         return torch.from_numpy(array).permute(2, 0, 1).contiguous().float().div(255)
 
 
-def _upstream_loader():  # type: ignore[no-untyped-def]
+def upstream_loader():  # type: ignore[no-untyped-def]
     """Upstream's ``load_and_preprocess_images``; with the ``ToTensor`` stand-in if torchvision does not import.
 
     The stand-in sits in ``sys.modules`` only while upstream's ``load_fn`` is imported, so any other importer of

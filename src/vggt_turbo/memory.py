@@ -63,13 +63,13 @@ def available_bytes(device: torch.device) -> Optional[int]:
 def check_fits(model: nn.Module, frames: int, height: int, width: int, device: torch.device, dtype: torch.dtype) -> None:
     """Raise ``UserError`` saying how many frames fit when ``frames`` will not.
 
-    Called with the model still on the CPU: on CUDA its weights are yet to be moved and are counted; on the CPU
-    they are already in RAM, so only the rest is compared with what is available.
+    Called before the model is built, with its skeleton (``weights.Plan.skeleton``, parameters on the meta
+    device): the weights are counted too, on either device, since they are yet to be allocated.
     """
     free = available_bytes(device)
     if free is None:
         return
-    weights = weight_bytes(model) if device.type == "cuda" else 0
+    weights = weight_bytes(model)
     fixed, per_frame = activation_bytes(model, height, width, dtype)
     need = weights + fixed + frames * per_frame
     if need <= free:
@@ -83,8 +83,10 @@ def check_fits(model: nn.Module, frames: int, height: int, width: int, device: t
 
 
 def advice(fit: Optional[int] = None) -> str:
+    """What lowers the memory a run needs. Not ``--preset fast``: its approximations save time, not memory
+    (the exact preset already offloads the heads' inputs and chunks what can be chunked)."""
     frames = f"--frames {fit}" if fit else "--frames N"
-    return f"Use fewer frames ({frames} or --stride K), --preset fast, or a device with more free memory."
+    return f"Use fewer frames ({frames} or --stride K) or a device with more free memory."
 
 
 def reset_peak(device: torch.device) -> None:

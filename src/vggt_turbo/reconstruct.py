@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import apply_optimizations, describe, export, export_options, inputs, memory
+from . import apply_optimizations, describe, example_scene, export, export_options, inputs, memory
 from .export_colmap_binary import write_colmap_binary
 from .export_nerfstudio import write_nerfstudio
 from .preview import render_preview
@@ -45,7 +45,8 @@ from .errors import UserError
 from .inference import phases, predict
 from .random_model import SMALL_IMAGE
 from .report import RANDOM_WEIGHTS_NOTE, build_report, print_summary
-from .weights import DEFAULT_WEIGHTS, load_model
+from .weights import DEFAULT_WEIGHTS
+from .weights import plan as weights_plan
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "by vggt_turbo. Writes into --out, all at once or not at all:\n\n" + __doc__.split("\n\n")[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", type=Path, help="folder of images (sorted by name) or a video file")
+    p.add_argument("input", type=Path, nargs="?", help="folder of images (sorted by name) or a video file")
+    p.add_argument("--example", action="store_true",
+                   help=f"instead of INPUT, a room the package renders itself ({example_scene.VIEWS} views): runs "
+                   "anywhere, offline with --random-weights")
     p.add_argument("--out", type=Path, required=True, help="output folder (must be absent or empty unless --force)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="exact", help="vggt_turbo preset (default: exact)")
     source = p.add_mutually_exclusive_group()
@@ -91,18 +95,46 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The command: 0 on success, 2 with a one-line message for a problem the user can fix."""
+    """The command: 0 on success, 2 with a one-line message for a problem the user can fix, 130 on Ctrl-C.
+
+    Ctrl-C is the user's choice, not a failure: one line saying what is on disk (the staged output has been
+    removed by then, see ``export.staged_directory``), no traceback unless ``-v``.
+    """
     with _quiet(args.quiet):
         try:
-            result = reconstruct(args)
+            with _example_input(args):
+                result = reconstruct(args)
         except UserError as exc:
             if getattr(args, "verbose", False):
                 traceback.print_exc()
             print(f"vggt-turbo reconstruct: error: {exc}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            if getattr(args, "verbose", False):
+                traceback.print_exc()
+            kept = "previous output kept" if args.out.exists() else "nothing written"
+            print(f"\nvggt-turbo reconstruct: interrupted; {kept}", file=sys.stderr)
+            return 130
     if not args.quiet:
         print_summary(result)
     return 0
+
+
+@contextlib.contextmanager
+def _example_input(args: argparse.Namespace) -> Iterator[None]:
+    """With ``--example``, INPUT is a folder of ``example_scene`` views rendered for this run (then deleted)."""
+    if args.example == (args.input is not None):
+        raise UserError("give INPUT (a folder of images or a video) or --example, not both" if args.example
+                        else "no INPUT: give a folder of images or a video, or --example for the built-in scene")
+    if not args.example:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="vggt-turbo-example-") as workdir:
+        args.input = example_scene.write(Path(workdir) / "example-room")
+        try:
+            yield
+        finally:
+            args.input = Path("example-room")  # what the summary names, once the rendered folder is gone
 
 
 @dataclass
@@ -114,7 +146,8 @@ class Result:
     frames: int
     frames_in_input: int
     input_kind: str
-    image_names: list[str]
+    image_names: list[str]  # as saved in images/ and named in sparse/ (see export.output_image_names)
+    input_names: list[str]  # the input's file names
     width: int
     height: int
     device: torch.device
@@ -135,31 +168,42 @@ class Result:
 
 
 def reconstruct(args: argparse.Namespace) -> Result:
-    """Load, build, infer, export; each phase timed. Raises ``UserError`` for what the user can fix."""
+    """Check, load, build, infer, export; each phase timed. Raises ``UserError`` for what the user can fix.
+
+    Everything that can fail for a reason the user controls is checked before the model is built (the step
+    that takes most of a minute on a CPU): the device, the output folder (writable, not the input), upstream
+    being importable, the input, the weights (a local checkpoint's names and shapes), and the memory.
+    """
     formats = export_options.parse(args.export)
     device = _device(args.device)
     dtype = _dtype(args.dtype, device)
     _check_out(args.out, args.input, args.force)
+    _check_upstream()
     memory.reset_peak(device)
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
+    plan = weights_plan(args.weights, args.random_weights, args.model_size)
+    checks = time.perf_counter() - start
+
+    start = time.perf_counter()
     images, names, kind, available = _load(args)
+    kind = "example scene" if args.example else kind
     if args.model_size == "small":  # test-only path: the toy model expects a 4x4 patch grid
         images = F.interpolate(images, size=(SMALL_IMAGE, SMALL_IMAGE), mode="bilinear", align_corners=False, antialias=True)
     frames, _, height, width = images.shape
     timings["load"] = time.perf_counter() - start
 
     start = time.perf_counter()
+    memory.check_fits(plan.skeleton, frames, height, width, device, dtype)
     with _bar("model", 1, "model", args.quiet) as bar:
-        bar.set_postfix_str("random weights" if args.random_weights else (args.weights or DEFAULT_WEIGHTS))
-        loaded = load_model(args.weights, args.random_weights, args.model_size)
-        memory.check_fits(loaded.model, frames, height, width, device, dtype)
+        bar.set_postfix_str(plan.source)
+        loaded = plan.build()
         # One forward per run: CUDA-graph capture (two warm-ups, then capture) would cost more than it saves.
         model = apply_optimizations(loaded.model.to(device), args.preset, cuda_graphs=False)
         applied = describe(model)
         _step(bar, f"{loaded.source} on {device}, preset {args.preset}")
-    timings["model"] = time.perf_counter() - start
+    timings["model"] = checks + time.perf_counter() - start
 
     start = time.perf_counter()
     with _bar("inference", len(phases(model)), "phase", args.quiet) as bar:
@@ -172,17 +216,38 @@ def reconstruct(args: argparse.Namespace) -> Result:
     timings["inference"] = time.perf_counter() - start
     timings.update(inner)
     weights = loaded.source
-    del model, loaded  # free the weights before export allocates the point cloud
+    del model, loaded, plan  # free the weights before export allocates the point cloud
 
+    output_names = export.output_image_names(names)
+    renamed = [(a, b) for a, b in zip(names, output_names) if a != b and f"{a}.png" != b]
+    if renamed:
+        shown = ", ".join(f"{a!r} -> {b!r}" for a, b in renamed[:3]) + (", ..." if len(renamed) > 3 else "")
+        log.warning("%d file name(s) saved under names COLMAP's text format can read (%s); report.json and "
+                    "predictions.npz keep the originals (input_names)", len(renamed), shown)
     result = Result(
         args=args, weights=weights, frames=frames, frames_in_input=available, input_kind=kind,
-        image_names=[export.output_image_name(n) for n in names], width=width, height=height, device=device,
+        image_names=output_names, input_names=names, width=width, height=height, device=device,
         dtype=dtype, timings=timings, outputs=export_options.outputs(formats),
         optimizations={"config": applied.config.as_dict() if applied.config else None, "exact": applied.exact,
                        "patched": applied.targets},
     )
     _export(result, predictions, export.images_to_uint8(images.numpy()), formats)
     return result
+
+
+def _check_upstream() -> None:
+    """Upstream VGGT must import (model, pose decoding, image loader) before anything else is done."""
+    try:
+        import vggt.models.vggt  # noqa: F401
+        import vggt.utils.pose_enc  # noqa: F401
+
+        inputs.upstream_loader()
+    except ImportError as exc:
+        raise UserError(
+            f"upstream VGGT is not installed or incomplete ({exc}): pip install --no-deps -r "
+            "requirements-upstream.txt, or from a local checkout pip install --no-deps /path/to/vggt (see the "
+            "README, Install)"
+        ) from exc
 
 
 def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarray, formats: tuple[str, ...]) -> None:
@@ -192,7 +257,8 @@ def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarr
     notes = [RANDOM_WEIGHTS_NOTE] if result.random_weights else []
     steps = 5 + len(formats)  # predictions.npz, images/, sparse/, preview.png, report.json, then one per format
     with _bar("export", steps, "step", args.quiet) as bar, export.staged_directory(args.out, args.force) as stage:
-        arrays = dict(predictions, image_names=np.array(names), weights=np.array(result.weights),
+        arrays = dict(predictions, image_names=np.array(names), input_names=np.array(result.input_names),
+                      weights=np.array(result.weights),
                       random_weights=np.array(result.random_weights))
         export.write_npz(stage / "predictions.npz", arrays)
         _step(bar, "predictions.npz")
@@ -242,6 +308,7 @@ def _load(args: argparse.Namespace) -> tuple[torch.Tensor, list[str], str, int]:
         raise UserError(f"input not found: {source}")
     if source.is_dir():
         files = inputs.list_images(source)
+        _say_frames_used(args, len(files), "images in the folder")
         chosen = inputs.select(len(files), args.frames, args.stride)
         with _bar("load", len(files) + 1, "file", args.quiet) as bar:
             problems, used = {}, set(chosen)
@@ -256,23 +323,41 @@ def _load(args: argparse.Namespace) -> tuple[torch.Tensor, list[str], str, int]:
             _step(bar, "preprocessed")
         return images, [p.name for p in paths], "folder", len(files)
 
-    count = inputs.video_frame_count(source)
+    noise = inputs.DecoderNoise()
+    count = inputs.video_frame_count(source, noise)
+    _say_frames_used(args, count, "frames in the video's header")
     wanted = inputs.select(count, args.frames or (None if args.stride else inputs.DEFAULT_VIDEO_FRAMES), args.stride)
     with tempfile.TemporaryDirectory(prefix="vggt-turbo-frames-") as workdir, \
             _bar("load", len(wanted) + 1, "frame", args.quiet) as bar:
-        paths = []
-        for index, rgb in inputs.video_frames(source, wanted):
+        paths, decoded = [], 0
+        for index, rgb in inputs.video_frames(source, wanted, noise):
             paths.append(Path(workdir) / f"frame_{index:06d}.png")
             inputs.save_frame(rgb, paths[-1])
+            decoded = index + 1
             _step(bar, paths[-1].name)
+        if len(paths) < len(wanted) and noise.lines:
+            raise UserError(
+                f"{source}: the video is damaged: no frame asked for could be decoded after frame {decoded} of the "
+                f"{count} its header "
+                f"announces ({noise.summary()}); re-encode it (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4) or extract "
+                "the good frames into a folder"
+            )
         if not paths:
             raise UserError(f"{source}: no frame could be decoded")
         if len(paths) < len(wanted):
             log.warning("%s: decoded %d of the %d frames asked for (the video is shorter than its header says)",
                         source, len(paths), len(wanted))
+        if noise.lines:
+            log.warning("%s: %s; the frames used may show it", source, noise.summary())
         images = inputs.load_images(paths, args.mode)
         _step(bar, "preprocessed")
     return images, [p.name for p in paths], "video", count
+
+
+def _say_frames_used(args: argparse.Namespace, available: int, what: str) -> None:
+    """``--frames N`` beyond what the input has uses all of it: say so (report.json and the summary do too)."""
+    if args.frames is not None and args.frames > available:
+        log.warning("--frames %d: there are only %d %s; using all %d", args.frames, available, what, available)
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -308,6 +393,7 @@ def _check_out(out: Path, source: Path, force: bool) -> None:
         raise UserError(f"--out {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise UserError(f"--out {out} exists and is not empty; pass --force to replace it")
+    export.check_writable(out)
 
 
 def _bar(desc: str, total: int, unit: str, quiet: bool) -> tqdm:

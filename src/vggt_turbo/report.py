@@ -32,11 +32,14 @@ def build_report(result: "Result") -> dict[str, Any]:
         report["warning"] = RANDOM_WEIGHTS_NOTE
     report.update(
         weights=result.weights,
-        input=str(args.input.absolute()),
+        input="example-room (rendered by vggt_turbo.example_scene)" if args.example else str(args.input.absolute()),
         input_kind=result.input_kind,
         frames=result.frames,
         frames_in_input=result.frames_in_input,
+        frames_requested=args.frames,
+        stride=args.stride,
         image_names=result.image_names,
+        input_names=result.input_names,
         resolution={"width": result.width, "height": result.height},
         mode=args.mode,
         device=str(result.device),
@@ -92,7 +95,8 @@ def print_summary(result: "Result", file: Optional[TextIO] = None) -> None:
         rows.append(("!!", RANDOM_WEIGHTS_NOTE))
     rows += [
         ("weights", result.weights),
-        ("frames", f"{result.frames} of {result.frames_in_input} ({result.input_kind} {result.args.input})"),
+        ("frames", f"{result.frames} of {result.frames_in_input} ({result.input_kind} {result.args.input})"
+                   + _asked(result)),
         ("resolution", f"{result.width} x {result.height} (W x H), mode {result.args.mode}"),
         ("device", f"{result.device} ({_device_name(result.device)}), {_DTYPE_NAMES[result.dtype]}, "
                    f"preset {result.args.preset}"),
@@ -112,6 +116,12 @@ def print_summary(result: "Result", file: Optional[TextIO] = None) -> None:
     print(f"vggt-turbo reconstruct: done in {total:.2f} s", file=out)
     for key, value in rows:
         print(f"  {key:<12} {value}", file=out)
+
+
+def _asked(result: "Result") -> str:
+    """Where ``--frames N`` asked for more than the input has, the summary says that all were used instead."""
+    asked = result.args.frames
+    return f"; --frames {asked} asked, all {result.frames_in_input} used" if asked and asked > result.frames_in_input else ""
 
 
 def _gib(n: Optional[int]) -> str:

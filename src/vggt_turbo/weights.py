@@ -11,11 +11,15 @@ state_dict file saved from that model, never a Hugging Face id (that model is fu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import pickle
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping, Optional
 
 import torch
 from torch import nn
@@ -36,25 +40,114 @@ class LoadedModel:
     source: str  # what the weights are, in words, for the summary and report.json
 
 
+@dataclass
+class Plan:
+    """The weights a run will use, checked as far as possible without building the model.
+
+    Why a separate step: building the full model takes most of a minute on a CPU, and a checkpoint with the
+    wrong shapes, a missing file or a run that will not fit in memory should fail before that, not after.
+    ``skeleton`` is the model with parameters on the meta device (no memory, built in a second): it gives the
+    expected names and shapes, and the sizes the memory check needs.
+    """
+
+    kind: str  # "random", "file" or "pretrained"
+    source: str
+    size: Size
+    skeleton: nn.Module
+    state: Optional[Mapping[str, torch.Tensor]] = None  # "file": the checkpoint, memory-mapped where possible
+    pretrained: Optional[tuple[str, str]] = None  # "pretrained": (id or folder, described)
+
+    def build(self) -> LoadedModel:
+        """The upstream VGGT in eval mode on the CPU, with these weights."""
+        if self.kind == "random":
+            # No track head: reconstruct never queries tracks, and it would cost ~0.1 B random parameters.
+            model = build_vggt(self.size, enable_track=False)
+            _finite_random_cameras_(model)
+        elif self.kind == "file":
+            assert self.state is not None
+            has_track = any(k.startswith("track_head.") for k in self.state)
+            model = build_vggt(self.size, enable_track=has_track, randomize=False)
+            model.load_state_dict(self.state)  # names and shapes were checked by plan()
+        else:
+            assert self.pretrained is not None
+            model = _from_pretrained(*self.pretrained)
+        return LoadedModel(model, self.source)
+
+
 def load_model(weights: str | None, random_weights: bool, size: Size) -> LoadedModel:
-    """The upstream VGGT in eval mode on the CPU, with the requested weights."""
+    """The upstream VGGT in eval mode on the CPU, with the requested weights (``plan`` then ``build``)."""
+    return plan(weights, random_weights, size).build()
+
+
+def plan(weights: str | None, random_weights: bool, size: Size) -> Plan:
+    """Check the requested weights without building the model; raise ``UserError`` for what will not load.
+
+    A local checkpoint is read (memory-mapped when it is a zip-format ``.pt`` or a safetensors file) and its
+    names *and shapes* are compared with upstream's model. A Hugging Face id is only checked when loaded.
+    """
     if random_weights:
-        # No track head: reconstruct never queries tracks, and it would cost ~0.1 B random parameters.
-        model = build_vggt(size, enable_track=False)
-        _finite_random_cameras_(model)
-        return LoadedModel(model, f"RANDOM WEIGHTS ({size} model)")
+        return Plan("random", f"RANDOM WEIGHTS ({size} model)", size, _skeleton(size, enable_track=False))
     weights = weights or DEFAULT_WEIGHTS
     path = Path(weights).expanduser()
     if path.is_file():
-        return LoadedModel(_from_state_dict(path, size), str(path))
+        state = _read_checkpoint(path)
+        has_track = any(k.startswith("track_head.") for k in state)
+        skeleton = _skeleton(size, enable_track=has_track)
+        _check_shapes(path, state, skeleton, size)
+        return Plan("file", str(path), size, skeleton, state=state)
     if size != "full":
         kinds = "/".join(STATE_DICT_SUFFIXES)
         raise UserError(f"--model-size {size} takes --random-weights or a {kinds} file, not {weights!r}")
     if path.is_dir():
-        return LoadedModel(_from_pretrained(str(path), f"folder {path}"), str(path))
-    if path.suffix in STATE_DICT_SUFFIXES or weights.startswith((".", "~", os.sep)):
+        source = (str(path), f"folder {path}")
+    elif path.suffix in STATE_DICT_SUFFIXES or weights.startswith((".", "~", os.sep)):
         raise UserError(f"weights file not found: {weights}")
-    return LoadedModel(_from_pretrained(weights, f"Hugging Face id {weights!r}"), weights)
+    else:
+        source = (weights, f"Hugging Face id {weights!r}")
+    return Plan("pretrained", source[0], size, _skeleton(size, enable_track=False), pretrained=source)
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered meanwhile moves to the meta device as it is created, so that upstream's own
+    initialisers (which call ``.item()`` and so cannot run under ``torch.device("meta")``) build a model that
+    holds no memory and whose weight initialisation costs nothing."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: Optional[nn.Parameter]) -> None:
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def _skeleton(size: Size, enable_track: bool) -> nn.Module:
+    with _parameters_on_meta():
+        return build_vggt(size, enable_track=enable_track, randomize=False)
+
+
+def _check_shapes(path: Path, state: Mapping[str, torch.Tensor], skeleton: nn.Module, size: Size) -> None:
+    """Raise ``UserError`` unless ``state`` has exactly the model's names with the model's shapes."""
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise UserError(
+            f"{path} does not hold upstream VGGT weights ({size} model): {len(missing)} missing keys "
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:2]})"
+        )
+    wrong = [f"{k} {tuple(state[k].shape)} instead of {shape}" for k, shape in expected.items()
+             if tuple(state[k].shape) != shape]
+    if wrong:
+        raise UserError(
+            f"{path} has upstream VGGT's names but not its shapes ({size} model): {len(wrong)} tensors differ, "
+            f"e.g. {'; '.join(wrong[:2])}"
+        )
 
 
 @torch.no_grad()
@@ -73,46 +166,73 @@ def _finite_random_cameras_(model: nn.Module) -> None:
 
 
 def _from_pretrained(source: str, described: str) -> nn.Module:
+    """Upstream's ``VGGT.from_pretrained``, its download's chatter held back.
+
+    Offline, huggingface_hub logs a warning for each of its retries (two lines each, two files): two dozen lines
+    before its own error. They are kept from the terminal (``-v`` shows them) and the error becomes one line.
+    """
     from vggt.models.vggt import VGGT
 
     log.info("loading VGGT.from_pretrained(%r)", source)
+    hub = logging.getLogger("huggingface_hub")
+    level = hub.level
+    if not log.isEnabledFor(logging.INFO):
+        hub.setLevel(logging.ERROR)
     try:
         return VGGT.from_pretrained(source).eval()
     except Exception as exc:  # huggingface_hub raises its own errors, OSError and HTTP errors for the same cause
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        action = "download" if described.startswith("Hugging Face") else "load weights from"
         raise UserError(
-            f"could not load weights from {described} ({type(exc).__name__}: {first}); if the network is not "
+            f"could not {action} {described} ({type(exc).__name__}: {first[:200]}); if the network is not "
             f"available, pass --weights PATH to a downloaded checkpoint (e.g. {DEFAULT_WEIGHTS}'s model.pt), "
             "or --random-weights to try the pipeline"
         ) from exc
+    finally:
+        hub.setLevel(level)
 
 
-def _from_state_dict(path: Path, size: Size) -> nn.Module:
+def _read_checkpoint(path: Path) -> Mapping[str, torch.Tensor]:
+    """The tensors of a checkpoint file, or ``UserError`` in one line naming the file and why.
+
+    torch's own messages are not passed on as they are: for a pickle that is more than tensors it advises
+    ``weights_only=False``, which would run the file's code and which this command rightly never does; for an
+    empty file it says nothing at all.
+    """
+    if path.stat().st_size == 0:
+        raise UserError(f"cannot read weights file {path}: the file is empty")
     try:
-        state = _read_state_dict(path)
-    except Exception as exc:  # torch.load / safetensors raise many types for a corrupt or foreign file
-        raise UserError(f"cannot read weights file {path}: {exc}") from exc
-    # A checkpoint without the track head is fine: reconstruct does not use it.
-    has_track = any(k.startswith("track_head.") for k in state)
-    model = build_vggt(size, enable_track=has_track, randomize=False)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+        with warnings.catch_warnings():  # e.g. torch's note on the pickle protocol: not the user's concern here
+            warnings.simplefilter("ignore")
+            state = _read_state_dict(path)
+    except UserError:
+        raise
+    except pickle.UnpicklingError as exc:
         raise UserError(
-            f"{path} does not hold upstream VGGT weights ({size} model): {len(missing)} missing keys "
-            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:2]})"
-        )
-    return model
+            f"cannot read weights file {path}: it holds Python objects besides tensors, which are not loaded for "
+            "safety; save a plain state_dict (torch.save(model.state_dict(), path)) or a .safetensors file"
+        ) from exc
+    except Exception as exc:  # torch.load / safetensors raise many types for a corrupt or foreign file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise UserError(
+            f"cannot read weights file {path}: not a PyTorch or safetensors checkpoint ({type(exc).__name__}"
+            f"{': ' + first[:200] if first else ''})"
+        ) from exc
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"cannot read weights file {path}: it is a dict but not of tensors (not a state_dict)")
+    return state
 
 
 def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        return load_file(str(path))  # memory-mapped: tensors are read when used
+    # mmap (no copy in memory until used) needs torch's zip format; older files are read whole.
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     # Upstream's training saves {"model": state_dict, "optimizer": ...}; its released model.pt is the bare dict.
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):
-        raise ValueError(f"expected a state_dict, found {type(state).__name__}")
+        raise UserError(f"cannot read weights file {path}: expected a state_dict, found {type(state).__name__}")
     return state
