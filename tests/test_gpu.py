@@ -18,7 +18,7 @@ from torch import nn
 from helpers import errors, only, run
 
 import vggt_turbo
-from vggt_turbo.bench.precision import fp32_reference_mode
+from vggt_turbo.fidelity import fp32_reference_mode
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -1,9 +1,10 @@
-"""The fidelity harness: how far the approximate configurations' predictions are from the exact configuration's,
-on the same inputs (``benchmarks/fidelity.py`` is its command line).
+"""The fidelity harness: how far the presets and the approximations are from upstream in fp32, beside upstream's
+own bf16 autocast, on the same inputs (``benchmarks/fidelity.py`` is its command line).
 
-Reference: the ``"exact"`` preset (upstream's outputs to the dtype's rounding, tests/test_equivalence.py). Each
-variant in ``VARIANTS`` is an approximation on top of it: ``fast`` (stride 4), ``fast_kv2`` (the same with the
-milder stride 2), and approximations alone (``global_to_frame``, ``kv_subsample_2``, ``kv_subsample_4``).
+Reference: upstream in fp32 (no autocast, TF32 off: ``fp32_reference_mode``). The first rows are the noise floor:
+``upstream`` (its recommended bf16 autocast) and ``exact``; then each variant in ``VARIANTS``: ``fast`` (stride 4),
+``fast_kv2`` (the same with the milder stride 2), and approximations alone (``global_to_frame``,
+``kv_subsample_2``, ``kv_subsample_4``). So an approximation's error reads against upstream's own rounding.
 
 Metrics per variant, input and frame count (``compare``), over every frame of the sequence:
   - depth and world points: relative error ``||a - b|| / ||b||`` and the median absolute error ``|a - b|``;
@@ -11,7 +12,7 @@ Metrics per variant, input and frame count (``compare``), over every frame of th
     the two world-to-camera rotations, the angle between the two translation vectors (direction only: a scale
     change is not an error here) and the focal length's relative error (the larger of fx, fy), each as mean and
     max over frames;
-  - on CUDA, the median seconds per call and the speedup over the exact preset.
+  - on CUDA, the median seconds per call and the speed-up over upstream under bf16 autocast.
 
 Inputs: upstream's example scenes (``<examples>/<scene>/images``, loaded by upstream's loader as the ``reconstruct``
 command does; shrunk to the small model's 4-patch width for ``--size small``) and synthetic sequences of random
@@ -26,6 +27,7 @@ from ``weights.load_model``, so their focal errors are 0 by construction.)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -35,7 +37,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +52,7 @@ from .weights import load_model
 
 log = logging.getLogger(__name__)
 
+UPSTREAM = "upstream"  # upstream under bf16 autocast: the noise floor row
 VARIANTS: Mapping[str, TurboConfig] = {
     "fast": PRESETS["fast"],
     "fast_kv2": PRESETS["fast"].replace(kv_subsample=2),
@@ -68,6 +71,17 @@ RANDOM_WEIGHTS_NOTE = (
 # --------------------------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def fp32_reference_mode() -> Iterator[None]:
+    """TF32 off for matmuls and convolutions (the reference is true fp32), restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -204,45 +218,52 @@ def find_examples() -> Optional[Path]:
 
 
 def predict(
-    model: nn.Module, images: torch.Tensor, config: TurboConfig, repeats: int
+    model: nn.Module, images: torch.Tensor, config: Optional[TurboConfig], repeats: int, autocast: bool = True
 ) -> tuple[dict[str, torch.Tensor], Optional[float]]:
-    """``config``'s predictions (fp32, on the CPU) and, on CUDA under bf16 autocast, its median seconds per call
-    over ``repeats`` calls after the first (which may capture a CUDA graph)."""
+    """The predictions (fp32, on the CPU) of ``config`` (None: upstream) under bf16 autocast (``autocast=False``:
+    fp32, TF32 off) and, on CUDA, its median seconds per call over ``repeats`` calls after the first (which may
+    capture a CUDA graph)."""
     cuda = images.is_cuda
-    apply_optimizations(model, config)
+    if config is not None:
+        apply_optimizations(model, config)
+    mode = contextlib.nullcontext() if autocast else fp32_reference_mode()
     try:
-        with torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=cuda):
+        with mode, torch.no_grad(), torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=autocast):
             out = model(images)
             preds = {k: out[k].float().cpu() for k in PREDICTIONS}
             del out
             times = []
-            for _ in range(repeats if cuda else 0):
+            for _ in range(repeats if cuda and autocast else 0):
                 torch.cuda.synchronize()
                 start = time.perf_counter()
                 model(images)
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - start)
     finally:
-        revert_optimizations(model)
+        if config is not None:
+            revert_optimizations(model)
     return preds, statistics.median(times) if times else None
 
 
 def measure(
     model: nn.Module, cases: Sequence[Input], variants: Mapping[str, TurboConfig], repeats: int
 ) -> list[dict[str, Any]]:
-    """One row per variant and input: the metrics against the exact preset on the same images."""
+    """One row per variant and input: the metrics against upstream in fp32 on the same images, after the noise
+    floor's rows (``upstream`` under autocast, then ``exact``); speed-ups against upstream-autocast."""
     device = next(model.parameters()).device
     rows = []
     for case in cases:
         images = case.images.to(device)
         image_hw = (images.shape[-2], images.shape[-1])
-        reference, exact_seconds = predict(model, images, PRESETS["exact"], repeats)
-        for name, config in variants.items():
+        reference, _ = predict(model, images, None, 0, autocast=False)
+        upstream_seconds = None
+        for name, config in {UPSTREAM: None, "exact": PRESETS["exact"], **variants}.items():
             pred, seconds = predict(model, images, config, repeats)
+            upstream_seconds = seconds if config is None else upstream_seconds
             row = {"variant": name, "input": case.name, "frames": images.shape[1], "image_hw": list(image_hw)}
             row.update(compare(pred, reference, image_hw))
-            row.update(seconds=seconds, exact_seconds=exact_seconds,
-                       speedup=exact_seconds / seconds if seconds and exact_seconds else None)
+            row.update(seconds=seconds, upstream_seconds=upstream_seconds,
+                       speedup=upstream_seconds / seconds if seconds and upstream_seconds else None)
             log.info("%s", _line(row))
             rows.append(row)
     return rows
@@ -372,8 +393,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "weights": source,
         "random_weights": args.weights is None,
         "note": RANDOM_WEIGHTS_NOTE if args.weights is None else None,
-        "reference": "the exact preset, same inputs",
-        "autocast": "bfloat16" if device.type == "cuda" else None,
+        "reference": "upstream in fp32 (no autocast, TF32 off), same inputs; rows 'upstream' (bf16 autocast, the "
+        "noise floor) and 'exact' first",
+        "autocast": "bfloat16",
     }
     configs = {
         name: {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.as_dict().items()}

@@ -185,12 +185,11 @@ def run(args: argparse.Namespace) -> int:
     log.info("model built and moved to %s in %.1f s", device, time.perf_counter() - build_start)
 
     budget = Budget(args.deadline, t0)
-    total = sum(len(variants) + (UPSTREAM not in {v.name for v in variants}) for _ in frames)
+    total = sum(len(variants) + 1 for _ in frames)  # + the fp32 reference
     if at is not None and at not in frames:
         total += len(phase_variants)
     bar = _progress(total, enabled=not args.no_progress)
     bench = Bench(model, device, args, budget)
-    upstream_variant = Variant(UPSTREAM, None)
     interrupted = False
     with _sigterm_as_interrupt(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*autocast.*")
@@ -198,18 +197,15 @@ def run(args: argparse.Namespace) -> int:
             for frames_n in frames:
                 images = random_images(frames_n, args.image_size, seed=0).to(device)
                 reference = None
-                queue = list(variants)
-                if queue[0].name != UPSTREAM:  # errors need upstream's outputs: one untimed call
-                    bar.set_description(f"{frames_n} frames: upstream (reference)")
-                    if budget.allows(frames_n, 1, f"upstream reference at {frames_n} frames"):
-                        _, _, reference = bench.run_variant(upstream_variant, images, None, timed=False)
-                    bar.update()
-                for variant in queue:
+                bar.set_description(f"{frames_n} frames: upstream in fp32 (reference)")
+                if budget.allows(frames_n, 2, f"fp32 reference at {frames_n} frames"):  # about two bf16 calls
+                    reference = bench.fp32_reference(images)
+                bar.update()
+                for variant in variants:
                     bar.set_description(f"{frames_n} frames: {variant.name}")
                     with_phases = at == frames_n and variant in phase_variants
                     if budget.allows(frames_n, args.warmup + args.repeats, f"{variant.name} at {frames_n} frames"):
-                        rows, phase_rows, ref = bench.run_variant(variant, images, reference, phases=with_phases)
-                        reference = ref if variant.config is None else reference
+                        rows, phase_rows = bench.run_variant(variant, images, reference, phases=with_phases)
                         data["rows"] += rows
                         data["phases"] += phase_rows
                         write_json(result(), out_dir)  # after every row: a killed command keeps what it measured
@@ -226,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
                 for variant in phase_variants:
                     bar.set_description(f"phases at {at} frames: {variant.name}")
                     if budget.allows(at, args.warmup + args.repeats, f"phases of {variant.name} at {at} frames"):
-                        _, phase_rows, _ = bench.run_variant(variant, images, None, phases=True, phases_only=True)
+                        _, phase_rows = bench.run_variant(variant, images, None, phases=True, phases_only=True)
                         data["phases"] += phase_rows
                         write_json(result(), out_dir)
                     bar.update()

@@ -97,8 +97,9 @@ def make_meta(args: argparse.Namespace, device: torch.device, started: datetime.
         "graph pools and allocator slack; null for aggregator rows timed inside full calls)"
         if cuda
         else None,
-        "errors": "||a-b||/||b|| in float32 of the first call's outputs vs upstream's on the same inputs; "
-        "aggregator rows: its last cached output",
+        "errors": "||a-b||/||b|| in float32 of the first call's outputs vs upstream in fp32 (no autocast, TF32 off) "
+        "on the same inputs; the upstream row's error is upstream-autocast's own, the noise floor; aggregator rows: "
+        "its last cached output",
         "weights": "random init (vggt_turbo.random_model.build_vggt, seed 0), no track head",
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),

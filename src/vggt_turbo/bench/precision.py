@@ -17,18 +17,17 @@ size (the metadata says which). Batch 2 takes the next frames of the cycle as it
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ..config import PRESETS, TurboConfig
-from ..fidelity import pose_rotation_errors_deg, relative_error
+from ..fidelity import fp32_reference_mode, pose_rotation_errors_deg, relative_error
 from ..patches import Tier
 from ..patching import apply_optimizations, revert_optimizations
 from .variants import flag_variants
@@ -63,17 +62,6 @@ def precision_variants() -> list[PrecisionVariant]:
         PrecisionVariant("exact+bf16_weights", PRESETS["exact"].replace(bf16_weights=True)),
         PrecisionVariant("fast", PRESETS["fast"]),
     ]
-
-
-@contextlib.contextmanager
-def fp32_reference_mode() -> Iterator[None]:
-    """TF32 off for matmuls and convolutions (the reference is true fp32), restored after."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _outputs(model: nn.Module, images: torch.Tensor, query_points: Optional[torch.Tensor], autocast: bool,

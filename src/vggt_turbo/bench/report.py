@@ -201,7 +201,7 @@ def markdown(data: dict) -> str:
     if meta.get("aggregator_timing"):
         lines.append(f"Aggregator: {meta['aggregator_timing']}.")
     lines += ["", "Variants: `upstream` = unpatched; a flag name = that optimization alone; `exact` / `fast` = the presets. "
-              "Errors: max over outputs of ‖a−b‖/‖b‖ (float32) vs upstream on the same inputs; "
+              "Errors: max over outputs of ‖a−b‖/‖b‖ (float32) vs upstream in fp32 (TF32 off) on the same inputs (the upstream row: bf16 autocast's own error, the noise floor); "
               "an `*` marks approximate variants.", ""]
     titles = {"full": "Full model (no track head)", "aggregator": "Aggregator"}
     for part in PARTS:
@@ -212,7 +212,7 @@ def markdown(data: dict) -> str:
             ("latency", "seconds (speedup vs upstream)"),
             ("memory", "peak GiB above weights"),
             ("reserved", "peak GiB reserved above the start (includes CUDA-graph pools; – = not measured)"),
-            ("error", "max rel. error vs upstream"),
+            ("error", "max rel. error vs upstream fp32"),
         ):
             key = {"memory": "peak_gib", "reserved": "reserved_gib"}.get(what)
             if key and all(cells[k].get(key) is None for k in cells):

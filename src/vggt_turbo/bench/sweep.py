@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from ..fidelity import fp32_reference_mode
 from ..patching import apply_optimizations, revert_optimizations
 from .measure import (
     AGG_OUTPUT_KEY,
@@ -101,6 +102,29 @@ class Bench:
         with torch.no_grad(), self.autocast():
             return module(images)
 
+    def fp32_reference(self, images: torch.Tensor) -> Optional[dict[str, torch.Tensor]]:
+        """Upstream's outputs in fp32 (no autocast, TF32 off), the yardstick of every row's errors, upstream's
+        autocast row included (its error is the noise floor); None when that call fails (out of memory)."""
+        revert_optimizations(self.model)
+        try:
+            with fp32_reference_mode(), torch.no_grad():
+                if self.args.part == "aggregator":
+                    return snapshot(None, last_tokens(self.model.aggregator(images)))
+                tokens: list[torch.Tensor] = []
+                hook = self.model.aggregator.register_forward_hook(lambda m, a, out: tokens.append(last_tokens(out)))
+                try:
+                    out = self.model(images)
+                finally:
+                    hook.remove()
+                return snapshot(out, tokens[0])
+        except torch.cuda.OutOfMemoryError:
+            log.warning("no fp32 reference at %d frames (out of memory): errors left empty", images.shape[1])
+            return None
+        finally:
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
     def calls(
         self,
         module: nn.Module,
@@ -157,27 +181,22 @@ class Bench:
         variant: Variant,
         images: torch.Tensor,
         reference: Optional[dict[str, torch.Tensor]],
-        timed: bool = True,
         phases: bool = False,
         phases_only: bool = False,
     ) -> tuple[list[dict], list[dict], Optional[dict[str, torch.Tensor]]]:
-        """Rows, phase rows and (for upstream) the reference outputs of one variant at one frame count.
-
-        ``timed=False``: a single call for the reference outputs only (no rows). ``phases_only``: the full model
-        with the phase hooks only (its rows are not wanted).
-        """
+        """Rows and phase rows of one variant at one frame count, its errors against ``reference`` (upstream in
+        fp32, ``fp32_reference``). ``phases_only``: the full model with the phase hooks only (its rows are not
+        wanted)."""
         frames, args = images.shape[1], self.args
         part = "full" if phases_only else args.part
-        n = (args.warmup + args.repeats) if timed else 1
-        got: dict[str, Any] = {"reference": None, "errors": {}}
+        n = args.warmup + args.repeats
+        got: dict[str, Any] = {"errors": {}}
 
         def first(out: Any, tokens: Optional[torch.Tensor]) -> None:
             outputs = out if part != "aggregator" else None
             if part == "aggregator":
                 tokens = last_tokens(out)
-            if variant.config is None:
-                got["reference"] = snapshot(outputs, tokens)
-            elif reference:
+            if reference:
                 got["errors"].update(compare(outputs, tokens, reference))
 
         res = agg_res = None
@@ -198,7 +217,7 @@ class Bench:
                 if phases:
                     phase_probe = PhaseProbe(self.model, self.clock)
                 res = self.calls(self.model, images, n, first, probe, phase_probe)
-                if part == "both" and timed and not res.agg_separable:
+                if part == "both" and not res.agg_separable:
                     # The full forward replayed as one CUDA graph: no hook inside it fires. Time the aggregator
                     # patched alone instead (the cuda_graphs patch then captures the aggregator by itself).
                     probe.remove()
@@ -225,18 +244,11 @@ class Bench:
             revert_optimizations(self.model.aggregator)
             revert_optimizations(self.model)
         if failure:
-            got["reference"] = None
             res = agg_res = None
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-        if not timed:
-            return [], [], got["reference"]
-
         errors = got["errors"]
-        if variant.config is None and not failure:
-            errors = {"full": {k: 0.0 for k in OUTPUT_KEYS}, "aggregator": {AGG_OUTPUT_KEY: 0.0},
-                      "pose": {"rotation_deg_max": 0.0}}
         if part == "both":
             agg = agg_res if agg_res is not None else res
             parts = [("full", res, res and res.times, res and res.peaks),
@@ -273,7 +285,7 @@ class Bench:
             if failure:
                 row["error"] = failure
             rows.append(row)
-        return rows, self.phase_rows(variant, frames, res), got["reference"]
+        return rows, self.phase_rows(variant, frames, res)
 
     @staticmethod
     def phase_rows(variant: Variant, frames: int, res: Optional[Calls]) -> list[dict]:
