@@ -4,8 +4,8 @@ and the (module, method, wrapper) targets it replaces on a given model."""
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 from torch import nn
 
@@ -59,11 +59,13 @@ class Patch:
     model's depth); it must not modify the model.
     """
 
-    name: str
+    name: str  # its flag (a TurboConfig field)
     tier: Tier
+    summary: str  # what it does, one line (the README's flag table is made from it)
     requirements: tuple[Requirement, ...]
     enabled: Callable[[TurboConfig], bool]
     targets: Callable[[nn.Module, TurboConfig], list[Target]]
+    options: Mapping[str, str] = field(default_factory=dict)  # the other TurboConfig fields it reads: one line each
 
 
 def aggregator_path(root: nn.Module) -> str:

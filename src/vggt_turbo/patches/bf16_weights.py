@@ -104,6 +104,10 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="bf16_weights",
     tier=Tier.REDUCED,
+    summary=(
+        "the aggregator natively in bf16 from a bf16 copy of its weights: residual stream, norms and RoPE in "
+        "bf16 (rounds more than autocast)"
+    ),
     requirements=(
         Requirement("Aggregator", "forward", aggregator_of, ("images",)),
         Requirement("Aggregator", "patch_embed", aggregator_of),

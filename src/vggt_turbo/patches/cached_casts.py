@@ -83,6 +83,10 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="cached_casts",
     tier=Tier.EXACT,
+    summary=(
+        "autocast's bf16 copies of the aggregator's linear and convolution weights kept between calls instead"
+        " of cast again in every forward (bit for bit; the copies stay allocated)"
+    ),
     requirements=(Requirement("Aggregator", "forward", aggregator_of, ("images",)),),
     enabled=lambda c: c.cached_casts,
     targets=_targets,

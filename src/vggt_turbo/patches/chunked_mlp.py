@@ -60,6 +60,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="chunked_mlp",
     tier=Tier.EXACT,
+    summary="the blocks' MLP over 32,768-token slices (long sequences)",
     requirements=AGGREGATOR_LAYOUT
     + members(
         "Block",

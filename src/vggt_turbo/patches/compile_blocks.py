@@ -64,6 +64,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="compile",
     tier=Tier.EXACT,
+    summary="`torch.compile` of upstream's `Block.forward` (first call per shape compiles)",
     requirements=AGGREGATOR_LAYOUT + members("Block", first_block, ("forward", ("x", "pos"))),
     enabled=lambda c: c.compile,
     targets=_targets,

@@ -134,6 +134,7 @@ def _root(root: nn.Module) -> Optional[nn.Module]:
 PATCH = Patch(
     name="concurrent_heads",
     tier=Tier.EXACT,
+    summary="camera, depth and point heads on CUDA streams of their own (1 frame)",
     requirements=members(
         "VGGT", _root, ("forward", ("images", "query_points")), ("camera_head", None), ("depth_head", None),
         ("point_head", None),

@@ -252,6 +252,11 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="cuda_graphs",
     tier=Tier.EXACT,
+    summary=(
+        "the forward captured per input shape and replayed (inference, no `query_points`); parameters checked"
+        " on every call, recaptured when they change"
+    ),
+    options={"cuda_graph_max_frames": "longest sequence captured (16); longer ones run eagerly"},
     requirements=(
         Requirement("Aggregator", "forward", aggregator_of, ("images",)),
         Requirement("VGGT", "forward", lambda root: root if looks_like_vggt(root) else None, ("images", "query_points")),

@@ -193,6 +193,13 @@ BLOCK_MEMBERS = (("norm1", None), ("attn", None), ("ls1", None), ("norm2", None)
 PATCH = Patch(
     name="fused_layer_scale",
     tier=Tier.EXACT,
+    summary="every block's LayerScale product and residual sum in one pass (bit for bit)",
+    options={
+        "fused_add_norm": (
+            "each residual sum and the LayerNorm after it in one pass: the fp32 sum kept, the norm "
+            "written in the dtype the next matmul reads"
+        ),
+    },
     requirements=AGGREGATOR_LAYOUT
     + members("Aggregator", aggregator_of, ("aa_block_num", None))
     + members("Block", first_block, ("forward", ("x", "pos")), *BLOCK_MEMBERS)

@@ -94,6 +94,13 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="fused_qk_norm_rope",
     tier=Tier.EXACT,
+    summary=(
+        "qk-norm and RoPE-2D of every block in one kernel, in fp32 registers, written in place in the "
+        "attention dtype"
+    ),
+    options={
+        "flash_attention_4": "the aggregator's attention on FlashAttention-4 where the optional package runs the call",
+    },
     requirements=AGGREGATOR_LAYOUT
     + ATTENTION_MEMBERS
     + members(

@@ -241,6 +241,11 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="kv_subsample",
     tier=Tier.APPROXIMATE,
+    summary=(
+        "global attention over every frame's special tokens and every r-th patch row and column, plus each "
+        "query's own key and the dropped keys' mean (AVGGT)"
+    ),
+    options={"kv_subsample_layers": "the global layers it applies to (default: all not in `global_to_frame_layers`)"},
     # the aggregator layout and the Attention parts that sdpa's forward reads too, and the grid's geometry
     requirements=SDPA.requirements
     + members("Aggregator", aggregator_of, ("forward", ("images",)), ("patch_size", None), ("patch_start_idx", None)),

@@ -113,6 +113,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="offload_intermediates",
     tier=Tier.EXACT,
+    summary="the 4 layer outputs the heads read kept in pinned host memory; `auto`: calls of 32 frames or more",
     requirements=(Requirement("Aggregator", "forward", aggregator_of, ("images",)),) + HEAD_INPUT_REQUIREMENTS,
     enabled=_enabled,
     targets=_targets,

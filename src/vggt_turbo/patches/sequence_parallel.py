@@ -377,6 +377,8 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="sequence_parallel",
     tier=Tier.EXACT,
+    summary="a sequence's frames split over the ranks of a process group; global attention exchanges heads (Ulysses)",
+    options={"sequence_parallel_output": "`gathered` (every rank gets every frame) or `sharded`"},
     requirements=AGGREGATOR_LAYOUT
     + members(
         "Aggregator",

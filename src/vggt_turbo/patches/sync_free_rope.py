@@ -123,6 +123,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="sync_free_rope",
     tier=Tier.EXACT,
+    summary="RoPE without upstream's `int(positions.max())` device-to-host sync in each attention layer",
     requirements=members(
         "Aggregator",
         aggregator_of,
