@@ -202,7 +202,7 @@ def markdown(data: dict) -> str:
         lines.append(f"Aggregator: {meta['aggregator_timing']}.")
     lines += ["", "Variants: `upstream` = unpatched; a flag name = that optimization alone; `exact` / `fast` = the presets. "
               "Errors: max over outputs of ‖a−b‖/‖b‖ (float32) vs upstream in fp32 (TF32 off) on the same inputs (the upstream row: bf16 autocast's own error, the noise floor); "
-              "an `*` marks approximate variants.", ""]
+              "an `*` marks variants outside the exact tier (reduced precision or approximate; the row's `tier` says which).", ""]
     titles = {"full": "Full model (no track head)", "aggregator": "Aggregator"}
     for part in PARTS:
         frames, variants, cells = _pivot(rows, part)

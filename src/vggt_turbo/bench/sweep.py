@@ -271,6 +271,7 @@ class Bench:
                 "pose_rot_err_deg": (sig3(errors["pose"]["rotation_deg_max"])
                                      if name == "full" and "pose" in errors else None),
                 "exact": variant.exact,
+                "tier": variant.tier,
                 "seconds_min": round_or_none(min(secs), 6) if secs else None,
                 "seconds_all": [round_or_none(x, 6) for x in secs] if secs else [],
                 "base_gib": round_or_none(measured.base_gib, 3) if measured is not None and measured.base_gib is not None else None,

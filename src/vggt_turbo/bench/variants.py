@@ -33,6 +33,11 @@ class Variant:
     def exact(self) -> bool:
         return self.config is None or self.config.is_exact
 
+    @property
+    def tier(self) -> str:
+        """The loosest precision tier of its patches ("upstream" for upstream itself)."""
+        return "upstream" if self.config is None else self.config.tier.label
+
     def config_dict(self) -> Optional[dict[str, Any]]:
         if self.config is None:
             return None
