@@ -73,6 +73,16 @@ RANDOM_WEIGHTS_NOTE = (
 # --------------------------------------------------------------------------------------------------------------
 
 
+def fresh_upstream_caches(model: nn.Module) -> None:
+    """Empty upstream's RoPE table caches, so that the next call makes its tables as in a fresh process. Upstream
+    keeps the table the first call made under a key that ignores autocast: after an fp32 call, upstream-autocast
+    would reuse fp32 tables it never makes on its own (its einsum runs in bf16 under CUDA autocast)."""
+    for module in model.modules():
+        cache = getattr(module, "frequency_cache", None)
+        if isinstance(cache, dict):
+            cache.clear()
+
+
 @contextlib.contextmanager
 def fp32_reference_mode() -> Iterator[None]:
     """TF32 off for matmuls and convolutions (the reference is true fp32), restored after."""
@@ -224,6 +234,7 @@ def predict(
     fp32, TF32 off) and, on CUDA, its median seconds per call over ``repeats`` calls after the first (which may
     capture a CUDA graph)."""
     cuda = images.is_cuda
+    fresh_upstream_caches(model)
     if config is not None:
         apply_optimizations(model, config)
     mode = contextlib.nullcontext() if autocast else fp32_reference_mode()

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..config import PRESETS, TurboConfig
-from ..fidelity import fp32_reference_mode, pose_rotation_errors_deg, relative_error
+from ..fidelity import fp32_reference_mode, fresh_upstream_caches, pose_rotation_errors_deg, relative_error
 from ..patches import Tier
 from ..patching import apply_optimizations, revert_optimizations
 from .variants import flag_variants
@@ -67,6 +67,7 @@ def precision_variants() -> list[PrecisionVariant]:
 def _outputs(model: nn.Module, images: torch.Tensor, query_points: Optional[torch.Tensor], autocast: bool,
              config: Optional[TurboConfig]) -> dict[str, torch.Tensor]:
     keys = OUTPUTS + (TRACK_OUTPUTS if query_points is not None else ())
+    fresh_upstream_caches(model)  # each variant makes its RoPE tables as in a fresh process
     if config is not None:
         apply_optimizations(model, config)
     try:

@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ..fidelity import fp32_reference_mode
+from ..fidelity import fp32_reference_mode, fresh_upstream_caches
 from ..patching import apply_optimizations, revert_optimizations
 from .measure import (
     AGG_OUTPUT_KEY,
@@ -106,6 +106,7 @@ class Bench:
         """Upstream's outputs in fp32 (no autocast, TF32 off), the yardstick of every row's errors, upstream's
         autocast row included (its error is the noise floor); None when that call fails (out of memory)."""
         revert_optimizations(self.model)
+        fresh_upstream_caches(self.model)
         try:
             with fp32_reference_mode(), torch.no_grad():
                 if self.args.part == "aggregator":
@@ -205,6 +206,7 @@ class Bench:
         probe = phase_probe = None
         try:
             revert_optimizations(self.model)
+            fresh_upstream_caches(self.model)  # each variant makes its RoPE tables as in a fresh process
             if part == "aggregator":  # the aggregator patched and called alone
                 if variant.config is not None:
                     apply_optimizations(self.model.aggregator, variant.config)

@@ -8,15 +8,19 @@ plus one (special tokens sit at 0), so the table length is ``max(H, W) // patch_
 aggregator publishes that length for the duration of its forward; the patched RoPE uses it and a table made by
 upstream's own ``_compute_frequency_components`` (``rope_table``).
 
-The tables are kept apart from upstream's ``frequency_cache``: upstream's table depends on the autocast state of
-the call that first fills a key (under autocast its ``einsum`` runs in bf16, outside it in fp32, both stored under
-the same key), so a table a patched call stored there could later be read by the reverted model where upstream
-would have computed its own, and the reverted model would no longer match an unpatched one bit for bit. Here the
-tables are computed on a scratch cache and kept per RoPE module, keyed by the autocast state as well.
+The table is computed in fp32 even under autocast. Upstream's ``einsum`` of positions and frequencies runs in
+bf16 under CUDA autocast (it is on autocast's lower-precision list), so upstream-autocast's angles are rounded to
+bf16 (up to about 0.07 rad at position 37) before their cosines, where upstream in fp32 computes them exactly;
+here they are upstream's fp32 values: one rounding fewer than autocast, closer to the fp32 reference
+(``precision.md``). The tables are kept apart from upstream's ``frequency_cache``, whose entry for a key is
+whatever the first call made (an fp32 call and an autocast call store different tables under the same key): a
+table left there by a patched call would be read by the reverted model, which would then no longer match an
+unpatched one bit for bit.
 
-Exact: the same table entries (upstream's function in the same autocast state), the same lookups and arithmetic
-as upstream. Called outside its aggregator's forward (no length published), the RoPE falls back to upstream's
-code, sync included.
+Exact: the same table formula, lookups and arithmetic as upstream in fp32, with fewer roundings than
+upstream-autocast (bit for bit with upstream outside autocast and on the CPU, where autocast leaves ``einsum`` in
+fp32). Called outside its aggregator's forward (no length published), the RoPE falls back to upstream's code,
+sync included.
 """
 
 from __future__ import annotations
@@ -29,7 +33,6 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from ..autocast import autocast_dtype
 from ..config import TurboConfig
 from ..upstream import aggregator_of, members, rope_of
 from ._base import Patch, Target, Tier, aggregator_path, join
@@ -72,22 +75,23 @@ def published_table_length(rope: nn.Module) -> Optional[int]:
     return published[1] if published is not None and published[0] is rope else None
 
 
-# Per RoPE module (weakly held): (dim, length, device, dtype, autocast dtype) -> (cos, sin)
+# Per RoPE module (weakly held): (dim, length, device, dtype) -> (cos, sin)
 _TABLES: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[torch.Tensor, torch.Tensor]]]" = weakref.WeakKeyDictionary()
 
 
 def rope_table(rope: nn.Module, dim: int, length: int, device: torch.device,
                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upstream's ``rope._compute_frequency_components(dim, length, device, dtype)`` as it computes it in the
-    current autocast state, without reading or writing upstream's ``frequency_cache`` (see the module docstring)."""
-    key = (dim, length, device, dtype, autocast_dtype(device.type))
+    """Upstream's ``rope._compute_frequency_components(dim, length, device, dtype)`` as upstream computes it outside
+    autocast, without reading or writing upstream's ``frequency_cache`` (see the module docstring)."""
+    key = (dim, length, device, dtype)
     tables = _TABLES.setdefault(rope, {})
     table = tables.get(key)
     if table is None:
         upstream_cache = rope.frequency_cache
         rope.frequency_cache = {}
         try:
-            table = rope._compute_frequency_components(dim, length, device, dtype)
+            with torch.autocast(device.type, enabled=False):
+                table = rope._compute_frequency_components(dim, length, device, dtype)
         finally:
             rope.frequency_cache = upstream_cache
         tables[key] = table
