@@ -4,11 +4,13 @@
     vggt_turbo.apply_optimizations(model)            # "exact" preset: upstream's outputs
     vggt_turbo.apply_optimizations(model, "fast")    # adds approximations (see README)
     vggt_turbo.revert_optimizations(model)           # upstream behaviour again
+    vggt_turbo.plan(800, memory=24)                  # how many frames fit, before loading anything
 """
 
 import logging
 
 from .config import PRESETS, TurboConfig
+from .planner import Estimate, Plan, plan
 from .patching import Description, apply_optimizations, describe, optimized, revert_optimizations
 from .upstream import PINNED_COMMIT, IncompatibleUpstreamError
 
@@ -16,13 +18,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PINNED_COMMIT",
+    "Plan",
     "PRESETS",
     "Description",
+    "Estimate",
     "IncompatibleUpstreamError",
     "TurboConfig",
     "apply_optimizations",
     "describe",
     "optimized",
+    "plan",
     "revert_optimizations",
 ]
 

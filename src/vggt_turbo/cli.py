@@ -9,7 +9,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-COMMANDS = ("vggt_turbo.reconstruct", "vggt_turbo.bench", "vggt_turbo.view")
+COMMANDS = ("vggt_turbo.reconstruct", "vggt_turbo.plan_cli", "vggt_turbo.bench", "vggt_turbo.view")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -36,7 +36,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import apply_optimizations, describe, example_scene, export, export_options, inputs, memory
+import os
+
+from . import apply_optimizations, describe, example_scene, export, export_options, inputs, memory, planner
 from .export_colmap_binary import write_colmap_binary
 from .export_nerfstudio import write_nerfstudio
 from .preview import render_preview
@@ -73,10 +75,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         f"folder (default: {DEFAULT_WEIGHTS})")
     source.add_argument("--random-weights", action="store_true", help="random weights: no download, MEANINGLESS results")
     count = p.add_mutually_exclusive_group()
-    count.add_argument("--frames", type=_positive_int, metavar="N",
-                       help=f"use N evenly spaced frames (default: all images; {inputs.DEFAULT_VIDEO_FRAMES} of a video)")
+    count.add_argument("--frames", type=_frames, metavar="N",
+                       help=f"use N evenly spaced frames (default: all images; {inputs.DEFAULT_VIDEO_FRAMES} of a video); "
+                       "auto: as many as fit in the GPU's memory (see vggt-turbo plan)")
     count.add_argument("--stride", type=_positive_int, metavar="K", help="use every K-th frame")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--memory", type=float, metavar="GiB", default=_env_memory(),
+                   help=f"plan for this much GPU memory instead of what is free (also ${MEMORY_ENV})")
     p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                    help="autocast dtype (auto: bf16 on Ampere+ CUDA, fp16 on older CUDA, fp32 on the CPU)")
     p.add_argument("--mode", choices=("crop", "pad"), default="crop",
@@ -187,20 +192,27 @@ def reconstruct(args: argparse.Namespace) -> Result:
     checks = time.perf_counter() - start
 
     start = time.perf_counter()
+    if args.frames == "auto":
+        args.frames = _auto_frames(args, device)
     images, names, kind, available = _load(args)
     kind = "example scene" if args.example else kind
+    # What the full model would see: the plan's arithmetic is for it, also in the test-only small-model path.
+    planned = _plan_for(args, device, images.shape[0], images.shape[2], images.shape[3])
+    offload = _decide(args, planned)
     if args.model_size == "small":  # test-only path: the toy model expects a 4x4 patch grid
         images = F.interpolate(images, size=(SMALL_IMAGE, SMALL_IMAGE), mode="bilinear", align_corners=False, antialias=True)
     frames, _, height, width = images.shape
     timings["load"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    memory.check_fits(plan.skeleton, frames, height, width, device, dtype)
+    if planned is None:  # the CPU without --memory: its RAM, by the rough estimate
+        memory.check_fits(plan.skeleton, frames, height, width, device, dtype)
+    flags = {"offload_intermediates": True} if offload else {}
     with _bar("model", 1, "model", args.quiet) as bar:
         bar.set_postfix_str(plan.source)
         loaded = plan.build()
         # One forward per run: CUDA-graph capture (two warm-ups, then capture) would cost more than it saves.
-        model = apply_optimizations(loaded.model.to(device), args.preset, cuda_graphs=False)
+        model = apply_optimizations(loaded.model.to(device), args.preset, cuda_graphs=False, **flags)
         applied = describe(model)
         _step(bar, f"{loaded.source} on {device}, preset {args.preset}")
     timings["model"] = checks + time.perf_counter() - start
@@ -212,7 +224,9 @@ def reconstruct(args: argparse.Namespace) -> Result:
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if not _out_of_memory(exc):
                 raise
-            raise UserError(f"out of memory on {device} with {frames} frames at {width}x{height}. {memory.advice()}") from exc
+            advice = (planned.advice(args.preset) if planned is not None and planned.memory_gib is not None
+                      else memory.advice())
+            raise UserError(f"out of memory on {device} with {frames} frames at {width}x{height}: {advice}") from exc
     timings["inference"] = time.perf_counter() - start
     timings.update(inner)
     weights = loaded.source
@@ -354,6 +368,95 @@ def _load(args: argparse.Namespace) -> tuple[torch.Tensor, list[str], str, int]:
     return images, [p.name for p in paths], "video", count
 
 
+MEMORY_ENV = "VGGT_TURBO_MEMORY_GIB"
+
+
+def _env_memory() -> Optional[float]:
+    value = os.environ.get(MEMORY_ENV)
+    try:
+        return float(value) if value else None
+    except ValueError:
+        log.warning("$%s=%r is not a number of GiB; ignored", MEMORY_ENV, value)
+        return None
+
+
+def _memory_gib(args: argparse.Namespace, device: torch.device) -> tuple[Optional[float], Optional[str]]:
+    """(GiB to plan for, GPU name): ``--memory`` (or its variable) stands in for the GPU, e.g. in tests; on CUDA
+    otherwise the memory free now; on the CPU without it none (the rough RAM estimate of ``memory`` applies)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    if args.memory is not None:
+        return args.memory, name
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / planner.GIB, name
+    return None, None
+
+
+def _plan_for(args: argparse.Namespace, device: torch.device, frames: int, height: int, width: int) -> Optional[planner.Plan]:
+    gib, name = _memory_gib(args, device)
+    if gib is None:
+        return None
+    return planner.plan(frames, height=height, width=width, memory=gib, gpu=name)
+
+
+def _offloads(preset: str, frames: int) -> bool:
+    """Whether the preset's own ``offload_intermediates`` setting ("auto": from 32 frames) offloads this call."""
+    value = PRESETS[preset].offload_intermediates
+    return value is True or (value == "auto" and frames >= planner.constants()["model"]["offload_auto_frames"])
+
+
+def _decide(args: argparse.Namespace, planned: Optional[planner.Plan]) -> bool:
+    """Follow the plan before any weight is loaded: True to turn offloading on (said in one line), nothing when the
+    preset fits as it is, ``UserError`` naming what fits otherwise."""
+    if planned is None:
+        return False
+    preset = args.preset
+    as_is = planned.estimate(preset, _offloads(preset, planned.frames))
+    if as_is.fits:
+        return False
+    offloaded = planned.estimate(preset, True)
+    if offloaded.fits:
+        if not args.quiet:
+            print(f"vggt-turbo reconstruct: {planned.frames} frames need ~{as_is.need_gib:.0f} GiB with {preset}, "
+                  f"~{offloaded.need_gib:.0f} GiB with offload_intermediates: turned it on "
+                  f"({planned.memory_gib:.0f} GiB available)", file=sys.stderr)
+        return True
+    raise UserError(planned.advice(preset))
+
+
+def _probe_size(args: argparse.Namespace) -> tuple[int, int]:
+    """(height, width) upstream's loader gives the input's first frame (``--frames auto`` plans before loading)."""
+    source: Path = args.input
+    if not source.exists():
+        raise UserError(f"input not found: {source}")
+    if source.is_dir():
+        files = inputs.list_images(source)
+        if not files:
+            raise UserError(f"{source}: no images")
+        return tuple(inputs.load_images(files[:1], args.mode).shape[-2:])  # type: ignore[return-value]
+    with tempfile.TemporaryDirectory(prefix="vggt-turbo-probe-") as workdir:
+        for index, rgb in inputs.video_frames(source, [0], inputs.DecoderNoise()):
+            path = Path(workdir) / "probe.png"
+            inputs.save_frame(rgb, path)
+            return tuple(inputs.load_images([path], args.mode).shape[-2:])  # type: ignore[return-value]
+    raise UserError(f"{source}: no frame could be decoded")
+
+
+def _auto_frames(args: argparse.Namespace, device: torch.device) -> Optional[int]:
+    """``--frames auto``: the most frames the plan fits with the preset (offloading if need be); None (all of
+    them) where there is no GPU memory to plan for."""
+    gib, name = _memory_gib(args, device)
+    if gib is None:
+        log.warning("--frames auto: no GPU memory to plan for (CPU without --memory); using all frames")
+        return None
+    height, width = _probe_size(args)
+    planned = planner.plan(1, height=height, width=width, memory=gib, gpu=name)
+    most = max(e.max_frames or 0 for e in planned.estimates if e.variant == args.preset)
+    if most < 1:
+        raise UserError(planned.advice(args.preset))
+    log.info("--frames auto: %d frames at %dx%d fit in %.1f GiB with %s", most, width, height, gib, args.preset)
+    return most
+
+
 def _say_frames_used(args: argparse.Namespace, available: int, what: str) -> None:
     """``--frames N`` beyond what the input has uses all of it: say so (report.json and the summary do too)."""
     if args.frames is not None and args.frames > available:
@@ -437,6 +540,10 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
+
+
+def _frames(text: str) -> Any:
+    return "auto" if text == "auto" else _positive_int(text)
 
 
 def _percentile(text: str) -> float:
