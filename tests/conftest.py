@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # make helpers.py importable wha
 
 from helpers import run  # noqa: E402
 
-from vggt_turbo.random_model import build_vggt, random_images  # noqa: E402
+from vggt_turbo.random_model import build_vggt, random_images, randomize_  # noqa: E402
 
 FRAMES = 2  # the smallest count where global attention differs from frame attention
 
@@ -78,3 +78,20 @@ def full_model() -> nn.Module:
 def full_images() -> torch.Tensor:
     """(1, FRAMES, 3, 28, 28) images: 2 x 2 patches per frame keep the full-size model fast on the CPU."""
     return random_images(FRAMES, size=28)
+
+
+@pytest.fixture(scope="session", params=["small", pytest.param("full", marks=pytest.mark.slow)])
+def dino_model(request: pytest.FixtureRequest) -> nn.Module:
+    """A VGGT whose patch embed is upstream's DINOv2 (``model.aggregator.patch_embed``), for the patches that reach
+    into it; the small VGGT's own patch embed is a convolution. ``"small"`` (the default suite): the small VGGT with
+    a 2-block ViT-S DINOv2 aggregator (the full model's block classes; only the patch embed runs, the heads do not
+    fit it); ``"full"`` (marked slow): ``full_model``, upstream's ViT-L. Patch it and revert."""
+    if request.param == "full":
+        return request.getfixturevalue("full_model")
+    from vggt.models.aggregator import Aggregator
+
+    model = build_vggt("small", enable_track=False)
+    torch.manual_seed(0)
+    model.aggregator = Aggregator(img_size=28, patch_size=14, embed_dim=384, depth=2, num_heads=6,
+                                  patch_embed="dinov2_vits14_reg")
+    return randomize_(model).eval()

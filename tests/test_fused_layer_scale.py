@@ -47,21 +47,22 @@ def test_outputs_equal_upstream_bit_for_bit(model, images, query_points, monkeyp
 
 
 @pytest.mark.parametrize("flag, kernel", [("fused_layer_scale", "scale_add"), ("fused_add_norm", "scale_add_norm")])
-def test_dino_blocks_equal_upstream_bit_for_bit(full_model, monkeypatch, flag, kernel) -> None:
-    """The full model's patch embed (DINOv2 ViT-L blocks, ``NestedTensorBlock.forward(x_or_x_list)``); with
+def test_dino_blocks_equal_upstream_bit_for_bit(dino_model, monkeypatch, flag, kernel) -> None:
+    """A DINOv2 patch embed (``dino_model``: ViT-S, or the full model's ViT-L; blocks with
+    ``NestedTensorBlock.forward(x_or_x_list)``); with
     ``fused_add_norm`` each block's norm2 and the next block's norm1 come from the sums' pass (the reference on
     the CPU: bit for bit), so the kernel runs once less than twice per block."""
-    embed = full_model.aggregator.patch_embed
+    embed = dino_model.aggregator.patch_embed
     images = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
         expected = embed(images)
     calls = count_calls(monkeypatch, patch, kernel)
-    vggt_turbo.apply_optimizations(full_model, only(flag))
+    vggt_turbo.apply_optimizations(dino_model, only(flag))
     try:
         with torch.no_grad():
             got = embed(images)
     finally:
-        vggt_turbo.revert_optimizations(full_model)
+        vggt_turbo.revert_optimizations(dino_model)
     assert calls[0] == 2 * len(embed.blocks) - (flag == "fused_add_norm")
     tensors = [key for key, value in expected.items() if isinstance(value, torch.Tensor)]
     assert "x_norm_patchtokens" in tensors

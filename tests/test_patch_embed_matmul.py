@@ -27,10 +27,10 @@ def test_product_equals_the_convolution_within_fp32_rounding() -> None:
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_dino_tokens_within_fp32_rounding(full_model) -> None:
-    """The full model's DINOv2 patch embed (its PatchEmbed sits inside the ViT) with the product in place of the
-    convolution, on a batch of two images, through the ViT's own forward."""
-    embed = full_model.aggregator.patch_embed
+def test_dino_tokens_within_fp32_rounding(dino_model) -> None:
+    """A DINOv2 patch embed (``dino_model``: ViT-S, or the full model's ViT-L; its PatchEmbed sits inside the ViT)
+    with the product in place of the convolution, on a batch of two images, through the ViT's own forward."""
+    embed = dino_model.aggregator.patch_embed
     images = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
         expected = embed(images)
@@ -45,14 +45,14 @@ def test_dino_tokens_within_fp32_rounding(full_model) -> None:
             torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-5)
 
 
-def test_targets_the_patch_embed_of_either_kind(model, full_model) -> None:
+def test_targets_the_patch_embed_of_either_kind(model, dino_model) -> None:
     vggt_turbo.apply_optimizations(model, only("patch_embed_matmul"))
     assert vggt_turbo.describe(model).targets["patch_embed_matmul"] == ["aggregator.patch_embed.forward"]
-    vggt_turbo.apply_optimizations(full_model, only("patch_embed_matmul"))
+    vggt_turbo.apply_optimizations(dino_model, only("patch_embed_matmul"))
     try:
-        assert vggt_turbo.describe(full_model).targets["patch_embed_matmul"] == ["aggregator.patch_embed.patch_embed.forward"]
+        assert vggt_turbo.describe(dino_model).targets["patch_embed_matmul"] == ["aggregator.patch_embed.patch_embed.forward"]
     finally:
-        vggt_turbo.revert_optimizations(full_model)
+        vggt_turbo.revert_optimizations(dino_model)
 
 
 def test_cpu_keeps_upstreams_convolution_bit_for_bit(model, images, query_points, monkeypatch) -> None:

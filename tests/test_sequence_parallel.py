@@ -240,7 +240,10 @@ def _all_cases(rank: int, out_dir: str) -> None:
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
 
 
-@pytest.fixture(scope="module", params=WORLDS, ids=lambda w: f"{w}-ranks")
+# Two ranks in the default suite (5 frames split unevenly, every case); three ranks (about 40 s to spawn on a
+# 2-core CPU) with the slow tests.
+@pytest.fixture(scope="module", params=[pytest.param(w, marks=pytest.mark.slow) if w > 2 else w for w in WORLDS],
+                ids=lambda w: f"{w}-ranks")
 def ranks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """What each rank of a ``request.param``-process group saw, in rank order."""
     out = tmp_path_factory.mktemp(f"sequence_parallel_{request.param}")
