@@ -299,9 +299,9 @@ def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarr
 
 
 def _load(args: argparse.Namespace) -> tuple[torch.Tensor, list[str], str, int]:
-    """(images (S, 3, H, W) from upstream's loader, their names, "folder" or "video", frames in the input).
+    """(images (S, 3, H, W) as upstream's loader makes them, their names, "folder" or "video", frames in the input).
 
-    One progress bar: a step per file checked or frame decoded, and a last one for upstream's preprocessing.
+    One progress bar: a step per file checked or frame decoded (see ``inputs.load_folder``, ``load_frames``).
     """
     source: Path = args.input
     if not source.exists():
@@ -310,48 +310,34 @@ def _load(args: argparse.Namespace) -> tuple[torch.Tensor, list[str], str, int]:
         files = inputs.list_images(source)
         _say_frames_used(args, len(files), "images in the folder")
         chosen = inputs.select(len(files), args.frames, args.stride)
-        with _bar("load", len(files) + 1, "file", args.quiet) as bar:
-            problems, used = {}, set(chosen)
-            for i, path in enumerate(files):
-                problem = inputs.image_problem(path, decode=i in used)
-                if problem:
-                    problems[path] = problem
-                _step(bar, path.name)
-            inputs.raise_for_problems(problems)
-            paths = [files[i] for i in chosen]
-            images = inputs.load_images(paths, args.mode)
-            _step(bar, "preprocessed")
-        return images, [p.name for p in paths], "folder", len(files)
+        with _bar("load", len(files), "file", args.quiet) as bar:
+            images = inputs.load_folder(files, chosen, args.mode, lambda name: _step(bar, name))
+        return images, [files[i].name for i in chosen], "folder", len(files)
 
     noise = inputs.DecoderNoise()
     count = inputs.video_frame_count(source, noise)
     _say_frames_used(args, count, "frames in the video's header")
     wanted = inputs.select(count, args.frames or (None if args.stride else inputs.DEFAULT_VIDEO_FRAMES), args.stride)
-    with tempfile.TemporaryDirectory(prefix="vggt-turbo-frames-") as workdir, \
-            _bar("load", len(wanted) + 1, "frame", args.quiet) as bar:
-        paths, decoded = [], 0
-        for index, rgb in inputs.video_frames(source, wanted, noise):
-            paths.append(Path(workdir) / f"frame_{index:06d}.png")
-            inputs.save_frame(rgb, paths[-1])
-            decoded = index + 1
-            _step(bar, paths[-1].name)
-        if len(paths) < len(wanted) and noise.lines:
-            raise UserError(
-                f"{source}: the video is damaged: no frame asked for could be decoded after frame {decoded} of the "
-                f"{count} its header "
-                f"announces ({noise.summary()}); re-encode it (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4) or extract "
-                "the good frames into a folder"
-            )
-        if not paths:
-            raise UserError(f"{source}: no frame could be decoded")
-        if len(paths) < len(wanted):
-            log.warning("%s: decoded %d of the %d frames asked for (the video is shorter than its header says)",
-                        source, len(paths), len(wanted))
-        if noise.lines:
-            log.warning("%s: %s; the frames used may show it", source, noise.summary())
-        images = inputs.load_images(paths, args.mode)
-        _step(bar, "preprocessed")
-    return images, [p.name for p in paths], "video", count
+    with _bar("load", len(wanted), "frame", args.quiet) as bar:
+        images, indices = inputs.load_frames(inputs.video_frames(source, wanted, noise), args.mode,
+                                             lambda index: _step(bar, f"frame {index}"))
+    names = [f"frame_{index:06d}.png" for index in indices]
+    decoded = indices[-1] + 1 if indices else 0
+    if len(names) < len(wanted) and noise.lines:
+        raise UserError(
+            f"{source}: the video is damaged: no frame asked for could be decoded after frame {decoded} of the "
+            f"{count} its header "
+            f"announces ({noise.summary()}); re-encode it (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4) or extract "
+            "the good frames into a folder"
+        )
+    if not names:
+        raise UserError(f"{source}: no frame could be decoded")
+    if len(names) < len(wanted):
+        log.warning("%s: decoded %d of the %d frames asked for (the video is shorter than its header says)",
+                    source, len(names), len(wanted))
+    if noise.lines:
+        log.warning("%s: %s; the frames used may show it", source, noise.summary())
+    return images, names, "video", count
 
 
 def _say_frames_used(args: argparse.Namespace, available: int, what: str) -> None:
