@@ -27,6 +27,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import apply_optimizations, describe, example_scene, export, export_options, inputs, memory
+from . import apply_optimizations, describe, example_scene, export, export_options, inputs, kernel_cache, memory
 from .export_colmap_binary import write_colmap_binary
 from .export_nerfstudio import write_nerfstudio
 from .preview import render_preview
@@ -161,6 +162,7 @@ class Result:
     colmap_skipped: list[str] = field(default_factory=list)
     conf_threshold: float = 0.0
     outputs: tuple[str, ...] = OUTPUTS
+    kernels: Optional[kernel_cache.KernelCache] = None
 
     @property
     def random_weights(self) -> bool:
@@ -205,8 +207,11 @@ def reconstruct(args: argparse.Namespace) -> Result:
         _step(bar, f"{loaded.source} on {device}, preset {args.preset}")
     timings["model"] = checks + time.perf_counter() - start
 
+    kernels = kernel_cache.configure(device, args.preset, dtype)  # before the first kernel compiles
     start = time.perf_counter()
     with _bar("inference", len(phases(model)), "phase", args.quiet) as bar:
+        if kernels.progress_note():
+            bar.set_postfix_str(kernels.progress_note())
         try:
             predictions, inner = predict(model, images.to(device), dtype, lambda name: _step(bar, name))
         except (torch.OutOfMemoryError, RuntimeError) as exc:
@@ -214,6 +219,9 @@ def reconstruct(args: argparse.Namespace) -> Result:
                 raise
             raise UserError(f"out of memory on {device} with {frames} frames at {width}x{height}. {memory.advice()}") from exc
     timings["inference"] = time.perf_counter() - start
+    if kernels.directory is not None:  # a first run pays the kernels' compilation; report.json tells them apart
+        timings["inference_warm" if kernels.warm else "inference_first_run"] = timings["inference"]
+    kernels.mark_warm()
     timings.update(inner)
     weights = loaded.source
     del model, loaded, plan  # free the weights before export allocates the point cloud
@@ -227,7 +235,7 @@ def reconstruct(args: argparse.Namespace) -> Result:
     result = Result(
         args=args, weights=weights, frames=frames, frames_in_input=available, input_kind=kind,
         image_names=output_names, input_names=names, width=width, height=height, device=device,
-        dtype=dtype, timings=timings, outputs=export_options.outputs(formats),
+        dtype=dtype, timings=timings, outputs=export_options.outputs(formats), kernels=kernels,
         optimizations={"config": applied.config.as_dict() if applied.config else None, "exact": applied.exact,
                        "patched": applied.targets},
     )
@@ -251,46 +259,53 @@ def _check_upstream() -> None:
 
 
 def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarray, formats: tuple[str, ...]) -> None:
-    """Write every output into a staging folder that replaces ``--out`` only once all are written."""
+    """Write every output into a staging folder that replaces ``--out`` only once all are written.
+
+    The writers are independent of one another, so they run side by side on a thread per core (PNG and zlib
+    encoding, file writes and much of numpy release the GIL); only what they share (the confident points, the
+    COLMAP model) is computed first, and report.json, which counts what the others wrote, comes last. The first
+    failure (or Ctrl-C) cancels what has not started and, through ``staged_directory``, leaves nothing behind.
+    """
     args, names = result.args, result.image_names
     start = time.perf_counter()
     notes = [RANDOM_WEIGHTS_NOTE] if result.random_weights else []
     steps = 5 + len(formats)  # predictions.npz, images/, sparse/, preview.png, report.json, then one per format
-    with _bar("export", steps, "step", args.quiet) as bar, export.staged_directory(args.out, args.force) as stage:
-        arrays = dict(predictions, image_names=np.array(names), input_names=np.array(result.input_names),
-                      weights=np.array(result.weights),
-                      random_weights=np.array(result.random_weights))
-        export.write_npz(stage / "predictions.npz", arrays)
-        _step(bar, "predictions.npz")
+    with _bar("export", steps, "step", args.quiet) as bar, export.staged_directory(args.out, args.force) as stage, \
+            ThreadPoolExecutor(max_workers=inputs.workers(), thread_name_prefix="vggt-turbo-export") as pool:
+        jobs: dict[Future[None], str] = {}
+        try:
+            arrays = dict(predictions, image_names=np.array(names), input_names=np.array(result.input_names),
+                          weights=np.array(result.weights),
+                          random_weights=np.array(result.random_weights))
+            jobs[pool.submit(export.write_npz, stage / "predictions.npz", arrays)] = "predictions.npz"
+            jobs[pool.submit(export.write_images, stage / "images", colors, names)] = "images/"
 
-        xyz, rgb, result.conf_threshold = export.confident_points(
-            predictions["world_points"], predictions["world_points_conf"], colors, args.conf_percentile
-        )
-        result.points = len(xyz)
-        if "ply" in formats:
-            export.write_ply(stage / "points.ply", xyz, rgb, comments=[*notes, f"weights: {result.weights}"])
-            _step(bar, "points.ply")
+            xyz, rgb, result.conf_threshold = export.confident_points(
+                predictions["world_points"], predictions["world_points_conf"], colors, args.conf_percentile
+            )
+            result.points = len(xyz)
+            if "ply" in formats:
+                ply = export.write_ply
+                jobs[pool.submit(ply, stage / "points.ply", xyz, rgb, [*notes, f"weights: {result.weights}"])] = "points.ply"
+            jobs[pool.submit(render_preview, stage / "preview.png", xyz, rgb, predictions["extrinsics"],
+                             predictions["intrinsics"], colors, predictions["depth"], names, notes)] = "preview.png"
 
-        export.write_images(stage / "images", colors, names)
-        _step(bar, "images/")
-
-        model = export.colmap_model(
-            predictions["extrinsics"], predictions["intrinsics"], predictions["depth"], predictions["depth_conf"],
-            colors, names, result.width, result.height, args.conf_percentile,
-        )
-        export.write_colmap(stage / "sparse", model, comments=notes)
-        result.colmap_points, result.colmap_skipped = len(model.xyz), model.skipped
-        _step(bar, "sparse/")
-        if "colmap" in formats:
-            write_colmap_binary(stage / "sparse" / "0", model)
-            _step(bar, "sparse/0/")
-        if "nerfstudio" in formats:
-            write_nerfstudio(stage, model, notes)
-            _step(bar, "transforms.json")
-
-        render_preview(stage / "preview.png", xyz, rgb, predictions["extrinsics"], predictions["intrinsics"], colors,
-                       predictions["depth"], names, notes)
-        _step(bar, "preview.png")
+            model = export.colmap_model(
+                predictions["extrinsics"], predictions["intrinsics"], predictions["depth"], predictions["depth_conf"],
+                colors, names, result.width, result.height, args.conf_percentile,
+            )
+            result.colmap_points, result.colmap_skipped = len(model.xyz), model.skipped
+            jobs[pool.submit(export.write_colmap, stage / "sparse", model, notes)] = "sparse/"
+            if "colmap" in formats:
+                jobs[pool.submit(write_colmap_binary, stage / "sparse" / "0", model)] = "sparse/0/"
+            if "nerfstudio" in formats:
+                jobs[pool.submit(write_nerfstudio, stage, model, notes)] = "transforms.json"
+            for done in as_completed(jobs):
+                done.result()
+                _step(bar, jobs[done])
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # nothing may still write once the stage is removed
+            raise
 
         result.timings["export"] = time.perf_counter() - start
         result.peak_bytes, result.peak_measured = memory.peak(result.device)
