@@ -17,20 +17,27 @@ ignored. Such files are converted here to the 8-bit RGB image a viewer shows (``
 upstream's loader as lossless PNGs; every other file reaches it untouched, so ordinary images give upstream's
 tensors bit for bit. Images upstream's arithmetic cannot resize sensibly (too small, extreme aspect ratio) are
 refused by ``image_problem`` before any model work.
+
+Loading is parallel and decodes each file once (``load_folder``, ``load_frames``): a thread per core opens,
+checks and preprocesses one image (PIL's decoders and resampling, and torch's conversion, release the GIL), and
+video frames go from the decoder to the preprocessing as arrays, never through files. The preprocessing is
+``preprocess``, upstream's per-image steps applied to an open image; the tests hold it to upstream's tensors bit
+for bit (example images, odd sizes, crop and pad, mixed shapes).
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
+import functools
 import logging
 import os
 import re
 import sys
 import tempfile
 import types
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -52,6 +59,8 @@ _UPSTREAM_OK = {"1", "L", "P", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"}
 _WITH_ALPHA = {"LA", "PA", "La", "RGBa"}
 _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 _EXIF_ORIENTATION = 0x0112
+TARGET_SIZE = 518  # upstream's load_and_preprocess_images: the width (crop) or the longer side (pad)
+PATCH = 14
 
 
 def select(count: int, frames: Optional[int] = None, stride: Optional[int] = None) -> list[int]:
@@ -216,38 +225,163 @@ def video_frames(path: Path, indices: list[int], noise: Optional[DecoderNoise] =
             frames.close()
 
 
-def save_frame(rgb: np.ndarray, path: Path) -> None:
-    """A decoded video frame as a lossless PNG, for upstream's loader (which reads files)."""
-    Image.fromarray(rgb).save(path)
+def workers() -> int:
+    """Threads for loading: one per core this process may use (decoding and resizing are CPU-bound)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def preprocess(img: Image.Image, mode: str) -> torch.Tensor:
+    """(3, H, W) in [0, 1]: upstream's ``load_and_preprocess_images`` steps for one opened image.
+
+    Why a copy of upstream's steps rather than a call: upstream's loader takes paths and decodes each file
+    itself, so a file checked here would be decoded twice and a video frame would have to be written to disk
+    first. The steps are upstream's in upstream's order (RGBA onto white, ``convert("RGB")``, bicubic resize to
+    518 px wide (crop) or 518 px on the longer side (pad), the other side rounded to a multiple of 14, then
+    ``ToTensor``'s conversion, then the centre crop or the white padding); the crop is taken before the
+    conversion, which is elementwise, so the values are the same. The conversion looks each byte up in
+    ``_unit_values``, torch's own ``float().div(255)`` of the 256 byte values: the same floats, without torch's
+    per-call overhead, which dominated the loading of small images.
+    """
+    if mode not in ("crop", "pad"):
+        raise ValueError("Mode must be either 'crop' or 'pad'")
+    if img.mode == "RGBA":
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
+    img = img.convert("RGB")
+    width, height = img.size
+    if mode == "pad" and width < height:
+        new_height = TARGET_SIZE
+        new_width = round(width * (new_height / height) / PATCH) * PATCH
+    else:
+        new_width = TARGET_SIZE
+        new_height = round(height * (new_width / width) / PATCH) * PATCH
+    array = np.asarray(img.resize((new_width, new_height), Image.Resampling.BICUBIC))
+    if mode == "crop" and new_height > TARGET_SIZE:
+        start_y = (new_height - TARGET_SIZE) // 2
+        array = array[start_y : start_y + TARGET_SIZE]
+    tensor = torch.from_numpy(np.take(_unit_values(), np.ascontiguousarray(array.transpose(2, 0, 1))))
+    if mode == "pad":
+        return _pad_to(tensor, TARGET_SIZE, TARGET_SIZE)
+    return tensor
+
+
+@functools.lru_cache(maxsize=None)
+def _unit_values() -> np.ndarray:
+    """(256,) float32: ``ToTensor``'s value for each byte, computed by ``ToTensor``'s own torch arithmetic."""
+    return torch.arange(256, dtype=torch.uint8).float().div(255).numpy()
+
+
+def _pad_to(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Upstream's centre padding with white (1.0), the odd pixel at the bottom and right."""
+    h_padding, w_padding = height - img.shape[1], width - img.shape[2]
+    if h_padding <= 0 and w_padding <= 0:
+        return img
+    top, left = h_padding // 2, w_padding // 2
+    return torch.nn.functional.pad(img, (left, w_padding - left, top, h_padding - top), mode="constant", value=1.0)
+
+
+def stack(images: list[torch.Tensor]) -> torch.Tensor:
+    """(S, 3, H, W): upstream's batching; frames of different shapes are padded with white to the largest (and,
+    as upstream prints, a warning says so)."""
+    shapes = {tuple(img.shape[1:]) for img in images}
+    if len(shapes) > 1:
+        log.warning("upstream: Warning: Found images with different shapes: %s", shapes)
+        height, width = max(s[0] for s in shapes), max(s[1] for s in shapes)
+        images = [_pad_to(img, height, width) for img in images]
+    return torch.stack(images)
+
+
+def _open_and_preprocess(path: Path, mode: str) -> tuple[Optional[torch.Tensor], Optional[str]]:
+    """(tensor, None) for a usable image, (None, why) for a file that is not one (see ``image_problem``).
+
+    One decode serves the check and the preprocessing. Files upstream's ``convert("RGB")`` would misread are
+    preprocessed as ``as_viewed``; a file that cannot be shown in 8 bits raises ``UserError``.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            problem = shape_problem(img.size) or mode_problem(img)
+            if problem:
+                return None, problem
+            if needs_conversion(img):
+                log.info("%s: mode %s converted to the RGB a viewer shows", path.name, img.mode)
+                try:
+                    img = as_viewed(img)
+                except ValueError as exc:  # e.g. a 32-bit integer image beyond 16-bit range
+                    raise UserError(f"{path}: cannot show it as an 8-bit RGB image ({exc})") from exc
+            return preprocess(img, mode), None
+    except UserError:
+        raise
+    except UnidentifiedImageError:
+        return None, "not an image"
+    except Exception as exc:  # a broken image: PIL raises OSError, SyntaxError, ValueError... depending on the format
+        return None, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def load_folder(files: list[Path], chosen: list[int], mode: str,
+                on_file: Callable[[str], None] = lambda name: None) -> torch.Tensor:
+    """(S, 3, H, W) of the ``chosen`` files, preprocessed in parallel; the other files only identified.
+
+    Every file that is not a usable image is named in one ``UserError`` (users fix them all at once).
+    ``on_file(name)`` is called in order, once per file, as each is done (for a progress bar).
+    """
+    used = set(chosen)
+    problems: dict[Path, str] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    unviewable: Optional[UserError] = None  # raised after the list of unreadable files, which names more at once
+    with ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="vggt-turbo-load") as pool:
+        futures = {i: pool.submit(_open_and_preprocess, files[i], mode) for i in chosen}
+        for i, path in enumerate(files):
+            problem = None
+            if i in used:
+                try:
+                    tensor, problem = futures[i].result()
+                except UserError as exc:
+                    unviewable = unviewable or exc
+                    tensor = None
+                if tensor is not None:
+                    tensors[i] = tensor
+            else:
+                problem = image_problem(path, decode=False)
+            if problem:
+                problems[path] = problem
+            on_file(path.name)
+    raise_for_problems(problems)
+    if unviewable is not None:
+        raise unviewable
+    return stack([tensors[i] for i in chosen])
 
 
 def load_images(paths: list[Path], mode: str) -> torch.Tensor:
-    """(S, 3, H, W) in [0, 1], by upstream's ``load_and_preprocess_images(paths, mode)``.
+    """(S, 3, H, W) in [0, 1]: upstream's ``load_and_preprocess_images(paths, mode)``, computed in parallel.
 
-    Files that upstream's ``convert("RGB")`` would misread (``needs_conversion``) are given to it as lossless
-    PNGs of ``as_viewed``; the others as they are. Upstream prints a warning when frames have different shapes
-    (they are padded to the largest); it is passed on to logging, where ``--quiet`` can silence it.
+    Files that upstream's ``convert("RGB")`` would misread (``needs_conversion``) are preprocessed as the image a
+    viewer shows (``as_viewed``); the others give upstream's tensors bit for bit.
     """
-    load_and_preprocess_images = upstream_loader()
-    printed = io.StringIO()
-    with tempfile.TemporaryDirectory(prefix="vggt-turbo-rgb-") as workdir, contextlib.redirect_stdout(printed):
-        files = []
-        for i, path in enumerate(paths):
-            with Image.open(path) as img:
-                if needs_conversion(img):
-                    log.info("%s: mode %s converted to the RGB a viewer shows", path.name, img.mode)
-                    files.append(os.path.join(workdir, f"{i:06d}.png"))
-                    try:
-                        viewed = as_viewed(img)
-                    except ValueError as exc:  # e.g. a 32-bit integer image beyond 16-bit range
-                        raise UserError(f"{path}: cannot show it as an 8-bit RGB image ({exc})") from exc
-                    viewed.save(files[-1])
-                else:
-                    files.append(str(path))
-        images = load_and_preprocess_images(files, mode=mode)
-    for line in printed.getvalue().splitlines():
-        log.warning("upstream: %s", line)
-    return images
+    return load_folder(list(paths), list(range(len(paths))), mode)
+
+
+def load_frames(frames: Iterable[tuple[int, np.ndarray]], mode: str,
+                on_frame: Callable[[int], None] = lambda index: None) -> tuple[torch.Tensor, list[int]]:
+    """(S, 3, H, W) of decoded RGB uint8 frames (``(index, frame)``, e.g. from ``video_frames``), and their
+    indices; empty indices (and a (0, 3, 0, 0) tensor) when there were none.
+
+    Each frame is preprocessed on a worker thread while the decoder (sequential by nature) reads the next one.
+    The tensors equal those upstream's loader gives for the frames saved as lossless PNGs (tested).
+    """
+    indices: list[int] = []
+    futures: list[Future[torch.Tensor]] = []
+    with ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="vggt-turbo-load") as pool:
+        for index, rgb in frames:
+            indices.append(index)
+            futures.append(pool.submit(preprocess, Image.fromarray(rgb), mode))
+            on_frame(index)
+        tensors = [f.result() for f in futures]
+    if not tensors:
+        return torch.empty(0, 3, 0, 0), indices
+    return stack(tensors), indices
 
 
 class ToTensor:

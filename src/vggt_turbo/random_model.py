@@ -61,13 +61,20 @@ def _small_vggt(enable_track: bool) -> nn.Module:
 @torch.no_grad()
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give near-zero-initialised parameters magnitudes that make every layer matter (see module docstring)."""
-    gen = torch.Generator().manual_seed(seed)
+    generators: dict[torch.device, torch.Generator] = {}  # one per device: a model built on a GPU draws there
+
+    def gen(device: torch.device) -> torch.Generator:
+        if device not in generators:
+            generators[device] = torch.Generator(device=device).manual_seed(seed)
+        return generators[device]
+
     for name, param in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         if leaf == "gamma":  # LayerScale
-            param.copy_(torch.empty(param.shape).uniform_(0.2, 0.6, generator=gen))
+            fresh = torch.empty(param.shape, device=param.device)
+            param.copy_(fresh.uniform_(0.2, 0.6, generator=gen(param.device)))
         elif leaf in ("camera_token", "register_token"):
-            param.copy_(torch.randn(param.shape, generator=gen))
+            param.copy_(torch.randn(param.shape, generator=gen(param.device), device=param.device))
     return model
 
 

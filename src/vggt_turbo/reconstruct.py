@@ -27,6 +27,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -38,7 +39,8 @@ from tqdm import tqdm
 
 import os
 
-from . import apply_optimizations, describe, example_scene, export, export_options, inputs, memory, planner
+from . import (apply_optimizations, describe, example_scene, export, export_options, inputs, kernel_cache, memory,
+               planner)
 from .export_colmap_binary import write_colmap_binary
 from .export_nerfstudio import write_nerfstudio
 from .preview import render_preview
@@ -166,6 +168,7 @@ class Result:
     colmap_skipped: list[str] = field(default_factory=list)
     conf_threshold: float = 0.0
     outputs: tuple[str, ...] = OUTPUTS
+    kernels: Optional[kernel_cache.KernelCache] = None
 
     @property
     def random_weights(self) -> bool:
@@ -210,15 +213,18 @@ def reconstruct(args: argparse.Namespace) -> Result:
     flags = {"offload_intermediates": True} if offload else {}
     with _bar("model", 1, "model", args.quiet) as bar:
         bar.set_postfix_str(plan.source)
-        loaded = plan.build()
+        loaded = plan.build(device)  # straight onto the device: no CPU initialisation, no copy of the weights
         # One forward per run: CUDA-graph capture (two warm-ups, then capture) would cost more than it saves.
-        model = apply_optimizations(loaded.model.to(device), args.preset, cuda_graphs=False, **flags)
+        model = apply_optimizations(loaded.model, args.preset, cuda_graphs=False, **flags)
         applied = describe(model)
         _step(bar, f"{loaded.source} on {device}, preset {args.preset}")
     timings["model"] = checks + time.perf_counter() - start
 
+    kernels = kernel_cache.configure(device, args.preset, dtype)  # before the first kernel compiles
     start = time.perf_counter()
     with _bar("inference", len(phases(model)), "phase", args.quiet) as bar:
+        if kernels.progress_note():
+            bar.set_postfix_str(kernels.progress_note())
         try:
             predictions, inner = predict(model, images.to(device), dtype, lambda name: _step(bar, name))
         except (torch.OutOfMemoryError, RuntimeError) as exc:
@@ -228,6 +234,9 @@ def reconstruct(args: argparse.Namespace) -> Result:
                       else memory.advice())
             raise UserError(f"out of memory on {device} with {frames} frames at {width}x{height}: {advice}") from exc
     timings["inference"] = time.perf_counter() - start
+    if kernels.directory is not None:  # a first run pays the kernels' compilation; report.json tells them apart
+        timings["inference_warm" if kernels.warm else "inference_first_run"] = timings["inference"]
+    kernels.mark_warm()
     timings.update(inner)
     weights = loaded.source
     del model, loaded, plan  # free the weights before export allocates the point cloud
@@ -241,7 +250,7 @@ def reconstruct(args: argparse.Namespace) -> Result:
     result = Result(
         args=args, weights=weights, frames=frames, frames_in_input=available, input_kind=kind,
         image_names=output_names, input_names=names, width=width, height=height, device=device,
-        dtype=dtype, timings=timings, outputs=export_options.outputs(formats),
+        dtype=dtype, timings=timings, outputs=export_options.outputs(formats), kernels=kernels,
         optimizations={"config": applied.config.as_dict() if applied.config else None, "exact": applied.exact,
                        "patched": applied.targets},
     )
@@ -265,46 +274,53 @@ def _check_upstream() -> None:
 
 
 def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarray, formats: tuple[str, ...]) -> None:
-    """Write every output into a staging folder that replaces ``--out`` only once all are written."""
+    """Write every output into a staging folder that replaces ``--out`` only once all are written.
+
+    The writers are independent of one another, so they run side by side on a thread per core (PNG and zlib
+    encoding, file writes and much of numpy release the GIL); only what they share (the confident points, the
+    COLMAP model) is computed first, and report.json, which counts what the others wrote, comes last. The first
+    failure (or Ctrl-C) cancels what has not started and, through ``staged_directory``, leaves nothing behind.
+    """
     args, names = result.args, result.image_names
     start = time.perf_counter()
     notes = [RANDOM_WEIGHTS_NOTE] if result.random_weights else []
     steps = 5 + len(formats)  # predictions.npz, images/, sparse/, preview.png, report.json, then one per format
-    with _bar("export", steps, "step", args.quiet) as bar, export.staged_directory(args.out, args.force) as stage:
-        arrays = dict(predictions, image_names=np.array(names), input_names=np.array(result.input_names),
-                      weights=np.array(result.weights),
-                      random_weights=np.array(result.random_weights))
-        export.write_npz(stage / "predictions.npz", arrays)
-        _step(bar, "predictions.npz")
+    with _bar("export", steps, "step", args.quiet) as bar, export.staged_directory(args.out, args.force) as stage, \
+            ThreadPoolExecutor(max_workers=inputs.workers(), thread_name_prefix="vggt-turbo-export") as pool:
+        jobs: dict[Future[None], str] = {}
+        try:
+            arrays = dict(predictions, image_names=np.array(names), input_names=np.array(result.input_names),
+                          weights=np.array(result.weights),
+                          random_weights=np.array(result.random_weights))
+            jobs[pool.submit(export.write_npz, stage / "predictions.npz", arrays)] = "predictions.npz"
+            jobs[pool.submit(export.write_images, stage / "images", colors, names)] = "images/"
 
-        xyz, rgb, result.conf_threshold = export.confident_points(
-            predictions["world_points"], predictions["world_points_conf"], colors, args.conf_percentile
-        )
-        result.points = len(xyz)
-        if "ply" in formats:
-            export.write_ply(stage / "points.ply", xyz, rgb, comments=[*notes, f"weights: {result.weights}"])
-            _step(bar, "points.ply")
+            xyz, rgb, result.conf_threshold = export.confident_points(
+                predictions["world_points"], predictions["world_points_conf"], colors, args.conf_percentile
+            )
+            result.points = len(xyz)
+            if "ply" in formats:
+                ply = export.write_ply
+                jobs[pool.submit(ply, stage / "points.ply", xyz, rgb, [*notes, f"weights: {result.weights}"])] = "points.ply"
+            jobs[pool.submit(render_preview, stage / "preview.png", xyz, rgb, predictions["extrinsics"],
+                             predictions["intrinsics"], colors, predictions["depth"], names, notes)] = "preview.png"
 
-        export.write_images(stage / "images", colors, names)
-        _step(bar, "images/")
-
-        model = export.colmap_model(
-            predictions["extrinsics"], predictions["intrinsics"], predictions["depth"], predictions["depth_conf"],
-            colors, names, result.width, result.height, args.conf_percentile,
-        )
-        export.write_colmap(stage / "sparse", model, comments=notes)
-        result.colmap_points, result.colmap_skipped = len(model.xyz), model.skipped
-        _step(bar, "sparse/")
-        if "colmap" in formats:
-            write_colmap_binary(stage / "sparse" / "0", model)
-            _step(bar, "sparse/0/")
-        if "nerfstudio" in formats:
-            write_nerfstudio(stage, model, notes)
-            _step(bar, "transforms.json")
-
-        render_preview(stage / "preview.png", xyz, rgb, predictions["extrinsics"], predictions["intrinsics"], colors,
-                       predictions["depth"], names, notes)
-        _step(bar, "preview.png")
+            model = export.colmap_model(
+                predictions["extrinsics"], predictions["intrinsics"], predictions["depth"], predictions["depth_conf"],
+                colors, names, result.width, result.height, args.conf_percentile,
+            )
+            result.colmap_points, result.colmap_skipped = len(model.xyz), model.skipped
+            jobs[pool.submit(export.write_colmap, stage / "sparse", model, notes)] = "sparse/"
+            if "colmap" in formats:
+                jobs[pool.submit(write_colmap_binary, stage / "sparse" / "0", model)] = "sparse/0/"
+            if "nerfstudio" in formats:
+                jobs[pool.submit(write_nerfstudio, stage, model, notes)] = "transforms.json"
+            for done in as_completed(jobs):
+                done.result()
+                _step(bar, jobs[done])
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # nothing may still write once the stage is removed
+            raise
 
         result.timings["export"] = time.perf_counter() - start
         result.peak_bytes, result.peak_measured = memory.peak(result.device)
@@ -313,9 +329,9 @@ def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarr
 
 
 def _load(args: argparse.Namespace) -> tuple[torch.Tensor, list[str], str, int]:
-    """(images (S, 3, H, W) from upstream's loader, their names, "folder" or "video", frames in the input).
+    """(images (S, 3, H, W) as upstream's loader makes them, their names, "folder" or "video", frames in the input).
 
-    One progress bar: a step per file checked or frame decoded, and a last one for upstream's preprocessing.
+    One progress bar: a step per file checked or frame decoded (see ``inputs.load_folder``, ``load_frames``).
     """
     source: Path = args.input
     if not source.exists():
@@ -324,48 +340,34 @@ def _load(args: argparse.Namespace) -> tuple[torch.Tensor, list[str], str, int]:
         files = inputs.list_images(source)
         _say_frames_used(args, len(files), "images in the folder")
         chosen = inputs.select(len(files), args.frames, args.stride)
-        with _bar("load", len(files) + 1, "file", args.quiet) as bar:
-            problems, used = {}, set(chosen)
-            for i, path in enumerate(files):
-                problem = inputs.image_problem(path, decode=i in used)
-                if problem:
-                    problems[path] = problem
-                _step(bar, path.name)
-            inputs.raise_for_problems(problems)
-            paths = [files[i] for i in chosen]
-            images = inputs.load_images(paths, args.mode)
-            _step(bar, "preprocessed")
-        return images, [p.name for p in paths], "folder", len(files)
+        with _bar("load", len(files), "file", args.quiet) as bar:
+            images = inputs.load_folder(files, chosen, args.mode, lambda name: _step(bar, name))
+        return images, [files[i].name for i in chosen], "folder", len(files)
 
     noise = inputs.DecoderNoise()
     count = inputs.video_frame_count(source, noise)
     _say_frames_used(args, count, "frames in the video's header")
     wanted = inputs.select(count, args.frames or (None if args.stride else inputs.DEFAULT_VIDEO_FRAMES), args.stride)
-    with tempfile.TemporaryDirectory(prefix="vggt-turbo-frames-") as workdir, \
-            _bar("load", len(wanted) + 1, "frame", args.quiet) as bar:
-        paths, decoded = [], 0
-        for index, rgb in inputs.video_frames(source, wanted, noise):
-            paths.append(Path(workdir) / f"frame_{index:06d}.png")
-            inputs.save_frame(rgb, paths[-1])
-            decoded = index + 1
-            _step(bar, paths[-1].name)
-        if len(paths) < len(wanted) and noise.lines:
-            raise UserError(
-                f"{source}: the video is damaged: no frame asked for could be decoded after frame {decoded} of the "
-                f"{count} its header "
-                f"announces ({noise.summary()}); re-encode it (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4) or extract "
-                "the good frames into a folder"
-            )
-        if not paths:
-            raise UserError(f"{source}: no frame could be decoded")
-        if len(paths) < len(wanted):
-            log.warning("%s: decoded %d of the %d frames asked for (the video is shorter than its header says)",
-                        source, len(paths), len(wanted))
-        if noise.lines:
-            log.warning("%s: %s; the frames used may show it", source, noise.summary())
-        images = inputs.load_images(paths, args.mode)
-        _step(bar, "preprocessed")
-    return images, [p.name for p in paths], "video", count
+    with _bar("load", len(wanted), "frame", args.quiet) as bar:
+        images, indices = inputs.load_frames(inputs.video_frames(source, wanted, noise), args.mode,
+                                             lambda index: _step(bar, f"frame {index}"))
+    names = [f"frame_{index:06d}.png" for index in indices]
+    decoded = indices[-1] + 1 if indices else 0
+    if len(names) < len(wanted) and noise.lines:
+        raise UserError(
+            f"{source}: the video is damaged: no frame asked for could be decoded after frame {decoded} of the "
+            f"{count} its header "
+            f"announces ({noise.summary()}); re-encode it (e.g. ffmpeg -i IN -c:v libx264 OUT.mp4) or extract "
+            "the good frames into a folder"
+        )
+    if not names:
+        raise UserError(f"{source}: no frame could be decoded")
+    if len(names) < len(wanted):
+        log.warning("%s: decoded %d of the %d frames asked for (the video is shorter than its header says)",
+                    source, len(names), len(wanted))
+    if noise.lines:
+        log.warning("%s: %s; the frames used may show it", source, noise.summary())
+    return images, names, "video", count
 
 
 MEMORY_ENV = "VGGT_TURBO_MEMORY_GIB"

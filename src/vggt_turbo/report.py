@@ -48,6 +48,7 @@ def build_report(result: "Result") -> dict[str, Any]:
         preset=args.preset,
         optimizations=result.optimizations,
         timings_s={k: round(v, 4) for k, v in result.timings.items()},
+        kernel_cache=_kernel_cache(result),
         peak_memory={"bytes": result.peak_bytes, "measured": result.peak_measured},
         points={
             "conf_percentile": args.conf_percentile,
@@ -60,6 +61,15 @@ def build_report(result: "Result") -> dict[str, Any]:
         outputs=list(result.outputs),
     )
     return report
+
+
+def _kernel_cache(result: "Result") -> dict[str, Any]:
+    """Whether the inference time includes compiling GPU kernels: "first run" (it does; timings_s has
+    ``inference_first_run``), "warm" (kernels from the cache; ``inference_warm``) or "cpu" (none compiled)."""
+    kernels = result.kernels
+    if kernels is None or kernels.directory is None:
+        return {"state": "cpu", "directory": None}
+    return {"state": kernels.state, "directory": str(kernels.directory)}
 
 
 def versions() -> dict[str, Any]:

@@ -12,7 +12,10 @@ state_dict file saved from that model, never a Hugging Face id (that model is fu
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import logging
+import math
 import os
 import pickle
 import warnings
@@ -55,28 +58,59 @@ class Plan:
     size: Size
     skeleton: nn.Module
     state: Optional[Mapping[str, torch.Tensor]] = None  # "file": the checkpoint, memory-mapped where possible
+    path: Optional[Path] = None  # "file": where it is
     pretrained: Optional[tuple[str, str]] = None  # "pretrained": (id or folder, described)
 
-    def build(self) -> LoadedModel:
-        """The upstream VGGT in eval mode on the CPU, with these weights."""
+    def build(self, device: torch.device | str = "cpu") -> LoadedModel:
+        """The upstream VGGT in eval mode on ``device``, with these weights.
+
+        Why not build on the CPU and move: upstream's constructor initialises 1.2 B random parameters on the CPU
+        (most of the model phase), only for a checkpoint to overwrite them. A checkpoint is instead assigned to a
+        copy of the meta-device ``skeleton`` (no initialisation at all), each tensor read from the memory-mapped
+        file straight onto ``device``; random weights are initialised by upstream's own constructor running on
+        ``device`` (``torch.device`` as the default device), then ``randomize_`` there, seeded as on the CPU.
+        """
+        device = torch.device(device)
         if self.kind == "random":
             # No track head: reconstruct never queries tracks, and it would cost ~0.1 B random parameters.
-            model = build_vggt(self.size, enable_track=False)
+            with torch.device(device):
+                model = build_vggt(self.size, enable_track=False)
+            model = model.to(device)  # what the constructor made outside the factory functions (a legacy-built buffer)
             _finite_random_cameras_(model)
         elif self.kind == "file":
             assert self.state is not None
-            has_track = any(k.startswith("track_head.") for k in self.state)
-            model = build_vggt(self.size, enable_track=has_track, randomize=False)
-            model.load_state_dict(self.state)  # names and shapes were checked by plan()
+            state = self.state
+            if device.type != "cpu" and self.path is not None and self.path.suffix == ".safetensors":
+                # safetensors' own reader, tensor by tensor onto the device: no second copy of the map in memory.
+                from safetensors import safe_open
+
+                with safe_open(str(self.path), framework="pt", device=str(device)) as f:
+                    state = {name: f.get_tensor(name) for name in f.keys()}
+            model = _assign(copy.deepcopy(self.skeleton), state, device)
         else:
             assert self.pretrained is not None
-            model = _from_pretrained(*self.pretrained)
+            model = _from_pretrained(*self.pretrained).to(device)
         return LoadedModel(model, self.source)
+
+
+@torch.no_grad()
+def _assign(skeleton: nn.Module, state: Mapping[str, torch.Tensor], device: torch.device) -> nn.Module:
+    """``skeleton`` (parameters on the meta device) holding ``state``'s tensors, on ``device``, in eval mode.
+
+    Each tensor is read once, from the (memory-mapped) checkpoint onto ``device`` in the skeleton's dtype, and
+    assigned, not copied into an initialised parameter. On the CPU a memory-mapped tensor of the right dtype is
+    used as it is (its pages are read when the forward first touches them). Buffers are not in checkpoints (the
+    skeleton's are upstream's own constants) and move to ``device`` with it.
+    """
+    expected = {name: p.dtype for name, p in skeleton.named_parameters()}
+    loaded = {name: tensor.to(device=device, dtype=expected.get(name, tensor.dtype)) for name, tensor in state.items()}
+    skeleton.load_state_dict(loaded, strict=True, assign=True)  # names and shapes were checked by plan()
+    return skeleton.to(device).eval()
 
 
 def load_model(weights: str | None, random_weights: bool, size: Size) -> LoadedModel:
     """The upstream VGGT in eval mode on the CPU, with the requested weights (``plan`` then ``build``)."""
-    return plan(weights, random_weights, size).build()
+    return plan(weights, random_weights, size).build("cpu")
 
 
 def plan(weights: str | None, random_weights: bool, size: Size) -> Plan:
@@ -94,7 +128,7 @@ def plan(weights: str | None, random_weights: bool, size: Size) -> Plan:
         has_track = any(k.startswith("track_head.") for k in state)
         skeleton = _skeleton(size, enable_track=has_track)
         _check_shapes(path, state, skeleton, size)
-        return Plan("file", str(path), size, skeleton, state=state)
+        return Plan("file", str(path), size, skeleton, state=state, path=path)
     if size != "full":
         kinds = "/".join(STATE_DICT_SUFFIXES)
         raise UserError(f"--model-size {size} takes --random-weights or a {kinds} file, not {weights!r}")
@@ -225,9 +259,7 @@ def _read_checkpoint(path: Path) -> Mapping[str, torch.Tensor]:
 
 def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))  # memory-mapped: tensors are read when used
+        return _map_safetensors(path)
     # mmap (no copy in memory until used) needs torch's zip format; older files are read whole.
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     # Upstream's training saves {"model": state_dict, "optimizer": ...}; its released model.pt is the bare dict.
@@ -235,4 +267,47 @@ def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
         state = state["model"]
     if not isinstance(state, dict):
         raise UserError(f"cannot read weights file {path}: expected a state_dict, found {type(state).__name__}")
+    return state
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def _map_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as views of one private memory map of it: nothing is read until used.
+
+    Why not ``safetensors.torch.load_file``: it copies every tensor into memory, i.e. reads the whole 5 GB
+    checkpoint before the model is built, and ``Plan.build`` then copies it again onto the device. A view of the
+    map is read once, by that copy (or on the CPU, by the forward). The map is private (copy-on-write), so
+    nothing can write to the file. The layout is safetensors' documented one: an 8-byte little-endian header
+    length, a JSON header of dtype, shape and byte offsets, then the data.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        if not 0 < header_len <= size - 8:
+            raise ValueError(f"safetensors header length {header_len} does not fit in a {size}-byte file")
+        header = json.loads(f.read(header_len))
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+    base = 8 + header_len
+    state: dict[str, torch.Tensor] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"tensor {name}: dtype {info['dtype']} is not supported")
+        begin, end = (base + offset for offset in info["data_offsets"])
+        item = dtype.itemsize
+        count = (end - begin) // item
+        if end > size or count != math.prod(info["shape"]):
+            raise ValueError(f"tensor {name}: offsets {info['data_offsets']} do not match its shape {info['shape']}")
+        if begin % item == 0:
+            flat = torch.empty(0, dtype=dtype).set_(storage, begin // item, (count,))
+        else:  # unaligned for its dtype (the format does not promise alignment): a copy of its bytes
+            flat = torch.empty(0, dtype=torch.uint8).set_(storage, begin, (end - begin,)).clone().view(dtype)
+        state[name] = flat.view(info["shape"])
     return state

@@ -1,0 +1,33 @@
+"""Smoke test of benchmarks/reconstruct_bench.py: the small model on the CPU, both pipelines, one frame count."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("reconstruct_bench", ROOT / "benchmarks" / "reconstruct_bench.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_small_run_times_both_pipelines_per_phase(tmp_path: Path) -> None:
+    results = _bench().main(["--size", "small", "--frames", "3", "--runs", "1", "--device", "cpu",
+                             "--checkpoint", str(tmp_path / "small.safetensors"), "--out", str(tmp_path / "results")])
+    assert (tmp_path / "small.safetensors").stat().st_size == results["checkpoint_bytes"] > 0
+    (row,) = results["rows"]
+    assert row["frames"] == 3 and len(row["turbo"]) == 1
+    for pipeline in (row["turbo"][0], row["upstream"]):
+        phases = pipeline["phases_s"]
+        assert {"load", "model", "inference", "export"} <= phases.keys()
+        assert 0 < sum(phases[k] for k in ("load", "model", "inference", "export")) < pipeline["wall_s"]
+    assert row["turbo"][0]["kernel_cache"]["state"] == "cpu"
+    assert row["goal_s"] > results["checkpoint_read_s"] >= 0
+    written = json.loads((tmp_path / "results" / "cpu-small.json").read_text())
+    assert written["rows"][0]["frames"] == 3
