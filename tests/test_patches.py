@@ -15,7 +15,7 @@ from torch import nn
 from helpers import NO_FLAGS, assert_close, layer_outputs, only
 
 import vggt_turbo
-from vggt_turbo.patches import fused_frame_batching, global_to_frame
+from vggt_turbo.patches import fused_frame_batching, global_to_frame, sync_free_rope
 from vggt_turbo.random_model import random_images
 
 DEPTH = 24  # layers of each kind in the small model, as in upstream's
@@ -56,8 +56,9 @@ def test_sync_free_rope_never_reads_a_tensor_on_the_host(model, images, monkeypa
 
 @pytest.mark.parametrize(("height", "width"), [(56, 56), (56, 28), (28, 42), (14, 70)])
 def test_sync_free_rope_builds_upstreams_table(model, height: int, width: int) -> None:
-    """The table length computed on the host is upstream's ``int(positions.max()) + 1``: the RoPE caches the same
-    (dim, length, device, dtype) entries. (A longer table would give the same outputs, so compare keys.)"""
+    """The table length computed on the host is upstream's ``int(positions.max()) + 1``: the patched RoPE makes the
+    same (dim, length, device, dtype) tables (kept apart from upstream's cache, which stays untouched). A longer
+    table would give the same outputs, so compare keys."""
     images = random_images(2, size=56)[..., :height, :width]
     rope = model.aggregator.rope
     rope.frequency_cache.clear()
@@ -66,7 +67,8 @@ def test_sync_free_rope_builds_upstreams_table(model, height: int, width: int) -
     rope.frequency_cache.clear()
     vggt_turbo.apply_optimizations(model, only("sync_free_rope"))
     aggregate(model, images)
-    assert set(rope.frequency_cache) == upstream_keys and len(upstream_keys) == 1
+    assert rope.frequency_cache == {}
+    assert set(sync_free_rope._TABLES[rope]) == upstream_keys and len(upstream_keys) == 1
 
 
 def test_sync_free_rope_called_alone_falls_back_to_upstream(model, monkeypatch) -> None:

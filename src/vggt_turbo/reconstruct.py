@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -36,8 +37,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-
-import os
 
 from . import (apply_optimizations, describe, example_scene, export, export_options, inputs, kernel_cache, memory,
                planner)
