@@ -33,6 +33,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
+from ..autocast import autocast_dtype
 from ..config import TurboConfig
 from ..upstream import aggregator_of, members, rope_of
 from ._base import Patch, Target, Tier, aggregator_path, join
@@ -89,8 +90,9 @@ def rope_table(rope: nn.Module, dim: int, length: int, device: torch.device,
     if table is None:
         upstream_cache = rope.frequency_cache
         rope.frequency_cache = {}
+        fp32 = torch.autocast(device.type, enabled=False) if autocast_dtype(device.type) else contextlib.nullcontext()
         try:
-            with torch.autocast(device.type, enabled=False):
+            with fp32:
                 table = rope._compute_frequency_components(dim, length, device, dtype)
         finally:
             rope.frequency_cache = upstream_cache
