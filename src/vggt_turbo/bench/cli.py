@@ -254,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
 # Command line
 # --------------------------------------------------------------------------------------------------------------
 
-HELP = "time upstream VGGT, each optimization alone and the presets (latency, peak memory, error vs upstream)"
+HELP = "time upstream VGGT, each optimization alone and the presets (latency, peak memory, error vs upstream in fp32); --precision: the precision contract"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
