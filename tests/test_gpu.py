@@ -18,6 +18,7 @@ from torch import nn
 from helpers import errors, only, run
 
 import vggt_turbo
+from vggt_turbo.bench import precision
 from vggt_turbo.fidelity import fp32_reference_mode
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -31,7 +32,7 @@ def cuda_inputs(model, images, query_points) -> tuple[nn.Module, torch.Tensor, t
     return model.cuda(), images.cuda(), query_points.cuda()
 
 
-CONTRACT = 1.25  # an exact patch's error against fp32 may be at most this times upstream-autocast's own
+CONTRACT = precision.CONTRACT  # an exact patch's error vs fp32: at most this times upstream-autocast's
 
 
 def test_exact_preset_meets_the_precision_contract(cuda_inputs, capsys) -> None:

@@ -17,9 +17,10 @@ from helpers import BOOL_FLAGS, errors, only, run
 import vggt_turbo
 from vggt_turbo import PRESETS, TurboConfig
 from vggt_turbo.patches import ALL_PATCHES, Tier, patch_tiers
+from vggt_turbo.bench import precision
 from vggt_turbo.random_model import random_images
 
-CONTRACT = 1.25
+CONTRACT = precision.CONTRACT
 
 
 def test_every_patch_declares_a_tier() -> None:

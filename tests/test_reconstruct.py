@@ -161,7 +161,7 @@ def test_report_json(room: dict) -> None:
     assert set(r["timings_s"]) == {"load", "model", "inference", "aggregator", "heads", "export"}
     assert all(v >= 0 for v in r["timings_s"].values())
     assert r["peak_memory"]["bytes"] > 0 and r["peak_memory"]["measured"] == "process peak RSS"
-    assert r["optimizations"]["exact"] is True
+    assert r["optimizations"]["exact"] is True and r["optimizations"]["tier"] == "exact"
     one_shot = vggt_turbo.PRESETS["exact"].replace(cuda_graphs=False)  # one forward: capture would not pay
     assert r["optimizations"]["config"] == json.loads(json.dumps(one_shot.as_dict()))
     assert r["optimizations"]["patched"]

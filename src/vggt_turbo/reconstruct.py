@@ -251,7 +251,7 @@ def reconstruct(args: argparse.Namespace) -> Result:
         image_names=output_names, input_names=names, width=width, height=height, device=device,
         dtype=dtype, timings=timings, outputs=export_options.outputs(formats), kernels=kernels,
         optimizations={"config": applied.config.as_dict() if applied.config else None, "exact": applied.exact,
-                       "patched": applied.targets},
+                       "tier": applied.tier.label, "patched": applied.targets},
     )
     _export(result, predictions, export.images_to_uint8(images.numpy()), formats)
     return result

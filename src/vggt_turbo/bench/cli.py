@@ -134,14 +134,9 @@ def run(args: argparse.Namespace) -> int:
         return run_precision_command(args)
     t0 = time.perf_counter()
     started = datetime.datetime.now(datetime.timezone.utc)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+    device = _device(args)
+    if device is None:
         return 2
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
-    args.size = args.size or ("full" if device.type == "cuda" else "small")
-    args.image_size = args.image_size or (FULL_IMAGE if args.size == "full" else SMALL_IMAGE)
     try:
         frames = parse_frames(args.frames, device)
         variants = select_variants(args.variants)
@@ -298,25 +293,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def run_precision_command(args: argparse.Namespace) -> int:
-    """``bench --precision``: write ``<out>/<slug>/precision.json`` and ``precision.md``."""
-    started = datetime.datetime.now(datetime.timezone.utc)
+def _device(args: argparse.Namespace) -> Optional[torch.device]:
+    """``--device`` (default: CUDA when present) made current, with the model size and image side it implies;
+    None (after one line on stderr) when CUDA is asked for and absent."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
-        return 2
+        return None
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     args.size = args.size or ("full" if device.type == "cuda" else "small")
     args.image_size = args.image_size or (FULL_IMAGE if args.size == "full" else SMALL_IMAGE)
-    try:
-        frames = [int(x) for x in (args.frames or ",".join(map(str, precision.CUDA_FRAMES if device.type == "cuda"
-                                                                   else precision.CPU_FRAMES))).split(",") if x]
-        batches = [int(x) for x in args.batches.split(",") if x]
-    except ValueError:
-        print(f"error: --frames and --batches take comma-separated integers, got {args.frames!r}, {args.batches!r}",
-              file=sys.stderr)
+    return device
+
+
+def run_precision_command(args: argparse.Namespace) -> int:
+    """``bench --precision``: write ``<out>/<slug>/precision.json`` and ``precision.md``."""
+    started = datetime.datetime.now(datetime.timezone.utc)
+    device = _device(args)
+    if device is None:
         return 2
-    if not frames or not batches or min(frames + batches) < 1:
-        print("error: --frames and --batches must be >= 1", file=sys.stderr)
+    default = precision.CUDA_FRAMES if device.type == "cuda" else precision.CPU_FRAMES
+    try:
+        frames = parse_frames(args.frames or ",".join(map(str, default)), device)
+        batches = parse_frames(args.batches, device)
+    except ValueError as err:
+        print(f"error: --frames and --batches take comma-separated counts >= 1 ({err})", file=sys.stderr)
+        return 2
+    if not frames or not batches:
+        print("error: --frames and --batches need at least one count each", file=sys.stderr)
         return 2
     examples = args.examples or find_examples()
     size_hw = (392, 518) if args.size == "full" else (args.image_size, args.image_size)
