@@ -8,13 +8,13 @@ import torch
 from helpers import assert_close, only, run
 
 import vggt_turbo
-from vggt_turbo.patches import chunked_mlp
+from vggt_turbo.patches import _token_slices
 
 
 @pytest.fixture
 def small_chunks(monkeypatch):
     """7 tokens per slice: the small model's sequences (2 frames x 21 tokens) are sliced unevenly."""
-    monkeypatch.setattr(chunked_mlp, "CHUNK_TOKENS", 7)
+    monkeypatch.setattr(_token_slices, "CHUNK_TOKENS", 7)
 
 
 def test_sliced_mlp_gives_upstream_outputs(model, images, query_points, reference, small_chunks) -> None:
@@ -37,11 +37,11 @@ def test_with_the_exact_preset_and_bf16_autocast(model, pristine, images, query_
 
 
 def test_short_sequences_and_autograd_run_upstream(model, images, small_chunks, monkeypatch) -> None:
-    monkeypatch.setattr(chunked_mlp, "CHUNK_TOKENS", 1000)
+    monkeypatch.setattr(_token_slices, "CHUNK_TOKENS", 1000)
     calls = []
     model.aggregator.frame_blocks[0].mlp.register_forward_hook(lambda m, a, o: calls.append(a[0].shape))
     vggt_turbo.apply_optimizations(model, only("chunked_mlp"))
     run(model, images)
-    monkeypatch.setattr(chunked_mlp, "CHUNK_TOKENS", 7)
+    monkeypatch.setattr(_token_slices, "CHUNK_TOKENS", 7)
     model(images)  # autograd on
     assert calls == [torch.Size([2, 21, 64])] * 2

@@ -315,3 +315,75 @@ def test_gpu_fused_add_norm_within_bf16_rounding(model, images, query_points, mo
         got = run(model, images, query_points)
     assert calls[0] == 2 * (len(model.aggregator.frame_blocks) + len(model.aggregator.global_blocks)) - 1
     assert_close(got, expected, tol=2e-2)
+
+
+@pytest.fixture
+def small_slices(monkeypatch):
+    """7 tokens per slice: the small model's sequences (2 frames x 21 tokens) run their MLP in 6 slices."""
+    from vggt_turbo.patches import _token_slices
+
+    monkeypatch.setattr(_token_slices, "CHUNK_TOKENS", 7)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_long_sequences_slice_the_mlp_with_the_fused_sums(model, images, query_points, monkeypatch, small_slices,
+                                                          autocast) -> None:
+    """With ``chunked_mlp`` on, a long sequence keeps the fused sums and norms, slice by slice: on the CPU bit for
+    bit with ``chunked_mlp`` alone (the same slices, so the same matmuls; in fp32, and under autocast with the norm
+    handed over in bf16) and close to upstream (a matmul over fewer rows may round otherwise), the MLP seeing one
+    slice at a time, and every sum but the first block's norm1 fused."""
+    agg = model.aggregator
+    slices = []
+    agg.global_blocks[0].mlp.register_forward_hook(lambda m, a, o: slices.append(a[0].shape[0]))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        upstream = run(model, images, query_points)
+        vggt_turbo.apply_optimizations(model, only("chunked_mlp"))
+        expected = run(model, images, query_points)
+        slices.clear()
+        calls = count_calls(monkeypatch, patch, "scale_add_norm")
+        vggt_turbo.apply_optimizations(model, only("fused_add_norm", chunked_mlp=True))
+        got = run(model, images, query_points)
+    assert_equal(got, expected)
+    assert_close(got, upstream, tol=1e-2 if autocast else 1e-5)
+    assert slices == [7] * 6  # 42 tokens in 6 slices of 7
+    blocks = len(agg.frame_blocks) + len(agg.global_blocks)
+    assert calls[0] == 6 * (2 * blocks - 1)  # per slice: norm2 of every block, norm1 of every block but the first
+
+
+def test_sliced_sums_write_into_fresh_buffers_only() -> None:
+    """The kernel writes a slice's sum into another tensor's rows only when that buffer shares memory with neither
+    input (``_fresh_buffer``): a slice of the whole-sequence result."""
+    x, b, gamma = _case(*CASES[0])
+    dtype = sa._dtypes(x, b, gamma)[1]
+    rows, branch_rows = x.view(-1, x.shape[-1]), b.view(-1, x.shape[-1])
+    result = torch.empty_like(rows)
+    assert sa.triton_covers(rows[:5], branch_rows[:5], gamma, result[:5], dtype) == triton_installed()
+    assert not sa.triton_covers(rows[:5], branch_rows[:5], gamma, rows[5:10], dtype)  # x's own memory
+    assert not sa.triton_covers(rows[:5], branch_rows[:5], gamma, result[:5].float(), dtype)  # another dtype
+    weight, bias = _norm_params(x.shape[-1], dtype)
+    norm_rows = torch.empty_like(rows)
+    total, normed = sa.scale_add_norm(rows[:5], branch_rows[:5], gamma, weight, bias, 1e-6, out=result[:5],
+                                      norm_out=norm_rows[:5])
+    expected_total, expected_normed = sa.reference_norm(rows[:5], branch_rows[:5], gamma, weight, bias, 1e-6)
+    assert total.data_ptr() == result.data_ptr() and normed.data_ptr() == norm_rows.data_ptr()
+    assert torch.equal(result[:5], expected_total) and torch.equal(norm_rows[:5], expected_normed)
+
+
+@needs_cuda_triton
+def test_gpu_sliced_long_sequence_keeps_the_kernels(model, images, query_points, monkeypatch, small_slices) -> None:
+    """On the GPU the slices run the Triton kernels (their buffers qualify) and stay within bf16 rounding of the
+    unsliced fused path."""
+    model = model.cuda()
+    images, query_points = images.cuda(), query_points.cuda()
+    from vggt_turbo.kernels import _scale_add_triton
+
+    launches = count_calls(monkeypatch, _scale_add_triton, "scale_add_norm_")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        vggt_turbo.apply_optimizations(model, only("fused_add_norm"))
+        expected = run(model, images, query_points)
+        launches[0] = 0
+        vggt_turbo.apply_optimizations(model, only("fused_add_norm", chunked_mlp=True))
+        got = run(model, images, query_points)
+    blocks = len(model.aggregator.frame_blocks) + len(model.aggregator.global_blocks)
+    assert launches[0] == 6 * (2 * blocks - 1)  # every slice on the kernel
+    assert_close(got, expected, tol=2e-2)

@@ -38,7 +38,7 @@ from vggt_turbo import TurboConfig, describe
 from vggt_turbo.bench.parallel import multicast_problems
 from vggt_turbo.bench.parallel_report import max_frames
 from vggt_turbo.distributed import Shard, split
-from vggt_turbo.patches import chunked_mlp, chunked_patch_embed, offload_intermediates
+from vggt_turbo.patches import _token_slices, chunked_patch_embed, offload_intermediates
 from vggt_turbo.patches import sequence_parallel as sp
 from vggt_turbo.random_model import build_vggt, random_images
 
@@ -175,8 +175,8 @@ def _run_case(base: nn.Module, case: Case, counters: Counters) -> dict[str, Any]
     model = _patched(module, case.config.replace(sequence_parallel=True, sequence_parallel_output=case.output))
     counters.all_to_all = counters.embedded = 0
     counters.watch(model)
-    chunk, frames_chunk = chunked_mlp.CHUNK_TOKENS, chunked_patch_embed.CHUNK_FRAMES
-    chunked_mlp.CHUNK_TOKENS = 16 if case.small_mlp_chunks else chunk
+    chunk, frames_chunk = _token_slices.CHUNK_TOKENS, chunked_patch_embed.CHUNK_FRAMES
+    _token_slices.CHUNK_TOKENS = 16 if case.small_mlp_chunks else chunk
     chunked_patch_embed.CHUNK_FRAMES = 1 if case.small_mlp_chunks else frames_chunk
     offloading = _Offloading()
     try:
@@ -186,7 +186,7 @@ def _run_case(base: nn.Module, case: Case, counters: Counters) -> dict[str, Any]
         else:
             out = _outputs(model, images, case.root)
     finally:
-        chunked_mlp.CHUNK_TOKENS, chunked_patch_embed.CHUNK_FRAMES = chunk, frames_chunk
+        _token_slices.CHUNK_TOKENS, chunked_patch_embed.CHUNK_FRAMES = chunk, frames_chunk
     return {"errors": errors(out, expected), "all_to_all": counters.all_to_all, "embedded": counters.embedded,
             "offloaded": offloading.stored}
 

@@ -51,30 +51,38 @@ def scale_add(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, out: O
 
 
 def reference_norm(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float, out: Optional[torch.Tensor] = None,
-                   norm_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   eps: float, out: Optional[torch.Tensor] = None, norm_dtype: Optional[torch.dtype] = None,
+                   norm_out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(s, layer_norm(s))`` with ``s = x + branch * gamma`` (written into ``out`` when given), as upstream's
-    blocks compute them; the norm rounded to ``norm_dtype`` when given."""
+    blocks compute them; the norm rounded to ``norm_dtype`` when given, and written into ``norm_out`` (of that
+    dtype) when given."""
     total = reference(x, branch, gamma, out)
     normed = F.layer_norm(total, (total.shape[-1],), weight, bias, eps)
-    return total, normed if norm_dtype is None else normed.to(norm_dtype)
+    normed = normed if norm_dtype is None else normed.to(norm_dtype)
+    return total, normed if norm_out is None else norm_out.copy_(normed)
 
 
 def scale_add_norm(x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float, out: Optional[torch.Tensor] = None,
-                   norm_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``reference_norm(...)``, by one Triton kernel when it covers the call: ``scale_add``'s conditions (``out``
-    None or ``x``), rows of at most ``NORM_MAX_C`` elements (one program holds a whole row) and a contiguous affine
-    ``weight`` and ``bias`` of the sum's dtype."""
+                   eps: float, out: Optional[torch.Tensor] = None, norm_dtype: Optional[torch.dtype] = None,
+                   norm_out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference_norm(...)``, by one Triton kernel when it covers the call: ``scale_add``'s conditions, rows of
+    at most ``NORM_MAX_C`` elements (one program holds a whole row), a contiguous affine ``weight`` and ``bias`` of
+    the sum's dtype, and a ``norm_out`` (if any) that is a fresh contiguous buffer like ``out``."""
     product, dtype = _dtypes(x, branch, gamma)
-    if x.is_cuda and triton_covers(x, branch, gamma, out, dtype) and _norm_covered(x, weight, bias, dtype):
+    normed_dtype = norm_dtype or dtype
+    if (
+        x.is_cuda
+        and triton_covers(x, branch, gamma, out, dtype)
+        and _norm_covered(x, weight, bias, dtype)
+        and (norm_out is None or _fresh_buffer(norm_out, x, branch, normed_dtype))
+    ):
         from ._scale_add_triton import scale_add_norm_
 
         total = out if out is not None else torch.empty_like(x, dtype=dtype)
-        normed = torch.empty_like(total, dtype=norm_dtype or dtype)
+        normed = norm_out if norm_out is not None else torch.empty_like(total, dtype=normed_dtype)
         scale_add_norm_(x, branch, gamma, weight, bias, eps, total, normed, product)
         return total, normed
-    return reference_norm(x, branch, gamma, weight, bias, eps, out, norm_dtype)
+    return reference_norm(x, branch, gamma, weight, bias, eps, out, norm_dtype, norm_out)
 
 
 NORM_MAX_C = 1024  # the widest row one program normalises (VGGT's blocks and DINOv2 ViT-L: 1024)
@@ -98,10 +106,25 @@ def triton_covers(
     x: torch.Tensor, branch: torch.Tensor, gamma: torch.Tensor, out: Optional[torch.Tensor], dtype: torch.dtype
 ) -> bool:
     """Whether the kernel runs this call: contiguous ``x`` and ``branch`` of one shape, a contiguous 1-D ``gamma``
-    over their last dimension, float dtypes, one device, and no ``out`` or ``out`` being ``x`` of the result
-    ``dtype`` (elementwise, so in place is safe)."""
+    over their last dimension, float dtypes, one device, and ``out`` either None, ``x`` of the result ``dtype``
+    (elementwise, so in place is safe) or a fresh buffer (``_fresh_buffer``)."""
     if not (triton_installed() and x.dim() >= 1 and x.shape == branch.shape and gamma.dim() == 1):
         return False
-    if gamma.shape[0] != x.shape[-1] or x.numel() == 0 or (out is not None and (out is not x or x.dtype != dtype)):
+    if gamma.shape[0] != x.shape[-1] or x.numel() == 0:
+        return False
+    if out is not None and not (out is x and x.dtype == dtype) and not (out is not x and _fresh_buffer(out, x, branch, dtype)):
         return False
     return all(t.dtype in KERNEL_DTYPES and t.device == x.device and t.is_contiguous() for t in (x, branch, gamma))
+
+
+def _fresh_buffer(buffer: torch.Tensor, x: torch.Tensor, branch: torch.Tensor, dtype: torch.dtype) -> bool:
+    """A contiguous tensor of ``x``'s shape and device, of ``dtype``, sharing memory with neither input (a slice of
+    a preallocated result)."""
+    own = buffer.untyped_storage().data_ptr()
+    return (
+        buffer.shape == x.shape
+        and buffer.dtype == dtype
+        and buffer.device == x.device
+        and buffer.is_contiguous()
+        and all(own != t.untyped_storage().data_ptr() for t in (x, branch))
+    )

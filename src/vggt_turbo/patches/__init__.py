@@ -45,8 +45,8 @@ ALL_PATCHES: tuple[Patch, ...] = (
     FUSED_FRAME_BATCHING,
     GLOBAL_TO_FRAME,
     KV_SUBSAMPLE,  # above sdpa and fused_qk_norm_rope: computes its global layers' attention itself
-    FUSED_LAYER_SCALE,  # below chunked_mlp: the sequences it slices keep its own path
-    CHUNKED_MLP,
+    CHUNKED_MLP,  # below fused_layer_scale, which slices long sequences itself; serves the calls it leaves
+    FUSED_LAYER_SCALE,
     COMPILE,  # above chunked_mlp: long sequences fall through to it; compiles upstream's Block.forward otherwise
     NVTX,
     CONCURRENT_HEADS,  # outermost on the heads (all of a head on its stream); below cuda_graphs (captured)

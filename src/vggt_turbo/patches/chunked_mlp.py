@@ -4,8 +4,10 @@ Why leaner: a block's MLP widens each token to 4x the model width (4,096 values 
 activation keeps a second such tensor: at 200 frames (274,800 tokens) that is 2 x 2.1 GiB in bf16 at once,
 the largest transient of the whole forward. Every MLP step (LayerNorm, the two linears, GELU, LayerScale) works
 token by token, so this version adds the MLP's residual in place, ``CHUNK_TOKENS`` tokens at a time: the wide
-activation never exists for more than one slice. The slices are large enough (32,768 tokens) for the matmuls to
-run at full speed; sequences with fewer tokens run upstream's code unchanged.
+activation never exists for more than one slice (``_token_slices``). The slices are large enough for the matmuls
+to run at full speed; sequences with fewer tokens run upstream's code unchanged. With ``fused_layer_scale`` on,
+that patch's block wrapper (stacked above this one) slices the MLP itself, with its fused sums; this wrapper then
+serves the calls it leaves to upstream's forward (e.g. a block without LayerScale).
 
 Exact: the same operations on the same rows (a matmul over fewer rows may pick another kernel, whose rounding can
 differ in the last bits). In training or with autograd on, upstream's forward runs.
@@ -20,9 +22,8 @@ from torch import nn
 
 from ..config import TurboConfig
 from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, first_block, members
+from . import _token_slices
 from ._base import Patch, Target, Tier, aggregator_path, join
-
-CHUNK_TOKENS = 32768
 
 
 def _x_pos(x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -32,17 +33,17 @@ def _x_pos(x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> tuple[torch.T
 def block_forward(wrapped: Any, block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     x, pos = _x_pos(*args, **kwargs)
     tokens = x.numel() // x.shape[-1]
-    if block.training or torch.is_grad_enabled() or tokens <= CHUNK_TOKENS:
+    if block.training or torch.is_grad_enabled() or not _token_slices.is_long(tokens):
         return wrapped(*args, **kwargs)
     x = x + block.ls1(block.attn(block.norm1(x), pos=pos))
     rows = x.view(tokens, x.shape[-1])
-    for start in range(0, tokens, CHUNK_TOKENS):
-        part = rows[start : start + CHUNK_TOKENS]
+    for part_rows in _token_slices.token_slices(tokens):
+        part = rows[part_rows]
         update = block.ls2(block.mlp(block.norm2(part)))
         if update.dtype != rows.dtype:  # upstream's out-of-place add would promote: do the same, once
             x = x.to(torch.promote_types(x.dtype, update.dtype))
             rows = x.view(tokens, x.shape[-1])
-            part = rows[start : start + CHUNK_TOKENS]
+            part = rows[part_rows]
         part += update
     return x
 

@@ -18,7 +18,7 @@ Exact to the fused kernels' rounding (Inductor may reorder a reduction or keep a
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -26,7 +26,8 @@ from torch import nn
 from ..config import TurboConfig
 from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, first_block, members
 from ._base import Patch, Target, Tier, aggregator_path, join
-from .chunked_mlp import CHUNK_TOKENS, _x_pos
+from . import _token_slices
+from .chunked_mlp import _x_pos
 
 OPTIONS: dict[str, Any] = {"dynamic": False}
 
@@ -37,12 +38,13 @@ def compiled(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor
     return torch.compile(forward, **OPTIONS)
 
 
-def make_wrapper(eager_above: Optional[int]):
-    """The ``Block.forward`` wrapper; sequences of more than ``eager_above`` tokens (if set) run ``wrapped``."""
+def make_wrapper(slice_long: bool):
+    """The ``Block.forward`` wrapper; with ``slice_long`` (``chunked_mlp``), sequences long enough for their MLP to
+    run in slices (``_token_slices``) run ``wrapped``."""
 
     def block_forward(wrapped: Any, block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         x, pos = _x_pos(*args, **kwargs)
-        long = eager_above is not None and x.numel() // x.shape[-1] > eager_above
+        long = slice_long and _token_slices.is_long(x.numel() // x.shape[-1])
         if not x.is_cuda or block.training or torch.is_grad_enabled() or long:
             return wrapped(*args, **kwargs)
         return compiled(type(block).forward)(block, x, pos=pos)
@@ -53,7 +55,7 @@ def make_wrapper(eager_above: Optional[int]):
 def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
     agg = aggregator_of(root)
     path = aggregator_path(root)
-    wrapper = make_wrapper(CHUNK_TOKENS if config.chunked_mlp else None)
+    wrapper = make_wrapper(config.chunked_mlp)
     return [
         Target(join(path, kind, str(i)), "forward", wrapper)
         for kind in ("frame_blocks", "global_blocks")

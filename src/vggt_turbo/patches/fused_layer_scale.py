@@ -18,8 +18,13 @@ sum stays in upstream's fp32 and the norm is written in the autocast dtype: upst
 the next operation, always a linear layer (the attention's ``qkv``, the MLP's ``fc1``), casts it to that dtype,
 so the kernel rounds the same fp32 value once, as that cast would. Runs in inference (eval, autograd off) on any
 device (the CPU runs the PyTorch reference); in training, with autograd on, for list inputs (the DINOv2
-nested-tensor path) or when a LayerScale is absent (``init_values=None``) upstream runs. Sequences long enough for
-``chunked_mlp`` to slice take its path instead, with PyTorch's sums (there attention dominates the time).
+nested-tensor path) or when a LayerScale is absent (``init_values=None``) the next wrapper (or upstream) runs.
+
+With ``chunked_mlp`` on, a sequence long enough to slice (``_token_slices``) runs its MLP here slice by slice, with
+the same fused sums and norms per slice: the first sum and ``norm2`` of a slice, its MLP, then its second sum and
+the next block's ``norm1``, each written into the rows of whole-sequence buffers. LayerNorm, the MLP and the sums
+work row by row, so the slices compute what one pass would; the wide MLP activation exists for one slice at a time,
+as under ``chunked_mlp`` alone.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from ..config import TurboConfig
 from ..autocast import autocast_dtype
 from ..kernels.scale_add import scale_add, scale_add_norm
 from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, dino_blocks, first_block, members
+from . import _token_slices
 from ._base import Patch, Target, Tier, aggregator_path, join
 
 
@@ -109,10 +115,12 @@ def make_wrapper(
     fuse_norm: bool,
     handoff: _Handoff,
     successor: Optional[nn.Module] = None,
+    slice_long: bool = False,
 ):
     """The forward wrapper of one block (``bind`` names its arguments). ``fuse_norm`` (``fused_add_norm``): each
     sum and the norm after it in one pass where ``_fusable_norm``: ``norm2`` inside the block, and ``successor``'s
-    ``norm1`` (the block that runs next, if any), handed over through ``handoff``."""
+    ``norm1`` (the block that runs next, if any), handed over through ``handoff``. ``slice_long``
+    (``chunked_mlp``): a long sequence's MLP runs over row slices (``_token_slices``)."""
 
     def block_forward(wrapped: Any, block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         x, pos = bind(*args, **kwargs)
@@ -121,6 +129,12 @@ def make_wrapper(
             return wrapped(*args, **kwargs)
         normed = handoff.take(x, block.norm1)
         branch = block.attn(block.norm1(x) if normed is None else normed, pos=pos)
+        following = successor.norm1 if successor is not None else None
+        if not (fuse_norm and following is not None and _fusable_norm(following) and not _hooked(block, successor)):
+            following = None
+        tokens = x.numel() // x.shape[-1]
+        if slice_long and _token_slices.is_long(tokens):
+            return _sliced_residuals(block, x, branch, gamma1, gamma2, fuse_norm, following, handoff)
         if fuse_norm and _fusable_norm(block.norm2):
             x, normed = scale_add_norm(x, branch, gamma1, block.norm2.weight, block.norm2.bias, block.norm2.eps,
                                        norm_dtype=_norm_dtype(x))
@@ -128,8 +142,7 @@ def make_wrapper(
             x = scale_add(x, branch, gamma1)
             normed = block.norm2(x)
         branch = block.mlp(normed)
-        following = successor.norm1 if successor is not None else None
-        if fuse_norm and following is not None and _fusable_norm(following) and not _hooked(block, successor):
+        if following is not None:
             x, normed = scale_add_norm(x, branch, gamma2, following.weight, following.bias, following.eps, out=x,
                                        norm_dtype=_norm_dtype(x))
             handoff.put(x, following, normed)
@@ -137,6 +150,42 @@ def make_wrapper(
         return scale_add(x, branch, gamma2, out=x)
 
     return block_forward
+
+
+def _sliced_residuals(block: nn.Module, x: torch.Tensor, branch: torch.Tensor, gamma1: torch.Tensor,
+                      gamma2: torch.Tensor, fuse_norm: bool, following: Optional[nn.Module],
+                      handoff: _Handoff) -> torch.Tensor:
+    """The block's two residual steps after its attention, row slice by row slice: the first sum (and ``norm2``),
+    the MLP and the second sum (and ``following``'s norm, if any) of each slice written into the rows of
+    whole-sequence buffers, so the MLP's wide activation exists for one slice at a time."""
+    C = x.shape[-1]
+    tokens = x.numel() // C
+    dtype = torch.promote_types(x.dtype, torch.promote_types(branch.dtype, gamma1.dtype))
+    total = torch.empty(x.shape, dtype=dtype, device=x.device)
+    rows, branch_rows, total_rows = x.reshape(tokens, C), branch.reshape(tokens, C), total.view(tokens, C)
+    norm_dtype = _norm_dtype(x)
+    next_normed = None
+    if following is not None:
+        next_normed = torch.empty(x.shape, dtype=norm_dtype or dtype, device=x.device)
+    next_rows = next_normed.view(tokens, C) if next_normed is not None else None
+    norm2 = block.norm2
+    for part in _token_slices.token_slices(tokens):
+        out = total_rows[part]
+        if fuse_norm and _fusable_norm(norm2):
+            _, normed = scale_add_norm(rows[part], branch_rows[part], gamma1, norm2.weight, norm2.bias, norm2.eps,
+                                       out=out, norm_dtype=norm_dtype)
+        else:
+            scale_add(rows[part], branch_rows[part], gamma1, out=out)
+            normed = norm2(out)
+        update = block.mlp(normed)
+        if following is not None:
+            scale_add_norm(out, update, gamma2, following.weight, following.bias, following.eps, out=out,
+                           norm_dtype=norm_dtype, norm_out=next_rows[part])
+        else:
+            scale_add(out, update, gamma2, out=out)
+    if next_normed is not None:
+        handoff.put(total, following, next_normed)
+    return total
 
 
 def _aggregator_order(agg: nn.Module) -> list[nn.Module]:
@@ -166,7 +215,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
         Target(
             join(path, kind, str(i)),
             "forward",
-            make_wrapper(_x_pos, config.fused_add_norm, handoff, following.get(id(block))),
+            make_wrapper(_x_pos, config.fused_add_norm, handoff, following.get(id(block)), config.chunked_mlp),
         )
         for kind in ("frame_blocks", "global_blocks")
         for i, block in enumerate(getattr(agg, kind))
