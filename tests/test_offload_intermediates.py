@@ -9,11 +9,11 @@ import copy
 import pytest
 import torch
 
-from helpers import NO_FLAGS, assert_close, assert_equal, needs_cuda, only, run
+from helpers import NO_FLAGS, assert_close, assert_equal, count_calls, needs_cuda, only, run
 
 import vggt_turbo
 from vggt_turbo import TurboConfig
-from vggt_turbo.patches import offload_intermediates
+from vggt_turbo.patches import _head_inputs, offload_intermediates
 from vggt_turbo.random_model import random_images
 
 
@@ -21,7 +21,7 @@ from vggt_turbo.random_model import random_images
 def test_kept_layers_are_stored_as_made_and_outputs_unchanged(model, images, query_points, reference, monkeypatch):
     stored = []
 
-    def fake_host(t: torch.Tensor) -> torch.Tensor:
+    def fake_host(t: torch.Tensor, side: object = None) -> torch.Tensor:
         stored.append(t.shape)
         return t.clone()
 
@@ -50,7 +50,7 @@ def host_copies(monkeypatch) -> list:
     """Make the patch apply on the CPU (as above); the list records the shape of every tensor sent to the host."""
     stored: list = []
 
-    def fake_host(t: torch.Tensor) -> torch.Tensor:
+    def fake_host(t: torch.Tensor, side: object = None) -> torch.Tensor:
         stored.append(t.shape)
         return t.clone()
 
@@ -98,7 +98,8 @@ def test_auto_applies_under_sequence_parallel_and_stands_aside_for_an_aggregator
 
 
 @needs_cuda
-def test_on_the_gpu_outputs_are_bit_identical_and_memory_drops(model):
+def test_on_the_gpu_outputs_are_bit_identical_and_memory_drops(model, monkeypatch):
+    """Also: the second chunk of each DPT head arrives through the prefetch (fetched directly: first chunks only)."""
     model = model.cuda()
     images = random_images(9, seed=4).cuda()  # 9 frames: the DPT heads fetch two chunks
     seen = []
@@ -116,8 +117,18 @@ def test_on_the_gpu_outputs_are_bit_identical_and_memory_drops(model):
     call()
     expected, peak = call()
     vggt_turbo.apply_optimizations(model, "exact", cuda_graphs=False, offload_intermediates=True)
+    fetches = count_calls(monkeypatch, _head_inputs, "_fetch")
     call()
     out, offloaded_peak = call()
     assert_close(out, expected, tol=1e-6)
+    assert fetches[0] == 2 * 2  # two calls x (depth, point) heads: the first chunk; the second was prefetched
     assert seen[-1] == {"cpu"} and seen[0] == {"cuda"}
     assert offloaded_peak < peak
+
+
+def test_a_prefetch_is_taken_only_by_the_call_that_asks_for_its_frames() -> None:
+    """Another chunk, or other layers, find nothing (and empty the slot): they fetch as without prefetching."""
+    slot = _head_inputs._Prefetched()
+    slot.put(((1, 2), (8, 16)), [torch.zeros(1)], done=None)
+    assert slot.take(((1, 2), (16, 24))) is None
+    assert slot.take(((1, 2), (8, 16))) is None  # emptied by the previous take

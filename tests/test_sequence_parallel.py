@@ -154,7 +154,7 @@ class _Offloading:
         offload_intermediates.to_host = self._store
         return self
 
-    def _store(self, t: torch.Tensor) -> torch.Tensor:
+    def _store(self, t: torch.Tensor, side: object = None) -> torch.Tensor:
         self.stored += 1
         return t.to(torch.float64)
 

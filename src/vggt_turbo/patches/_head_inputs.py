@@ -7,6 +7,11 @@ layer, each DPT head (depth, points, the track head's feature extractor) its ``i
 ``frames_chunk_size`` frames at a time through ``_forward_impl``. These wrappers convert only what the head is
 about to read, just before it runs, so no full-size converted copy of an intermediate ever exists. A tensor
 already on the head's device and dtype passes through untouched (so two patches may stack these wrappers).
+
+With ``prefetch`` (``offload_intermediates``: the layers are in host memory), a DPT head's wrapper also starts the
+host-to-device copy of its next chunk of frames on a side stream before running the current chunk, so the transfer
+overlaps the chunk's compute; the next call takes it if it asks for exactly those frames (upstream's loop), after
+its stream waits for the copy. Anything else is fetched as without prefetching.
 """
 
 from __future__ import annotations
@@ -53,31 +58,108 @@ def _dpt_args(
     return aggregated_tokens_list, images, patch_start_idx, frames_start_idx, frames_end_idx
 
 
-def dpt_forward_impl(wrapped: Any, head: nn.Module, args: tuple, kwargs: dict) -> Any:
-    """Convert only the layers this DPT head reads, only for the frames of this chunk (the chunk's frames are
-    then passed as the whole sequence: upstream's ``_forward_impl`` uses ``images`` for its shape only)."""
-    tokens, images, patch_start_idx, start, end = _dpt_args(*args, **kwargs)
-    like = first_param(head)
-    layers = sorted(set(head.intermediate_layer_idx))
-    if all(_fits(tokens[i], like) for i in layers):
-        return wrapped(*args, **kwargs)
-    frames = slice(start, end) if start is not None and end is not None else slice(None)
-    chunk = list(tokens)
-    for i in layers:
-        chunk[i] = tokens[i][:, frames].to(device=like.device, dtype=like.dtype, non_blocking=True)
-    return wrapped(chunk, images[:, frames], patch_start_idx)
+class SideStream:
+    """One CUDA stream per device for a patched model's transfers (made on first use), ordered after the work
+    queued on the current stream whenever a transfer is issued."""
+
+    def __init__(self) -> None:
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    def after_current(self, device: torch.device) -> torch.cuda.Stream:
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        return stream
+
+    def synchronize(self, device: torch.device) -> None:
+        stream = self._streams.get(device)
+        if stream is not None:
+            stream.synchronize()
 
 
-def head_input_targets(root: nn.Module) -> list[Target]:
-    """The wrappers for every head ``root`` (a VGGT) has."""
+class _Prefetched:
+    """The next chunk's layers, copied to the device on a side stream: taken by the call that asks for them."""
+
+    def __init__(self) -> None:
+        self._slot: Optional[tuple[tuple, list[torch.Tensor], torch.cuda.Event]] = None
+
+    def put(self, key: tuple, layers: list[torch.Tensor], done: torch.cuda.Event) -> None:
+        self._slot = (key, layers, done)
+
+    def take(self, key: tuple) -> Optional[list[torch.Tensor]]:
+        slot, self._slot = self._slot, None
+        if slot is None or slot[0] != key:
+            return None
+        _, layers, done = slot
+        torch.cuda.current_stream(layers[0].device).wait_event(done)
+        return layers
+
+
+def _fetch(sources: list[torch.Tensor], like: torch.Tensor) -> list[torch.Tensor]:
+    return [t.to(device=like.device, dtype=like.dtype, non_blocking=True) for t in sources]
+
+
+def _prefetch_next(side: SideStream, slot: _Prefetched, tokens: list, layers: list[int], like: torch.Tensor,
+                   start: int, end: int) -> None:
+    """Start copying the chunk after ``[start, end)`` (same length, clipped to the sequence), if there is one.
+    The buffers are allocated on the current stream (whose queued work may still use the memory they reuse), so the
+    side stream waits for that work before writing them."""
+    frames = tokens[layers[0]].shape[1]
+    if end >= frames:
+        return
+    following = (end, min(frames, end + (end - start)))
+    sources = [tokens[i][:, following[0]:following[1]] for i in layers]
+    buffers = [torch.empty(t.shape, dtype=like.dtype, device=like.device) for t in sources]
+    stream = side.after_current(like.device)
+    with torch.cuda.stream(stream):
+        for buffer, source in zip(buffers, sources):
+            buffer.copy_(source, non_blocking=True)
+        done = stream.record_event()
+    for buffer in buffers:  # a prefetch that is never taken must not free memory the copy still writes
+        buffer.record_stream(stream)
+    slot.put((tuple(id(tokens[i]) for i in layers), following), buffers, done)
+
+
+def make_dpt_forward_impl(prefetch: Optional[SideStream] = None):
+    """The ``DPTHead._forward_impl`` wrapper of one head: convert only the layers the head reads, only for the frames
+    of this chunk (the chunk's frames are then passed as the whole sequence: upstream's ``_forward_impl`` uses
+    ``images`` for its shape only); with ``prefetch``, host-resident layers' next chunk is copied ahead."""
+    slot = _Prefetched()
+
+    def dpt_forward_impl(wrapped: Any, head: nn.Module, args: tuple, kwargs: dict) -> Any:
+        tokens, images, patch_start_idx, start, end = _dpt_args(*args, **kwargs)
+        like = first_param(head)
+        layers = sorted(set(head.intermediate_layer_idx))
+        if all(_fits(tokens[i], like) for i in layers):
+            return wrapped(*args, **kwargs)
+        chunked = start is not None and end is not None
+        frames = slice(start, end) if chunked else slice(None)
+        sources = [tokens[i] for i in layers]
+        ahead = prefetch is not None and chunked and like.is_cuda and all(not t.is_cuda for t in sources)
+        fetched = slot.take((tuple(id(t) for t in sources), (start, end))) if ahead else None
+        if fetched is None:
+            fetched = _fetch([t[:, frames] for t in sources], like)
+        if ahead:
+            _prefetch_next(prefetch, slot, tokens, layers, like, start, end)
+        chunk = list(tokens)
+        for i, t in zip(layers, fetched):
+            chunk[i] = t
+        return wrapped(chunk, images[:, frames], patch_start_idx)
+
+    return dpt_forward_impl
+
+
+def head_input_targets(root: nn.Module, prefetch: Optional[SideStream] = None) -> list[Target]:
+    """The wrappers for every head ``root`` (a VGGT) has (each DPT head its own, with its own prefetch slot)."""
     targets = []
     if getattr(root, "camera_head", None) is not None:
         targets.append(Target("camera_head", "forward", camera_head_forward))
     for path in ("depth_head", "point_head"):
         if getattr(root, path, None) is not None:
-            targets.append(Target(path, "_forward_impl", dpt_forward_impl))
+            targets.append(Target(path, "_forward_impl", make_dpt_forward_impl(prefetch)))
     if getattr(root, "track_head", None) is not None:
-        targets.append(Target("track_head.feature_extractor", "_forward_impl", dpt_forward_impl))
+        targets.append(Target("track_head.feature_extractor", "_forward_impl", make_dpt_forward_impl(prefetch)))
     return targets
 
 

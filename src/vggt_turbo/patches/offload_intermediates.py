@@ -7,9 +7,11 @@ makes it to the end of the heads: at long sequences they are the largest part of
 each kept intermediate to pinned host memory as soon as it exists and frees the GPU copy (the forward waits for
 the last copy before returning, one host synchronisation per call); the heads then fetch
 only the frames of the chunk they are about to process (``frames_chunk_size`` = 8 in upstream), and the camera
-head only its camera tokens. The cost is PCIe traffic: one device-to-host copy of each kept layer (ordered on
-the compute stream, so it delays the next kernel by its transfer time: about 25 GB/s) and one host-to-device copy
-of each chunk per DPT head — about 2-3 % of the time at 100 frames on an H100 (see benchmarks/results).
+head only its camera tokens. The cost is PCIe traffic: one device-to-host copy of each kept layer and one
+host-to-device copy of each chunk per DPT head. Both run on a side stream of the model's own (``SideStream``), so
+they overlap the compute instead of delaying it: a layer's copy starts when the layer exists and runs while the
+next blocks compute (its GPU memory is released once the copy is done, ``record_stream``), and each DPT head
+fetches the next chunk of frames while the current one computes (``_head_inputs``), holding one chunk more.
 
 When it applies: inference on CUDA (eval, autograd off), not while a CUDA graph is being captured (short
 sequences, which gain nothing), and only for a whole VGGT: patched alone, an Aggregator returns its outputs on the
@@ -29,7 +31,7 @@ Exact: the same values, moved and brought back bit for bit.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -37,7 +39,7 @@ from torch import nn
 from ..config import AUTO, TurboConfig
 from ..upstream import Requirement, aggregator_of, looks_like_vggt
 from ._base import Patch, Target, Tier, aggregator_path
-from ._head_inputs import HEAD_INPUT_REQUIREMENTS, head_input_targets
+from ._head_inputs import HEAD_INPUT_REQUIREMENTS, SideStream, head_input_targets
 from .cached_positions import STORE
 
 log = logging.getLogger(__name__)
@@ -47,11 +49,18 @@ log = logging.getLogger(__name__)
 OFFLOAD_AUTO_FRAMES = 32
 
 
-def to_host(t: torch.Tensor) -> torch.Tensor:
-    """A pinned host copy of ``t``, filled asynchronously in stream order (readers on the GPU are ordered after it;
-    the caching host allocator does not reuse the block before the copy is done)."""
+def to_host(t: torch.Tensor, side: Optional[SideStream] = None) -> torch.Tensor:
+    """A pinned host copy of ``t``, filled asynchronously on ``side``'s stream after the work already queued on the
+    current one (the caching host allocator does not reuse the block before the copy is done; ``t``'s GPU memory
+    is not reused before it either). Without ``side``, in the current stream's order."""
     host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
-    host.copy_(t, non_blocking=True)
+    if side is None:
+        host.copy_(t, non_blocking=True)
+        return host
+    stream = side.after_current(t.device)
+    with torch.cuda.stream(stream):
+        host.copy_(t, non_blocking=True)
+    t.record_stream(stream)
     return host
 
 
@@ -73,27 +82,27 @@ def frames(images: torch.Tensor) -> int:
     return images.shape[:-3].numel()
 
 
-def aggregator_forward(wrapped: Any, agg: nn.Module, args: tuple, kwargs: dict) -> Any:
-    images = _images(*args, **kwargs)
-    if not applies(agg, images):
-        return wrapped(*args, **kwargs)
-    token = STORE.set(to_host)
-    try:
-        outputs = wrapped(*args, **kwargs)
-    finally:
-        STORE.reset(token)
-    # The host copies are filled asynchronously: wait for them once here, so that host-side reads (the camera
-    # head's non-contiguous slice, a caller reading the tokens) never see a copy still in flight.
-    if images.is_cuda:
-        torch.cuda.current_stream(images.device).synchronize()
-    return outputs
+def make_aggregator_forward(side: SideStream, auto: bool):
+    """The ``Aggregator.forward`` wrapper: store the kept layers on the host through ``side``'s stream; with
+    ``auto``, only for calls of at least ``OFFLOAD_AUTO_FRAMES`` frames."""
 
+    def aggregator_forward(wrapped: Any, agg: nn.Module, args: tuple, kwargs: dict) -> Any:
+        images = _images(*args, **kwargs)
+        if not applies(agg, images) or (auto and frames(images) < OFFLOAD_AUTO_FRAMES):
+            return wrapped(*args, **kwargs)
+        token = STORE.set(lambda t: to_host(t, side if t.is_cuda else None))
+        try:
+            outputs = wrapped(*args, **kwargs)
+        finally:
+            STORE.reset(token)
+        # The host copies are filled asynchronously: wait for them once here, so that host-side reads (the camera
+        # head's non-contiguous slice, a caller reading the tokens) never see a copy still in flight.
+        if images.is_cuda:
+            side.synchronize(images.device)
+            torch.cuda.current_stream(images.device).synchronize()
+        return outputs
 
-def auto_aggregator_forward(wrapped: Any, agg: nn.Module, args: tuple, kwargs: dict) -> Any:
-    """``"auto"``: offload as ``aggregator_forward`` does, only calls of at least ``OFFLOAD_AUTO_FRAMES`` frames."""
-    if frames(_images(*args, **kwargs)) < OFFLOAD_AUTO_FRAMES:
-        return wrapped(*args, **kwargs)
-    return aggregator_forward(wrapped, agg, args, kwargs)
+    return aggregator_forward
 
 
 def _enabled(config: TurboConfig) -> bool:
@@ -106,8 +115,9 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
         if config.offload_intermediates is True:
             log.info("vggt_turbo offload_intermediates: an Aggregator patched alone keeps its outputs on the GPU")
         return []
-    forward = auto_aggregator_forward if config.offload_intermediates == AUTO else aggregator_forward
-    return [Target(aggregator_path(root), "forward", forward), *head_input_targets(root)]
+    side = SideStream()
+    forward = make_aggregator_forward(side, auto=config.offload_intermediates == AUTO)
+    return [Target(aggregator_path(root), "forward", forward), *head_input_targets(root, prefetch=side)]
 
 
 PATCH = Patch(
