@@ -6,7 +6,7 @@
 Why: ``vggt-turbo bench`` times its variants one after another on one model (reverted in between), not
 interleaved; at 1 frame their times drift by 1–2 ms between variants, as much as some flags save. Here two
 copies of the same full model (random weights, seed 0), one patched with ``exact`` and one
-with ``exact`` minus ``--flag`` (and minus the flags that need it, ``config.switched_off``), run in one process on the same input, their timings interleaved round by round
+with ``exact`` minus ``--flag`` (and minus the flags that need it, ``patches.switched_off``), run in one process on the same input, their timings interleaved round by round
 (``--rounds`` rounds; per round the median of ``--repeats`` calls between CUDA events), so that clock and host
 drift hit both alike. Reported per copy: the call, the CUDA graph's replay alone (where ``cuda_graphs`` captured
 one: up to ``cuda_graph_max_frames`` frames), the kernels of one replay or call (torch.profiler: count, summed
@@ -32,7 +32,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import vggt_turbo
 from vggt_turbo.bench.meta import turbo_commit, upstream_commit
-from vggt_turbo.config import TurboConfig, switched_off
+from vggt_turbo.config import TurboConfig
+from vggt_turbo.patches import switched_off
 from vggt_turbo.patches.cuda_graphs import graph_cache
 from vggt_turbo.random_model import build_vggt, random_images
 

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from vggt_turbo import TurboConfig
-from vggt_turbo.config import AUTO_FLAGS, REQUIRES
+from vggt_turbo.config import AUTO_FLAGS
+from vggt_turbo.patches import flag_requirements
 from vggt_turbo.kernels import triton_installed
 
 # Kernel tests: in Triton's interpreter (on the CPU), or on CUDA.
@@ -36,7 +37,7 @@ NO_FLAGS = TurboConfig(**{name: False for name in BOOL_FLAGS})  # every boolean 
 def only(flag: str, **extra: Any) -> TurboConfig:
     """A config with every boolean flag False except ``flag`` (and the flags it cannot work without, if any):
     that patch alone."""
-    return NO_FLAGS.replace(**{flag: True}, **{need: True for need in REQUIRES.get(flag, ())}, **extra)
+    return NO_FLAGS.replace(**{flag: True}, **{need: True for need in flag_requirements().get(flag, ())}, **extra)
 
 
 def count_calls(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> list[int]:

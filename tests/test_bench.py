@@ -14,7 +14,8 @@ from vggt_turbo import TurboConfig
 from vggt_turbo.bench import main
 from vggt_turbo.bench.report import report_main
 from vggt_turbo.bench.variants import DISTRIBUTED_FIELDS, MODIFIER_FIELDS, flag_variants, select_variants
-from vggt_turbo.config import AUTO_FLAGS, PRESETS, REQUIRES
+from vggt_turbo.config import AUTO_FLAGS, PRESETS
+from vggt_turbo.patches import flag_requirements
 
 ROOT = Path(__file__).resolve().parents[1]
 META_KEYS = {"gpu", "torch", "cuda", "upstream_commit", "vggt_turbo_commit", "date"}
@@ -179,7 +180,7 @@ def test_variants_follow_the_config() -> None:
     assert variants["global_to_frame_layers"].global_to_frame_layers == PRESETS["fast"].global_to_frame_layers
     for name, cfg in variants.items():
         on = {b for b in bools if getattr(cfg, b)}
-        assert on == ({name} if name in bools else set()) | set(REQUIRES.get(name, ())), (name, cfg)
+        assert on == ({name} if name in bools else set()) | set(flag_requirements().get(name, ())), (name, cfg)
     names = [v.name for v in select_variants(None)]
     assert names[0] == "upstream" and names[-2:] == ["exact", "fast"]
     assert [v.name for v in select_variants("fast,presets")] == ["upstream", "exact", "fast"]

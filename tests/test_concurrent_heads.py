@@ -4,6 +4,7 @@ upstream's order runs."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from helpers import NO_FLAGS, assert_equal, needs_cuda, only, run
@@ -21,9 +22,12 @@ def test_wraps_the_model_and_its_three_heads(model) -> None:
     ]
 
 
-def test_not_applied_with_forced_offload_nor_to_an_aggregator(model) -> None:
+def test_refused_with_forced_offload_and_not_applied_to_an_aggregator(model) -> None:
     forced = only("concurrent_heads", offload_intermediates=True, cached_positions=True)
-    assert patch._targets(model, forced) == []
+    with pytest.raises(ValueError, match="concurrent_heads: does not run with offload_intermediates=True.*concurrent_heads=False"):
+        vggt_turbo.apply_optimizations(model, forced)
+    assert vggt_turbo.describe(model).config is None
+    vggt_turbo.apply_optimizations(model, "exact", offload_intermediates=True, concurrent_heads=False)
     assert patch._targets(model.aggregator, only("concurrent_heads")) == []
 
 

@@ -8,6 +8,7 @@ from helpers import BOOL_FLAGS
 
 from vggt_turbo import PRESETS, TurboConfig
 from vggt_turbo.config import FAST_GLOBAL_TO_FRAME_LAYERS, FAST_KV_SUBSAMPLE, resolve
+from vggt_turbo.patches import check
 
 
 def test_exact_preset_is_the_default() -> None:
@@ -68,8 +69,8 @@ def test_offload_intermediates_refuses_other_values(value: object) -> None:
 def test_offload_intermediates_needs_cached_positions_unless_off(value: object) -> None:
     no_positions = dict(cached_positions=False, cuda_graphs=False)
     with pytest.raises(ValueError, match=f"offload_intermediates={value!r} needs \\['cached_positions'\\]"):
-        TurboConfig(offload_intermediates=value, **no_positions)
-    assert TurboConfig(offload_intermediates=False, **no_positions).offload_intermediates is False
+        check(TurboConfig(offload_intermediates=value, **no_positions))
+    check(TurboConfig(offload_intermediates=False, **no_positions))
 
 
 @pytest.mark.parametrize("value", ["x", "", "CUDNN", 3, None])
@@ -116,7 +117,7 @@ def test_config_of_wrong_type_refused(config: object) -> None:
 
 
 def test_switched_off_takes_the_flags_that_need_it_along() -> None:
-    from vggt_turbo.config import switched_off
+    from vggt_turbo.patches import switched_off
 
     exact = TurboConfig.preset("exact")
     without = switched_off(exact, "fused_layer_scale")

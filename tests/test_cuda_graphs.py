@@ -21,12 +21,15 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def test_needs_its_prerequisites():
-    with pytest.raises(ValueError, match="sync_free_rope"):
-        vggt_turbo.TurboConfig(sync_free_rope=False)
+def test_needs_its_prerequisites(model):
+    """Refused at apply time, before anything is touched, with the call that works."""
+    with pytest.raises(ValueError, match=r"needs \['sync_free_rope'\].*cuda_graphs=False.*fused_qk_norm_rope=False"):
+        vggt_turbo.apply_optimizations(model, sync_free_rope=False)
     with pytest.raises(ValueError, match="cached_positions"):
-        vggt_turbo.TurboConfig(cached_positions=False)
-    assert vggt_turbo.TurboConfig(cuda_graphs=False, fused_qk_norm_rope=False, sync_free_rope=False).cuda_graphs is False
+        vggt_turbo.apply_optimizations(model, cached_positions=False)
+    assert vggt_turbo.describe(model).config is None
+    vggt_turbo.apply_optimizations(model, cuda_graphs=False, fused_qk_norm_rope=False, sync_free_rope=False)
+    assert "cuda_graphs" not in vggt_turbo.describe(model).targets
 
 
 @pytest.mark.parametrize("bad", [0, -3])

@@ -267,9 +267,11 @@ def test_no_handoff_past_a_hook_that_changes_a_block_output(model, images) -> No
     assert_equal(run(model, images), expected)
 
 
-def test_fused_add_norm_needs_fused_layer_scale() -> None:
-    with pytest.raises(ValueError, match="fused_add_norm"):
-        vggt_turbo.TurboConfig(fused_layer_scale=False)
+def test_fused_add_norm_needs_fused_layer_scale(model) -> None:
+    """An option of fused_layer_scale: switching that off alone is refused, with the call that works."""
+    with pytest.raises(ValueError, match=r"fused_add_norm=True needs \['fused_layer_scale'\].*fused_add_norm=False"):
+        vggt_turbo.apply_optimizations(model, fused_layer_scale=False)
+    vggt_turbo.apply_optimizations(model, fused_layer_scale=False, fused_add_norm=False)
 
 
 def test_fused_add_norm_under_autocast_keeps_upstreams_outputs(model, images, query_points, monkeypatch) -> None:

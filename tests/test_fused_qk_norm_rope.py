@@ -24,6 +24,7 @@ from torch import nn
 from helpers import assert_close, assert_equal, assert_unchanged, errors, needs_cuda, needs_interpreter, only, patched_methods, run, snapshot
 
 import vggt_turbo
+from vggt_turbo.patches import check
 from vggt_turbo import IncompatibleUpstreamError
 from vggt_turbo.kernels import qk_norm_rope as kernel_module
 from vggt_turbo.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_reference, qk_norm_rope_triton
@@ -296,7 +297,7 @@ def test_aggregator_without_rope_is_left_alone() -> None:
 
 def test_needs_sync_free_rope() -> None:
     with pytest.raises(ValueError, match="sync_free_rope"):
-        vggt_turbo.TurboConfig(fused_qk_norm_rope=True, sync_free_rope=False, cuda_graphs=False)
+        check(vggt_turbo.TurboConfig(fused_qk_norm_rope=True, sync_free_rope=False, cuda_graphs=False))
 
 
 def test_revert_restores_upstream(model, images) -> None:

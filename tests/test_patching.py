@@ -33,7 +33,10 @@ from vggt_turbo.patches import ALL_PATCHES, Target, Tier, patch_tiers
 
 EXACT = TurboConfig.preset("exact")
 # every exact-tier patch, those off by default included
-EVERY_EXACT = TurboConfig(**{f: patch_tiers().get(f, Tier.EXACT) is Tier.EXACT for f in BOOL_FLAGS})
+# Every exact patch installed; offloading "auto" (installed, decides per call): forced on, it excludes concurrent_heads
+EVERY_EXACT = TurboConfig(**{f: patch_tiers().get(f, Tier.EXACT) is Tier.EXACT for f in BOOL_FLAGS}).replace(
+    offload_intermediates="auto"
+)
 
 
 # --- revert ---------------------------------------------------------------------------------------------------

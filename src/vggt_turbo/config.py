@@ -21,14 +21,6 @@ from .distributed import describe_group, is_process_group
 if TYPE_CHECKING:
     from .patches._base import Tier
 
-# Flags that only work on top of others (a CUDA graph cannot capture a host sync or a host-to-device copy).
-REQUIRES: Mapping[str, tuple[str, ...]] = {
-    "cuda_graphs": ("sync_free_rope", "cached_positions"),
-    "fused_qk_norm_rope": ("sync_free_rope",),  # reads the RoPE table length it publishes
-    "offload_intermediates": ("cached_positions",),  # hooks into its loop
-    "fused_add_norm": ("fused_layer_scale",),  # an option of its block wrapper
-}
-
 # Boolean flags that also take "auto": the patch is applied and decides per call (see the field's docstring).
 AUTO = "auto"
 AUTO_FLAGS = frozenset({"offload_intermediates"})
@@ -196,10 +188,6 @@ class TurboConfig:
         if self.cuda_graph_max_frames < 1:
             raise ValueError(f"TurboConfig.cuda_graph_max_frames must be >= 1, got {self.cuda_graph_max_frames}")
         _check_sequence_parallel(self.sequence_parallel, self.sequence_parallel_output)
-        for flag, needs in REQUIRES.items():
-            missing = [n for n in needs if getattr(self, flag) and not getattr(self, n)]
-            if missing:
-                raise ValueError(f"TurboConfig.{flag}={getattr(self, flag)!r} needs {missing} on as well")
 
     @property
     def tier(self) -> "Tier":
@@ -268,18 +256,6 @@ def _check_kv_subsample(stride: Any, layers: tuple[int, ...], frame_layers: tupl
             f"TurboConfig: layers {both} are in both global_to_frame_layers and kv_subsample_layers; a global layer "
             "runs either as frame attention or as subsampled global attention"
         )
-
-
-def switched_off(config: TurboConfig, *flags: str) -> TurboConfig:
-    """``config`` with ``flags`` off, and with them every flag that needs one of them (``REQUIRES``, transitively),
-    so that ablating a flag that others build on gives a valid config (``exact`` without ``fused_layer_scale`` is
-    also without ``fused_add_norm``)."""
-    off = set(flags)
-    while True:
-        dependents = {f for f, needs in REQUIRES.items() if f not in off and off & set(needs) and getattr(config, f)}
-        if not dependents:
-            return config.replace(**{f: False for f in off})
-        off |= dependents
 
 
 def field_names() -> list[str]:

@@ -26,7 +26,7 @@ from torch import nn
 
 from . import upstream
 from .config import ConfigLike, TurboConfig, resolve
-from .patches import ALL_PATCHES, Target, Tier, patch_tiers
+from .patches import ALL_PATCHES, Target, Tier, check, patch_tiers
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,7 @@ def _module(root: nn.Module, path: str) -> nn.Module:
 
 def _plan(model: nn.Module, config: TurboConfig) -> tuple[list[Target], dict[str, list[str]]]:
     """Validate and collect every target of every enabled patch, touching nothing."""
+    check(config)
     patches = [p for p in ALL_PATCHES if p.enabled(config)]
     upstream.check(model, {p.name: p.requirements for p in patches})
     targets: list[Target] = []

@@ -209,7 +209,8 @@ def reconstruct(args: argparse.Namespace) -> Result:
     start = time.perf_counter()
     if planned is None:  # the CPU without --memory: its RAM, by the rough estimate
         memory.check_fits(plan.skeleton, frames, height, width, device, dtype)
-    flags = {"offload_intermediates": True} if offload else {}
+    # concurrent_heads (1 frame) does not run with offloading forced on: patches refuse the pair
+    flags = {"offload_intermediates": True, "concurrent_heads": False} if offload else {}
     with _bar("model", 1, "model", args.quiet) as bar:
         bar.set_postfix_str(plan.source)
         loaded = plan.build(device)  # straight onto the device: no CPU initialisation, no copy of the weights

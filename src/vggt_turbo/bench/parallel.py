@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..patches.sequence_parallel import check_combination
+from ..patches import check
 from ..patching import apply_optimizations, revert_optimizations
 from ..random_model import SMALL_IMAGE, build_vggt, random_images
 from .measure import GIB, Clock, Memory, compare, snapshot
@@ -217,7 +217,7 @@ def run_parallel(args: argparse.Namespace) -> int:
         if any(v.config is None for v in variants):
             raise ValueError("--sequence-parallel measures configurations: 'upstream' cannot be split over GPUs")
         for v in variants:
-            check_combination(v.config.replace(sequence_parallel=True))
+            check(v.config.replace(sequence_parallel=True))
         frames_list = sorted({int(x) for x in args.frames.split(",")}) if args.frames else None
         if frames_list is not None and min(frames_list, default=0) < 1:
             raise ValueError(f"frame counts must be >= 1, got {args.frames!r}")

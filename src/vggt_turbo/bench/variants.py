@@ -8,8 +8,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from .. import config as config_module
-from ..config import AUTO_FLAGS, PRESETS, REQUIRES, TurboConfig, switched_off
+from ..config import AUTO_FLAGS, PRESETS, TurboConfig
+from ..patches import check, flag_requirements, switched_off
 from .report import UPSTREAM
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ class Variant:
 
 def flag_variants() -> list[Variant]:
     """Each ``TurboConfig`` field alone: every boolean field False except that one (plus the flags it cannot work
-    without, ``config.REQUIRES``).
+    without, ``patches.flag_requirements``).
 
     A non-boolean field (e.g. ``global_to_frame_layers``) gets the ``fast`` preset's value when it is the flag and
     its default otherwise; fields whose ``fast`` value equals the default (nothing to switch on, e.g.
@@ -54,7 +54,7 @@ def flag_variants() -> list[Variant]:
     variant.
     """
     default, fast = TurboConfig(), PRESETS["fast"]
-    requires = getattr(config_module, "REQUIRES", {})
+    requires = flag_requirements()
     fields = dataclasses.fields(TurboConfig)
     # "auto" flags (config.AUTO_FLAGS) are boolean here: off is False, alone is True
     is_bool = {f.name: isinstance(getattr(default, f.name), bool) or f.name in AUTO_FLAGS for f in fields}
@@ -78,7 +78,9 @@ def flag_variants() -> list[Variant]:
                 flags[need] = True
                 pending += list(requires.get(need, ()))
         try:
-            out.append(Variant(f.name, TurboConfig(**{**off, **flags})))
+            config = TurboConfig(**{**off, **flags})
+            check(config)
+            out.append(Variant(f.name, config))
         except (TypeError, ValueError) as err:  # a flag that cannot stand alone: say so, keep the others
             log.warning("no standalone variant for %s: %s", f.name, err)
     return out
@@ -91,8 +93,8 @@ def all_variants() -> list[Variant]:
 
 def combined(spec: str) -> Variant:
     """``PRESET+FLAG-FLAG...``: the preset with boolean flags switched on (``+``) or off (``-``; the flags that need
-    one switched off go off with it, ``config.switched_off``) (``ValueError`` for unknown names and for
-    combinations ``TurboConfig`` refuses)."""
+    one switched off go off with it, ``patches.switched_off``) (``ValueError`` for unknown names and for
+    combinations ``TurboConfig`` or ``patches.check`` refuse)."""
     preset, *parts = re.split(r"([+-])", spec)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r} in variant {spec!r}; choose one of {sorted(PRESETS)}")
@@ -102,7 +104,9 @@ def combined(spec: str) -> Variant:
         config = switched_off(on, *(f for f, value in flags.items() if not value))
         lost = [f for f, value in flags.items() if value and not getattr(config, f)]
         if lost:  # asked for, but it needs a flag the spec switches off
-            raise ValueError(f"{lost} needs {sorted({n for f in lost for n in REQUIRES[f]})} on as well")
+            needs = flag_requirements()
+            raise ValueError(f"{lost} needs {sorted({n for f in lost for n in needs[f]})} on as well")
+        check(config)
         return Variant(spec, config)
     except (TypeError, ValueError) as err:
         raise ValueError(f"variant {spec!r}: {err}") from None

@@ -1,6 +1,9 @@
 """One module per optimization. ``ALL_PATCHES`` is the order in which wrappers are stacked (last = outermost)."""
 
+from typing import Mapping
+
 from ..config import TurboConfig
+from . import _rules
 from ._base import Patch, Target, Tier
 from .bf16_weights import PATCH as BF16_WEIGHTS
 from .cached_casts import PATCH as CACHED_CASTS
@@ -66,4 +69,20 @@ def patch_tiers() -> dict[str, Tier]:
     return {p.name: p.tier for p in ALL_PATCHES}
 
 
-__all__ = ["ALL_PATCHES", "Patch", "Target", "Tier", "config_tier", "patch_tiers"]
+def flag_requirements() -> Mapping[str, tuple[str, ...]]:
+    """Flag -> the flags it needs on, as the patches declare them (``_rules.requirements``)."""
+    return _rules.requirements(ALL_PATCHES)
+
+
+def check(config: TurboConfig) -> None:
+    """``ValueError`` naming the call that works when ``config`` breaks a rule between flags (``_rules.check``)."""
+    _rules.check(config, ALL_PATCHES)
+
+
+def switched_off(config: TurboConfig, *flags: str) -> TurboConfig:
+    """``config`` with ``flags`` off and every flag that needs one of them (``_rules.switched_off``)."""
+    return _rules.switched_off(config, ALL_PATCHES, *flags)
+
+
+__all__ = ["ALL_PATCHES", "Patch", "Target", "Tier", "check", "config_tier", "flag_requirements", "patch_tiers",
+           "switched_off"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 from torch import nn
 
@@ -62,10 +62,14 @@ class Patch:
     name: str  # its flag (a TurboConfig field)
     tier: Tier
     summary: str  # what it does, one line (the README's flag table is made from it)
-    requirements: tuple[Requirement, ...]
+    requirements: tuple[Requirement, ...]  # what it needs of upstream (checked before anything is touched)
     enabled: Callable[[TurboConfig], bool]
     targets: Callable[[nn.Module, TurboConfig], list[Target]]
     options: Mapping[str, str] = field(default_factory=dict)  # the other TurboConfig fields it reads: one line each
+    requires: tuple[str, ...] = ()  # flags it works only on top of
+    dependent_options: tuple[str, ...] = ()  # boolean options that work only with its own flag on
+    conflicts: Optional[Callable[[TurboConfig], Optional[str]]] = None  # why it cannot run with this config, if so
+    sequence_parallel: bool = False  # verified to give the single-process outputs under ``sequence_parallel``
 
 
 def aggregator_path(root: nn.Module) -> str:

@@ -104,6 +104,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="bf16_weights",
     tier=Tier.REDUCED,
+    sequence_parallel=True,
     summary=(
         "the aggregator natively in bf16 from a bf16 copy of its weights: residual stream, norms and RoPE in "
         "bf16 (rounds more than autocast)"

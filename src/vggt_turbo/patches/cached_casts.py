@@ -83,6 +83,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="cached_casts",
     tier=Tier.EXACT,
+    sequence_parallel=True,  # the same weights' copies on every rank
     summary=(
         "autocast's bf16 copies of the aggregator's linear and convolution weights kept between calls instead"
         " of cast again in every forward (bit for bit; the copies stay allocated)"

@@ -128,6 +128,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="cached_positions",
     tier=Tier.EXACT,
+    sequence_parallel=True,
     summary="RoPE positions built once per shape on the GPU; input-stage tensors freed early",
     requirements=AGGREGATOR_LAYOUT
     + members(

@@ -61,6 +61,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="chunked_mlp",
     tier=Tier.EXACT,
+    sequence_parallel=True,
     summary="the blocks' MLP over 32,768-token slices (long sequences)",
     requirements=AGGREGATOR_LAYOUT
     + members(

@@ -100,6 +100,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="chunked_patch_embed",
     tier=Tier.EXACT,
+    sequence_parallel=True,  # each rank embeds its own frames, a slice at a time
     summary="the DINOv2 patch embed over slices of 16 frames (long sequences)",
     requirements=(Requirement("Aggregator", "patch_embed", aggregator_of),),
     enabled=lambda c: c.chunked_patch_embed,

@@ -16,8 +16,8 @@ the ``exact`` preset (``benchmarks/results/nvidia-h100-80gb-hbm3/ab_concurrent_h
 memory reserved grows by 0.6 GiB (3.06 vs 2.42 GiB; upstream 3.29 in the bench): concurrent heads hold their working memory at
 the same time instead of one after another. From 2 frames on that cost grows faster than the gain (2 / 4 / 8
 frames: about 5 % / 5 % / 2 % faster for 1.3 / 2.2 / 4.5 GiB more reserved), so those calls keep upstream's order,
-as do longer, GPU-bound ones. Not applied with ``offload_intermediates=True`` (its copies to the GPU are ordered on
-the caller's stream) nor inside a ``sequence_parallel`` call. The track head (only with ``query_points``) runs on
+as do longer, GPU-bound ones. Refused with ``offload_intermediates=True`` (its copies to the GPU are ordered on
+the caller's stream: ``Patch.conflicts``); not applied inside a ``sequence_parallel`` call. The track head (only with ``query_points``) runs on
 the caller's stream as upstream's.
 """
 
@@ -121,7 +121,7 @@ def make_head_forward(head: str):
 
 
 def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
-    if not looks_like_vggt(root) or config.offload_intermediates is True:
+    if not looks_like_vggt(root):
         return []
     heads = [h for h in HEADS if getattr(root, h, None) is not None]
     return [Target("", "forward", model_forward)] + [Target(h, "forward", make_head_forward(h)) for h in heads]
@@ -134,6 +134,7 @@ def _root(root: nn.Module) -> Optional[nn.Module]:
 PATCH = Patch(
     name="concurrent_heads",
     tier=Tier.EXACT,
+    sequence_parallel=True,  # inactive in a call that exchanges tensors between ranks
     summary="camera, depth and point heads on CUDA streams of their own (1 frame)",
     requirements=members(
         "VGGT", _root, ("forward", ("images", "query_points")), ("camera_head", None), ("depth_head", None),
@@ -141,4 +142,8 @@ PATCH = Patch(
     ),
     enabled=lambda c: c.concurrent_heads,
     targets=_targets,
+    conflicts=lambda c: (
+        "does not run with offload_intermediates=True (the heads' inputs are fetched on the caller's stream); "
+        "pass concurrent_heads=False with it" if c.offload_intermediates is True else None
+    ),
 )

@@ -252,6 +252,9 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="cuda_graphs",
     tier=Tier.EXACT,
+    sequence_parallel=True,  # calls that communicate run eagerly
+    # a CUDA graph cannot capture a host sync or a host-to-device copy
+    requires=("sync_free_rope", "cached_positions"),
     summary=(
         "the forward captured per input shape and replayed (inference, no `query_points`); parameters checked"
         " on every call, recaptured when they change"

@@ -86,6 +86,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="dino_attention",
     tier=Tier.EXACT,
+    sequence_parallel=True,  # attention within each frame of the patch embed: each rank embeds its own frames
     summary="the patch embed's (DINOv2) attention on FlashAttention-4 where it runs the call",
     requirements=members("Aggregator", aggregator_of, ("patch_embed", None))
     + members("MemEffAttention", _first_dino_attention, ("forward", ("x", "attn_bias", "pos")), *ATTENTION_PARTS),

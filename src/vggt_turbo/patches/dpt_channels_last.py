@@ -59,6 +59,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="dpt_channels_last",
     tier=Tier.EXACT,
+    sequence_parallel=True,  # a view of each rank's own feature maps
     summary="the DPT heads' first feature maps given channels-last strides (a view), as upstream gets from 2 frames on",
     requirements=members("DPTHead", first_dpt_head, ("projects", None)),
     enabled=lambda c: c.dpt_channels_last,

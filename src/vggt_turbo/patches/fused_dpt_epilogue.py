@@ -149,6 +149,7 @@ def _first_unit(root: nn.Module) -> Optional[nn.Module]:
 PATCH = Patch(
     name="fused_dpt_epilogue",
     tier=Tier.EXACT,
+    sequence_parallel=True,  # the heads' convolutions, on each rank's own frames
     summary="in the DPT heads, each convolution's bias with the ReLU or residual add after it, in one pass",
     requirements=members(
         "ResidualConvUnit",

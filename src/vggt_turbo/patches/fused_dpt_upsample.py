@@ -224,6 +224,7 @@ REQUIREMENTS = (
 PATCH = Patch(
     name="fused_dpt_upsample",
     tier=Tier.EXACT,
+    sequence_parallel=True,  # the DPT heads run on each rank's own frames, as in one process
     summary="the DPT heads' bilinear resizes in one Triton kernel each; positional embeddings built once per shape",
     requirements=REQUIREMENTS,
     enabled=lambda c: c.fused_dpt_upsample,

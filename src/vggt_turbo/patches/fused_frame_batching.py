@@ -36,6 +36,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="fused_frame_batching",
     tier=Tier.EXACT,
+    sequence_parallel=True,
     summary="the frame-attention step as one call over all B·S frames (upstream already batches)",
     requirements=AGGREGATOR_LAYOUT
     + (

@@ -242,7 +242,9 @@ BLOCK_MEMBERS = (("norm1", None), ("attn", None), ("ls1", None), ("norm2", None)
 PATCH = Patch(
     name="fused_layer_scale",
     tier=Tier.EXACT,
+    sequence_parallel=True,  # token-wise: the same sums on each rank's own tokens (fused_add_norm too)
     summary="every block's LayerScale product and residual sum in one pass (bit for bit)",
+    dependent_options=("fused_add_norm",),
     options={
         "fused_add_norm": (
             "each residual sum and the LayerNorm after it in one pass: the fp32 sum kept, the norm "

@@ -94,6 +94,8 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="fused_qk_norm_rope",
     tier=Tier.EXACT,
+    sequence_parallel=True,  # frame blocks only: the global blocks' attention is sequence_parallel's own
+    requires=("sync_free_rope",),  # reads the RoPE table length it publishes
     summary=(
         "qk-norm and RoPE-2D of every block in one kernel, in fp32 registers, written in place in the "
         "attention dtype"

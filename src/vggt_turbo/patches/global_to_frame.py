@@ -45,6 +45,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="global_to_frame_layers",
     tier=Tier.APPROXIMATE,
+    sequence_parallel=True,
     summary="the listed global layers run as frame attention",
     requirements=AGGREGATOR_LAYOUT
     + (

@@ -50,6 +50,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="nvtx",
     tier=Tier.EXACT,
+    sequence_parallel=True,
     summary="NVTX ranges around the patch embed, every block and every head, for Nsight Systems",
     requirements=AGGREGATOR_LAYOUT + (Requirement("Aggregator", "patch_embed", aggregator_of),),
     enabled=lambda c: c.nvtx,

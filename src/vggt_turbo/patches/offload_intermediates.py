@@ -123,6 +123,9 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="offload_intermediates",
     tier=Tier.EXACT,
+    # each rank's own kept layers; the camera tokens come back to the GPU to be gathered
+    sequence_parallel=True,
+    requires=("cached_positions",),  # hooks into its loop
     summary="the 4 layer outputs the heads read kept in pinned host memory; `auto`: calls of 32 frames or more",
     requirements=(Requirement("Aggregator", "forward", aggregator_of, ("images",)),) + HEAD_INPUT_REQUIREMENTS,
     enabled=_enabled,

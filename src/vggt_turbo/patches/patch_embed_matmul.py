@@ -100,6 +100,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="patch_embed_matmul",
     tier=Tier.EXACT,
+    sequence_parallel=True,  # each rank embeds its own frames
     summary="the 14 x 14 / stride-14 patch projection as one cuBLAS product instead of cuDNN's generic convolution",
     requirements=members(
         "PatchEmbed", _patch_embed, ("forward", ("x",)), ("proj", None), ("norm", None), ("flatten_embedding", None),

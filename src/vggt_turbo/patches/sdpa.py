@@ -120,6 +120,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="sdpa",
     tier=Tier.EXACT,
+    sequence_parallel=True,
     summary="own `Attention.forward` with contiguous q/k/v and a forced backend",
     options={"sdpa_backend": "`auto`, `cudnn`, `flash`, `efficient`, `math` or `fa4`"},
     requirements=AGGREGATOR_LAYOUT

@@ -51,7 +51,7 @@ tracking on one GPU.
 
 Refused: training mode or autograd on (collectives here have no backward), ``query_points`` with a track head,
 different input shapes on different ranks (at call time); no initialised process group, more ranks than heads,
-and patches not verified with sequence parallelism (``SUPPORTED``; at apply time). ``cuda_graphs`` does not
+and patches not verified with sequence parallelism (``Patch.sequence_parallel``; at apply time). ``cuda_graphs`` does not
 capture a call that communicates (it runs eagerly). With fewer frames than ranks the whole sequence runs on every
 rank through the other patches, as without this one (shapes are still compared; ``"sharded"`` still slices); with
 one rank nothing changes but the refusals.
@@ -66,7 +66,7 @@ import torch
 from torch import nn
 
 from ..autocast import autocast_dtype
-from ..config import AUTO_FLAGS, TurboConfig
+from ..config import TurboConfig
 from ..distributed import (
     Call,
     Group,
@@ -88,36 +88,6 @@ from .fused_qk_norm_rope import fits, fused_qkv
 from .sdpa import attend, kernel_name
 
 log = logging.getLogger(__name__)
-
-# Patches checked (tests/test_sequence_parallel.py) to give the single-process outputs under sequence parallelism.
-SUPPORTED = frozenset(
-    {
-        "sequence_parallel",
-        "cached_positions",
-        "sync_free_rope",
-        "bf16_weights",
-        "cached_casts",  # the same weights' copies on every rank
-        "sdpa",
-        "fused_frame_batching",
-        "global_to_frame_layers",
-        "chunked_mlp",
-        "chunked_patch_embed",  # each rank embeds its own frames, a slice at a time
-        "fused_qk_norm_rope",  # frame blocks only: the global blocks' attention is this patch's own
-        "nvtx",
-        "cuda_graphs",
-        "fused_dpt_upsample",  # the DPT heads run on each rank's own frames, as in one process
-        "fused_dpt_epilogue",  # the heads' convolutions, on each rank's own frames
-        "dpt_channels_last",  # a view of each rank's own feature maps
-        "concurrent_heads",  # inactive in a call that exchanges tensors between ranks
-        "fused_layer_scale",  # token-wise: the same sums on each rank's own tokens
-        "fused_add_norm",  # token-wise, inside fused_layer_scale's blocks
-        "dino_attention",  # attention within each frame of the patch embed: each rank embeds its own frames
-        "single_key_attention",  # an identity of one call's own input (one token per sequence), wherever it runs
-        "patch_embed_matmul",  # each rank embeds its own frames
-        "offload_intermediates",  # each rank's own kept layers; the camera tokens come back to the GPU to be gathered
-    }
-)
-
 
 def _images(images: torch.Tensor) -> torch.Tensor:
     return images
@@ -323,28 +293,7 @@ def make_attention_wrapper(backend_name: str, fuse: bool):
 # --- the patch ------------------------------------------------------------------------------------------------
 
 
-def check_combination(config: TurboConfig) -> None:
-    """``ValueError`` unless every other patch ``config`` enables is in ``SUPPORTED``."""
-    from . import ALL_PATCHES  # here: this module is imported while ALL_PATCHES is being built
-
-    others = sorted(p.name for p in ALL_PATCHES if p.enabled(config) and p.name not in SUPPORTED)
-    if others:
-        off = ", ".join(f"{name}={_off(name)!r}" for name in others)
-        raise ValueError(
-            f"sequence_parallel is not supported together with {others} (not verified to be exact across ranks): "
-            f"switch them off, e.g. apply_optimizations(model, ..., {off})"
-        )
-
-
-def _off(flag: str) -> Any:
-    """The value that switches ``flag`` off: False for a boolean flag (``"auto"`` ones too), else its default (e.g.
-    ``kv_subsample=1``)."""
-    default = getattr(TurboConfig(), flag, False)
-    return False if isinstance(default, bool) or flag in AUTO_FLAGS else default
-
-
 def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
-    check_combination(config)
     group = group_of(config.sequence_parallel)
     agg, aggregator = aggregator_path(root), aggregator_of(root)
     heads, ranks = aggregator.global_blocks[0].attn.num_heads, world_size(group)
@@ -377,6 +326,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="sequence_parallel",
     tier=Tier.EXACT,
+    sequence_parallel=True,
     summary="a sequence's frames split over the ranks of a process group; global attention exchanges heads (Ulysses)",
     options={"sequence_parallel_output": "`gathered` (every rank gets every frame) or `sharded`"},
     requirements=AGGREGATOR_LAYOUT

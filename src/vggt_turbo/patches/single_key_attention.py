@@ -69,6 +69,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="single_key_attention",
     tier=Tier.EXACT,
+    sequence_parallel=True,  # an identity of one call's own input (one token per sequence), wherever it runs
     summary="with one frame, the camera head's single-key attention is its value rows: no q, k or attention kernel",
     requirements=members(
         "Attention", _first_trunk_attention, ("forward", ("x", "pos")), ("qkv", None), ("proj", None), ("proj_drop", None)

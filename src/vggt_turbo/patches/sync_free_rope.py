@@ -129,6 +129,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
 PATCH = Patch(
     name="sync_free_rope",
     tier=Tier.EXACT,
+    sequence_parallel=True,
     summary="RoPE without upstream's `int(positions.max())` device-to-host sync in each attention layer",
     requirements=members(
         "Aggregator",
