@@ -101,7 +101,7 @@ def test_auto_applies_under_sequence_parallel_and_stands_aside_for_an_aggregator
 def test_on_the_gpu_outputs_are_bit_identical_and_memory_drops(model, monkeypatch):
     """Also: the second chunk of each DPT head arrives through the prefetch (fetched directly: first chunks only)."""
     model = model.cuda()
-    images = random_images(9, seed=4).cuda()  # 9 frames: the DPT heads fetch two chunks
+    images = random_images(9, 112, seed=4).cuda()  # 9 frames: the DPT heads fetch two chunks
     seen = []
     model.aggregator.register_forward_hook(lambda m, a, out: seen.append({t.device.type for t in out[0] if t is not None}))
 
@@ -116,14 +116,14 @@ def test_on_the_gpu_outputs_are_bit_identical_and_memory_drops(model, monkeypatc
     vggt_turbo.apply_optimizations(model, "exact", cuda_graphs=False)
     call()
     expected, peak = call()
-    vggt_turbo.apply_optimizations(model, "exact", cuda_graphs=False, offload_intermediates=True)
+    vggt_turbo.apply_optimizations(model, "exact", cuda_graphs=False, offload_intermediates=True, concurrent_heads=False)
     fetches = count_calls(monkeypatch, _head_inputs, "_fetch")
     call()
     out, offloaded_peak = call()
     assert_close(out, expected, tol=1e-6)
     assert fetches[0] == 2 * 2  # two calls x (depth, point) heads: the first chunk; the second was prefetched
     assert seen[-1] == {"cpu"} and seen[0] == {"cuda"}
-    assert offloaded_peak < peak
+    assert offloaded_peak < peak, (offloaded_peak, peak)
 
 
 def test_a_prefetch_is_taken_only_by_the_call_that_asks_for_its_frames() -> None:
