@@ -40,7 +40,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from vggt_turbo.fidelity import relative_error
+from vggt_turbo.bench.fidelity import relative_error
 from vggt_turbo.kernels.qk_norm_rope import compute_dtype, qk_norm_rope, triton_covers, triton_installed
 from vggt_turbo.patches.sdpa import attend
 from vggt_turbo.patches.sync_free_rope import rope_forward, table_published

@@ -68,7 +68,7 @@ def frames_folder(source: list[Path], count: int, workdir: Path) -> Path:
 
 def source_images(images: Optional[Path], workdir: Path) -> list[Path]:
     if images is None:
-        from vggt_turbo import example_scene
+        from vggt_turbo.app import example_scene
 
         images = example_scene.write(workdir / "example-room")
     found = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -132,7 +132,7 @@ def upstream_child(folder: str, ckpt: str, device_name: str, size: str) -> dict[
     import torch.nn.functional as F
     from safetensors.torch import load_file
 
-    from vggt_turbo.inputs import upstream_loader
+    from vggt_turbo.app.inputs import upstream_loader
     from vggt_turbo.random_model import SMALL_IMAGE, build_vggt
 
     device = torch.device("cuda" if device_name == "auto" and torch.cuda.is_available() else

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from test_reconstruct import EXAMPLES, SMALL, assert_user_error, cam_from_world, needs_examples, run_cli
-from vggt_turbo import export
-from vggt_turbo.export_nerfstudio import camera_to_world_opengl, transforms
+from vggt_turbo.app import export
+from vggt_turbo.app.export_nerfstudio import camera_to_world_opengl, transforms
 from vggt_turbo.random_model import SMALL_IMAGE
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vggt_turbo import weights
-from vggt_turbo.errors import UserError
+from vggt_turbo.app import weights
+from vggt_turbo.app.errors import UserError
 from vggt_turbo.random_model import build_vggt
 
 

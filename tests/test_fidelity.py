@@ -1,5 +1,5 @@
-"""The fidelity harness: its metrics on hand-built cameras and maps, and one end-to-end run of its command line on
-the small model on the CPU (random weights, which it must say)."""
+"""The fidelity harness: its metrics on hand-built cameras and maps, and one end-to-end run of ``vggt-turbo fidelity``
+on the small model on the CPU (random weights, which it must say)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from vggt_turbo import fidelity
+from vggt_turbo import cli
+from vggt_turbo.app.weights import load_model
+from vggt_turbo.bench import fidelity, fidelity_cli
 from vggt_turbo.config import FAST_GLOBAL_TO_FRAME_LAYERS, FAST_KV_SUBSAMPLE, PRESETS
 from vggt_turbo.random_model import random_images
-from vggt_turbo.weights import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 HW = (60, 80)  # image height, width of the hand-built cameras
@@ -105,10 +106,10 @@ def test_example_scenes_shrunk_for_the_small_model(tmp_path: Path) -> None:
 
 def test_command_line_end_to_end(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     out = tmp_path / "fidelity.json"
-    argv = ["--device", "cpu", "--size", "small", "--frames", "2", "--variants", "fast,kv_subsample_2",
+    argv = ["fidelity", "--device", "cpu", "--size", "small", "--frames", "2", "--variants", "fast,kv_subsample_2",
             "--inputs", "synthetic", "--out", str(out)]
     with caplog.at_level("WARNING"):
-        assert fidelity.main(argv) == 0
+        assert cli.main(argv) == 0
     assert "RANDOM WEIGHTS" in caplog.text
     data = json.loads(out.read_text())
     meta = data["meta"]
@@ -138,7 +139,7 @@ def test_command_line_end_to_end(tmp_path: Path, caplog: pytest.LogCaptureFixtur
     ],
 )
 def test_bad_arguments_say_why(argv: list[str], message: str, caplog: pytest.LogCaptureFixture) -> None:
-    assert fidelity.main(["--device", "cpu", "--frames", "1", *argv]) == 2
+    assert fidelity_cli.main(["--device", "cpu", "--frames", "1", *argv]) == 2
     assert message in caplog.text
 
 

@@ -19,7 +19,7 @@ from helpers import errors, only, run
 
 import vggt_turbo
 from vggt_turbo.bench import precision
-from vggt_turbo.fidelity import fp32_reference_mode
+from vggt_turbo.bench.fidelity import fp32_reference_mode
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -19,8 +19,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from test_reconstruct import EXAMPLES  # noqa: E402
 
-from vggt_turbo import inputs  # noqa: E402
-from vggt_turbo.errors import UserError  # noqa: E402
+from vggt_turbo.app import inputs  # noqa: E402
+from vggt_turbo.app.errors import UserError  # noqa: E402
 
 # (width, height): under and over 518 px, odd, portrait and landscape, rounding up and down to 14 px, taller
 # than 518 px after the resize (the crop), and at the 8:1 aspect limit.

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from vggt_turbo import kernel_cache
+from vggt_turbo import kernels
+from vggt_turbo.app import kernel_cache
 from vggt_turbo.patches import compile_blocks
 
-KERNELS = Path(kernel_cache.__file__).parent / "kernels"
+KERNELS = Path(kernels.__file__).parent
 
 
 @pytest.fixture

@@ -115,7 +115,7 @@ def folder(tmp_path: Path, n: int) -> Path:
 
 
 def test_reconstruct_refuses_before_loading_with_what_fits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from vggt_turbo import weights
+    from vggt_turbo.app import weights
 
     def no_build(*args: object, **kwargs: object) -> None:
         raise AssertionError("weights loaded although the plan refused")

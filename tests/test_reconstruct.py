@@ -22,8 +22,9 @@ import torch
 from PIL import Image
 
 import vggt_turbo
-from vggt_turbo import cli, export, inputs, memory, weights
-from vggt_turbo.errors import UserError
+from vggt_turbo import cli
+from vggt_turbo.app import export, inputs, memory, weights
+from vggt_turbo.app.errors import UserError
 from vggt_turbo.random_model import SMALL_IMAGE, build_vggt
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from test_reconstruct import SMALL, assert_user_error, cam_from_world, run_cli  # noqa: E402
 
-from vggt_turbo import example_scene, export, inputs, reconstruct, weights  # noqa: E402
+from vggt_turbo.app import example_scene, export, inputs, reconstruct, weights  # noqa: E402
 from vggt_turbo.random_model import build_vggt  # noqa: E402
 
 

@@ -21,7 +21,8 @@ from PIL import Image
 
 import vggt_turbo
 from test_reconstruct import SMALL, run_cli
-from vggt_turbo import cli, view
+from vggt_turbo import cli
+from vggt_turbo.app import view
 
 POINT_COLOUR = (255, 170, 0)  # orange: neither viser's white background, its grey GUI nor a frustum's colour
 

@@ -9,7 +9,8 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-COMMANDS = ("vggt_turbo.reconstruct", "vggt_turbo.plan_cli", "vggt_turbo.bench", "vggt_turbo.view")
+COMMANDS = ("vggt_turbo.app.reconstruct", "vggt_turbo.app.plan_cli", "vggt_turbo.bench",
+            "vggt_turbo.bench.fidelity_cli", "vggt_turbo.app.view")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -15,8 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Union
 
-from .distributed import OUTPUTS as SEQUENCE_PARALLEL_OUTPUTS
-from .distributed import describe_group, is_process_group
+from .process_group import describe_group, is_process_group
 
 if TYPE_CHECKING:
     from .patches._base import Tier
@@ -26,6 +25,8 @@ AUTO = "auto"
 AUTO_FLAGS = frozenset({"offload_intermediates"})
 
 SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "math", "fa4")
+# What each rank gets back under sequence_parallel (see the field's docstring).
+SEQUENCE_PARALLEL_OUTPUTS = ("gathered", "sharded")
 
 # Layers that the "fast" preset runs as frame attention. The first five global layers were swapped by the
 # project's seed; AVGGT (arXiv 2512.02541) reports early global layers attend mostly within a frame.

@@ -23,14 +23,10 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-OUTPUTS = ("gathered", "sharded")
+from .process_group import is_process_group
 
 # None: torch.distributed's default group (what ``sequence_parallel=True`` selects).
 Group = Optional["dist.ProcessGroup"]
-
-
-def is_process_group(value: Any) -> bool:
-    return dist.is_available() and isinstance(value, dist.ProcessGroup)
 
 
 def group_of(value: Any) -> Group:
@@ -44,17 +40,6 @@ def group_of(value: Any) -> Group:
             "(e.g. under torchrun) before vggt_turbo.apply_optimizations"
         )
     return value if is_process_group(value) else None
-
-
-def describe_group(value: Any) -> Any:
-    """A JSON-friendly stand-in for a config value: a process group becomes ``"ProcessGroup(<backend>, N ranks)"``."""
-    if not is_process_group(value):
-        return value
-    try:
-        backend = dist.get_backend(value)
-    except (RuntimeError, ValueError):  # a group already destroyed
-        backend = "unknown backend"
-    return f"ProcessGroup({backend}, {value.size()} ranks)"
 
 
 def world_size(group: Group) -> int:
@@ -103,7 +88,7 @@ class Call:
 
     group: Group
     shard: Shard
-    output: str  # one of OUTPUTS
+    output: str  # one of config.SEQUENCE_PARALLEL_OUTPUTS
 
     @property
     def communicates(self) -> bool:

@@ -20,6 +20,9 @@ Results go to ``<out>/<device-slug>/latest.json`` (and a dated copy), ``latest.m
 merges into an existing ``latest.json`` so a sweep can be split over several commands; ``benchmarks/report.py``
 (or ``--report-only``) regenerates the Markdown and plots from JSON files without running anything.
 
+``vggt-turbo fidelity`` (``fidelity_cli``) is the other measuring command: the presets' and approximations' errors
+against upstream in fp32 on example scenes, with camera metrics (``fidelity``, whose metrics the bench shares).
+
 matplotlib and tqdm are imported inside functions only: ``import vggt_turbo`` never needs them.
 """
 

@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ..fidelity import find_examples
+from .fidelity import find_examples
 from ..random_model import SMALL_IMAGE, build_vggt, random_images
 from . import precision
 from .meta import device_slug, make_meta

@@ -11,7 +11,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ..fidelity import pose_rotation_errors_deg, relative_error
+from .fidelity import pose_rotation_errors_deg, relative_error
 
 OUTPUT_KEYS = ("pose_enc", "depth", "depth_conf", "world_points", "world_points_conf")
 AGG_OUTPUT_KEY = "tokens_last"  # the aggregator's last cached output, the tokens the heads read last

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..config import PRESETS, TurboConfig
-from ..fidelity import fp32_reference_mode, fresh_upstream_caches, pose_rotation_errors_deg, relative_error
+from .fidelity import fp32_reference_mode, fresh_upstream_caches, pose_rotation_errors_deg, relative_error
 from ..patches import Tier
 from ..patching import apply_optimizations, revert_optimizations
 from .variants import flag_variants

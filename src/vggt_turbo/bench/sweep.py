@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ..fidelity import fp32_reference_mode, fresh_upstream_caches
+from .fidelity import fp32_reference_mode, fresh_upstream_caches
 from ..patching import apply_optimizations, revert_optimizations
 from .measure import (
     AGG_OUTPUT_KEY,

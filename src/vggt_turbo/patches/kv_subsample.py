@@ -18,7 +18,7 @@ softmax, to
 abstract and public reimplementations; the full text was not available when this was written), the choice is
 named here: mean-fill is one key with its plain score (not raised by log(number dropped)), and the diagonal term
 is added only for queries whose own key was dropped. Nothing is dropped (too few patches for the stride): upstream
-runs. The error is reported by the benchmarks and the fidelity harness (``vggt_turbo.fidelity``).
+runs. The error is reported by the benchmarks and the fidelity harness (``vggt_turbo.bench.fidelity``).
 
 Why faster: global attention costs O(N²) for N = S*P tokens; here the shared keys are about N/r², and the extra
 two keys per query cost O(N·d). The mean-fill pair is the same for all queries of a sequence and head, so it is

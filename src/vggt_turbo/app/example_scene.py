@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+NAME = "example-room"  # the rendered folder, as the summary and report.json name the input
 VIEWS = 4
 WIDTH, HEIGHT = 512, 384  # 4:3 like a phone photo; upstream's loader makes it 518 x 392
 ROOM = np.array([[-3.0, -1.5, -3.0], [3.0, 1.5, 3.0]])  # axis-aligned box: min corner, max corner (y down)

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from . import __version__
+from .. import __version__
 
 log = logging.getLogger(__name__)
 

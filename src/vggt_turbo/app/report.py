@@ -10,48 +10,50 @@ import json
 import platform
 import sys
 from importlib import metadata
-from typing import TYPE_CHECKING, Any, Optional, TextIO
+from pathlib import Path
+from typing import Any, Optional, TextIO
 
 import numpy as np
 import torch
 
-from . import __version__
-from .upstream import PINNED_COMMIT
-
-if TYPE_CHECKING:
-    from .reconstruct import Result
+from .. import __version__
+from ..upstream import PINNED_COMMIT
+from . import example_scene
+from .options import ReconstructOptions
+from .result import Result
 
 RANDOM_WEIGHTS_NOTE = "RANDOM WEIGHTS: meaningless geometry, for testing the pipeline only"
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def build_report(result: "Result") -> dict[str, Any]:
-    args = result.args
+def build_report(result: Result) -> dict[str, Any]:
+    options = result.options
     report: dict[str, Any] = {"tool": "vggt-turbo reconstruct", "random_weights": result.random_weights}
     if result.random_weights:
         report["warning"] = RANDOM_WEIGHTS_NOTE
     report.update(
         weights=result.weights,
-        input="example-room (rendered by vggt_turbo.example_scene)" if args.example else str(args.input.absolute()),
+        input=f"{example_scene.NAME} (rendered by {example_scene.__name__})" if options.example
+        else str(options.input.absolute()),
         input_kind=result.input_kind,
         frames=result.frames,
         frames_in_input=result.frames_in_input,
-        frames_requested=args.frames,
-        stride=args.stride,
+        frames_requested=options.frames,
+        stride=options.stride,
         image_names=result.image_names,
         input_names=result.input_names,
         resolution={"width": result.width, "height": result.height},
-        mode=args.mode,
+        mode=options.mode,
         device=str(result.device),
         device_name=_device_name(result.device),
         dtype=_DTYPE_NAMES[result.dtype],
-        preset=args.preset,
+        preset=options.preset,
         optimizations=result.optimizations,
         timings_s={k: round(v, 4) for k, v in result.timings.items()},
         kernel_cache=_kernel_cache(result),
         peak_memory={"bytes": result.peak_bytes, "measured": result.peak_measured},
         points={
-            "conf_percentile": args.conf_percentile,
+            "conf_percentile": options.conf_percentile,
             "conf_threshold": result.conf_threshold,
             "written": result.points,
             "colmap_points": result.colmap_points,
@@ -63,7 +65,7 @@ def build_report(result: "Result") -> dict[str, Any]:
     return report
 
 
-def _kernel_cache(result: "Result") -> dict[str, Any]:
+def _kernel_cache(result: Result) -> dict[str, Any]:
     """Whether the inference time includes compiling GPU kernels: "first run" (it does; timings_s has
     ``inference_first_run``), "warm" (kernels from the cache; ``inference_warm``) or "cpu" (none compiled)."""
     kernels = result.kernels
@@ -96,31 +98,31 @@ def versions() -> dict[str, Any]:
     }
 
 
-def print_summary(result: "Result", file: Optional[TextIO] = None) -> None:
+def print_summary(result: Result, file: Optional[TextIO] = None) -> None:
     """The table printed at the end of a run (nothing else of the command goes to stdout)."""
     out = file or sys.stdout
-    t = result.timings
+    t, options = result.timings, result.options
     rows = []
     if result.random_weights:
         rows.append(("!!", RANDOM_WEIGHTS_NOTE))
     rows += [
         ("weights", result.weights),
-        ("frames", f"{result.frames} of {result.frames_in_input} ({result.input_kind} {result.args.input})"
+        ("frames", f"{result.frames} of {result.frames_in_input} ({result.input_kind} {_input(options)})"
                    + _asked(result)),
-        ("resolution", f"{result.width} x {result.height} (W x H), mode {result.args.mode}"),
+        ("resolution", f"{result.width} x {result.height} (W x H), mode {options.mode}"),
         ("device", f"{result.device} ({_device_name(result.device)}), {_DTYPE_NAMES[result.dtype]}, "
-                   f"preset {result.args.preset}"),
+                   f"preset {options.preset}"),
         ("load", f"{t['load']:8.2f} s"),
         ("model", f"{t['model']:8.2f} s"),
         ("inference", f"{t['inference']:8.2f} s  (aggregator {t['aggregator']:.2f} s, heads {t['heads']:.2f} s)"),
         ("export", f"{t['export']:8.2f} s"),
         ("peak memory", _gib(result.peak_bytes) + f" ({result.peak_measured})"),
-        ("points", f"{result.points:,} in points.ply (confidence >= p{result.args.conf_percentile:g} = "
+        ("points", f"{result.points:,} in points.ply (confidence >= p{options.conf_percentile:g} = "
                    f"{result.conf_threshold:.4g}), {result.colmap_points:,} in sparse/points3D.txt"),
     ]
     if result.colmap_skipped:
         rows.append(("!!", f"left out of sparse/ (degenerate cameras): {', '.join(result.colmap_skipped)}"))
-    rows.append(("output", str(result.args.out.absolute())))
+    rows.append(("output", str(options.out.absolute())))
     rows += [("", name) for name in result.outputs]
     total = sum(t[k] for k in ("load", "model", "inference", "export"))
     print(f"vggt-turbo reconstruct: done in {total:.2f} s", file=out)
@@ -128,9 +130,14 @@ def print_summary(result: "Result", file: Optional[TextIO] = None) -> None:
         print(f"  {key:<12} {value}", file=out)
 
 
-def _asked(result: "Result") -> str:
+def _input(options: ReconstructOptions) -> Path:
+    """The input as the user named it: the example scene by its folder's name (the rendered folder is temporary)."""
+    return Path(example_scene.NAME) if options.example else options.input
+
+
+def _asked(result: Result) -> str:
     """Where ``--frames N`` asked for more than the input has, the summary says that all were used instead."""
-    asked = result.args.frames
+    asked = result.options.frames
     return f"; --frames {asked} asked, all {result.frames_in_input} used" if asked and asked > result.frames_in_input else ""
 
 

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from .planner import gpu_memory_gib, plan
+from ..planner import gpu_memory_gib, plan
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .random_model import Size, build_vggt
+from ..random_model import Size, build_vggt
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -29,7 +30,6 @@ import time
 import traceback
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -38,23 +38,24 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import (apply_optimizations, describe, example_scene, export, export_options, inputs, kernel_cache, memory,
-               planner)
+from .. import apply_optimizations, describe, planner
+from ..config import PRESETS
+from ..random_model import SMALL_IMAGE
+from . import example_scene, export, export_options, inputs, kernel_cache, memory
+from .errors import UserError
 from .export_colmap_binary import write_colmap_binary
 from .export_nerfstudio import write_nerfstudio
-from .preview import render_preview
-from .config import PRESETS
-from .errors import UserError
 from .inference import phases, predict
-from .random_model import SMALL_IMAGE
+from .options import ReconstructOptions
+from .preview import render_preview
 from .report import RANDOM_WEIGHTS_NOTE, build_report, print_summary
+from .result import Result
 from .weights import DEFAULT_WEIGHTS
 from .weights import plan as weights_plan
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-OUTPUTS = export_options.outputs(export_options.DEFAULT)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -106,102 +107,69 @@ def run(args: argparse.Namespace) -> int:
     Ctrl-C is the user's choice, not a failure: one line saying what is on disk (the staged output has been
     removed by then, see ``export.staged_directory``), no traceback unless ``-v``.
     """
-    with _quiet(args.quiet):
+    options = ReconstructOptions.from_args(args)
+    with _quiet(options.quiet):
         try:
-            with _example_input(args):
-                result = reconstruct(args)
+            with _example_input(options) as given:
+                result = reconstruct(given)
         except UserError as exc:
-            if getattr(args, "verbose", False):
+            if options.verbose:
                 traceback.print_exc()
             print(f"vggt-turbo reconstruct: error: {exc}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            if getattr(args, "verbose", False):
+            if options.verbose:
                 traceback.print_exc()
-            kept = "previous output kept" if args.out.exists() else "nothing written"
+            kept = "previous output kept" if options.out.exists() else "nothing written"
             print(f"\nvggt-turbo reconstruct: interrupted; {kept}", file=sys.stderr)
             return 130
-    if not args.quiet:
+    if not options.quiet:
         print_summary(result)
     return 0
 
 
 @contextlib.contextmanager
-def _example_input(args: argparse.Namespace) -> Iterator[None]:
-    """With ``--example``, INPUT is a folder of ``example_scene`` views rendered for this run (then deleted)."""
-    if args.example == (args.input is not None):
-        raise UserError("give INPUT (a folder of images or a video) or --example, not both" if args.example
+def _example_input(options: ReconstructOptions) -> Iterator[ReconstructOptions]:
+    """With ``--example``, the options with INPUT a folder of ``example_scene`` views rendered for this run (then
+    deleted); otherwise the options as they are."""
+    if options.example == (options.input is not None):
+        raise UserError("give INPUT (a folder of images or a video) or --example, not both" if options.example
                         else "no INPUT: give a folder of images or a video, or --example for the built-in scene")
-    if not args.example:
-        yield
+    if not options.example:
+        yield options
         return
     with tempfile.TemporaryDirectory(prefix="vggt-turbo-example-") as workdir:
-        args.input = example_scene.write(Path(workdir) / "example-room")
-        try:
-            yield
-        finally:
-            args.input = Path("example-room")  # what the summary names, once the rendered folder is gone
+        yield dataclasses.replace(options, input=example_scene.write(Path(workdir) / example_scene.NAME))
 
 
-@dataclass
-class Result:
-    """What a run did: the summary table shows it, report.json records it."""
-
-    args: argparse.Namespace
-    weights: str
-    frames: int
-    frames_in_input: int
-    input_kind: str
-    image_names: list[str]  # as saved in images/ and named in sparse/ (see export.output_image_names)
-    input_names: list[str]  # the input's file names
-    width: int
-    height: int
-    device: torch.device
-    dtype: torch.dtype
-    optimizations: dict[str, Any]
-    timings: dict[str, float] = field(default_factory=dict)
-    peak_bytes: Optional[int] = None
-    peak_measured: str = ""
-    points: int = 0
-    colmap_points: int = 0
-    colmap_skipped: list[str] = field(default_factory=list)
-    conf_threshold: float = 0.0
-    outputs: tuple[str, ...] = OUTPUTS
-    kernels: Optional[kernel_cache.KernelCache] = None
-
-    @property
-    def random_weights(self) -> bool:
-        return bool(self.args.random_weights)
-
-
-def reconstruct(args: argparse.Namespace) -> Result:
+def reconstruct(options: ReconstructOptions) -> Result:
     """Check, load, build, infer, export; each phase timed. Raises ``UserError`` for what the user can fix.
 
     Everything that can fail for a reason the user controls is checked before the model is built (the step
     that takes most of a minute on a CPU): the device, the output folder (writable, not the input), upstream
     being importable, the input, the weights (a local checkpoint's names and shapes), and the memory.
     """
-    formats = export_options.parse(args.export)
-    device = _device(args.device)
-    dtype = _dtype(args.dtype, device)
-    _check_out(args.out, args.input, args.force)
+    formats = export_options.parse(options.export)
+    device = _device(options.device)
+    dtype = _dtype(options.dtype, device)
+    _check_out(options.out, options.input, options.force)
     _check_upstream()
     memory.reset_peak(device)
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
-    plan = weights_plan(args.weights, args.random_weights, args.model_size)
+    plan = weights_plan(options.weights, options.random_weights, options.model_size)
     checks = time.perf_counter() - start
 
     start = time.perf_counter()
-    if args.frames == "auto":
-        args.frames = _auto_frames(args, device)
-    images, names, kind, available = _load(args)
-    kind = "example scene" if args.example else kind
+    if options.frames == "auto":
+        options = dataclasses.replace(options, frames=_auto_frames(options, device))
+    images, names, kind, available = _load(options)
+    kind = "example scene" if options.example else kind
     # What the full model would see: the plan's arithmetic is for it, also in the test-only small-model path.
-    planned = _plan_for(args, device, images.shape[0], images.shape[2], images.shape[3])
-    offload = _decide(args, planned)
-    if args.model_size == "small":  # test-only path: the toy model expects a 4x4 patch grid
+    planned = _plan_for(options, device, images.shape[0], images.shape[2], images.shape[3])
+    offload = _decide(options, planned)
+    if options.model_size == "small":  # test-only path: the toy model expects a 4x4 patch grid
         images = F.interpolate(images, size=(SMALL_IMAGE, SMALL_IMAGE), mode="bilinear", align_corners=False, antialias=True)
     frames, _, height, width = images.shape
     timings["load"] = time.perf_counter() - start
@@ -211,18 +179,18 @@ def reconstruct(args: argparse.Namespace) -> Result:
         memory.check_fits(plan.skeleton, frames, height, width, device, dtype)
     # concurrent_heads (1 frame) does not run with offloading forced on: patches refuse the pair
     flags = {"offload_intermediates": True, "concurrent_heads": False} if offload else {}
-    with _bar("model", 1, "model", args.quiet) as bar:
+    with _bar("model", 1, "model", options.quiet) as bar:
         bar.set_postfix_str(plan.source)
         loaded = plan.build(device)  # straight onto the device: no CPU initialisation, no copy of the weights
         # One forward per run: CUDA-graph capture (two warm-ups, then capture) would cost more than it saves.
-        model = apply_optimizations(loaded.model, args.preset, cuda_graphs=False, **flags)
+        model = apply_optimizations(loaded.model, options.preset, cuda_graphs=False, **flags)
         applied = describe(model)
-        _step(bar, f"{loaded.source} on {device}, preset {args.preset}")
+        _step(bar, f"{loaded.source} on {device}, preset {options.preset}")
     timings["model"] = checks + time.perf_counter() - start
 
-    kernels = kernel_cache.configure(device, args.preset, dtype)  # before the first kernel compiles
+    kernels = kernel_cache.configure(device, options.preset, dtype)  # before the first kernel compiles
     start = time.perf_counter()
-    with _bar("inference", len(phases(model)), "phase", args.quiet) as bar:
+    with _bar("inference", len(phases(model)), "phase", options.quiet) as bar:
         if kernels.progress_note():
             bar.set_postfix_str(kernels.progress_note())
         try:
@@ -230,7 +198,7 @@ def reconstruct(args: argparse.Namespace) -> Result:
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if not _out_of_memory(exc):
                 raise
-            advice = (planned.advice(args.preset) if planned is not None and planned.memory_gib is not None
+            advice = (planned.advice(options.preset) if planned is not None and planned.memory_gib is not None
                       else memory.advice())
             raise UserError(f"out of memory on {device} with {frames} frames at {width}x{height}: {advice}") from exc
     timings["inference"] = time.perf_counter() - start
@@ -248,7 +216,7 @@ def reconstruct(args: argparse.Namespace) -> Result:
         log.warning("%d file name(s) saved under names COLMAP's text format can read (%s); report.json and "
                     "predictions.npz keep the originals (input_names)", len(renamed), shown)
     result = Result(
-        args=args, weights=weights, frames=frames, frames_in_input=available, input_kind=kind,
+        options=options, weights=weights, frames=frames, frames_in_input=available, input_kind=kind,
         image_names=output_names, input_names=names, width=width, height=height, device=device,
         dtype=dtype, timings=timings, outputs=export_options.outputs(formats), kernels=kernels,
         optimizations={"config": applied.config.as_dict() if applied.config else None, "exact": applied.exact,
@@ -281,11 +249,11 @@ def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarr
     COLMAP model) is computed first, and report.json, which counts what the others wrote, comes last. The first
     failure (or Ctrl-C) cancels what has not started and, through ``staged_directory``, leaves nothing behind.
     """
-    args, names = result.args, result.image_names
+    options, names = result.options, result.image_names
     start = time.perf_counter()
     notes = [RANDOM_WEIGHTS_NOTE] if result.random_weights else []
     steps = 5 + len(formats)  # predictions.npz, images/, sparse/, preview.png, report.json, then one per format
-    with _bar("export", steps, "step", args.quiet) as bar, export.staged_directory(args.out, args.force) as stage, \
+    with _bar("export", steps, "step", options.quiet) as bar, export.staged_directory(options.out, options.force) as stage, \
             ThreadPoolExecutor(max_workers=inputs.workers(), thread_name_prefix="vggt-turbo-export") as pool:
         jobs: dict[Future[None], str] = {}
         try:
@@ -296,7 +264,7 @@ def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarr
             jobs[pool.submit(export.write_images, stage / "images", colors, names)] = "images/"
 
             xyz, rgb, result.conf_threshold = export.confident_points(
-                predictions["world_points"], predictions["world_points_conf"], colors, args.conf_percentile
+                predictions["world_points"], predictions["world_points_conf"], colors, options.conf_percentile
             )
             result.points = len(xyz)
             if "ply" in formats:
@@ -307,7 +275,7 @@ def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarr
 
             model = export.colmap_model(
                 predictions["extrinsics"], predictions["intrinsics"], predictions["depth"], predictions["depth_conf"],
-                colors, names, result.width, result.height, args.conf_percentile,
+                colors, names, result.width, result.height, options.conf_percentile,
             )
             result.colmap_points, result.colmap_skipped = len(model.xyz), model.skipped
             jobs[pool.submit(export.write_colmap, stage / "sparse", model, notes)] = "sparse/"
@@ -328,28 +296,28 @@ def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarr
         _step(bar, "report.json")
 
 
-def _load(args: argparse.Namespace) -> tuple[torch.Tensor, list[str], str, int]:
+def _load(options: ReconstructOptions) -> tuple[torch.Tensor, list[str], str, int]:
     """(images (S, 3, H, W) as upstream's loader makes them, their names, "folder" or "video", frames in the input).
 
     One progress bar: a step per file checked or frame decoded (see ``inputs.load_folder``, ``load_frames``).
     """
-    source: Path = args.input
+    source: Path = options.input
     if not source.exists():
         raise UserError(f"input not found: {source}")
     if source.is_dir():
         files = inputs.list_images(source)
-        _say_frames_used(args, len(files), "images in the folder")
-        chosen = inputs.select(len(files), args.frames, args.stride)
-        with _bar("load", len(files), "file", args.quiet) as bar:
-            images = inputs.load_folder(files, chosen, args.mode, lambda name: _step(bar, name))
+        _say_frames_used(options, len(files), "images in the folder")
+        chosen = inputs.select(len(files), options.frames, options.stride)
+        with _bar("load", len(files), "file", options.quiet) as bar:
+            images = inputs.load_folder(files, chosen, options.mode, lambda name: _step(bar, name))
         return images, [files[i].name for i in chosen], "folder", len(files)
 
     noise = inputs.DecoderNoise()
     count = inputs.video_frame_count(source, noise)
-    _say_frames_used(args, count, "frames in the video's header")
-    wanted = inputs.select(count, args.frames or (None if args.stride else inputs.DEFAULT_VIDEO_FRAMES), args.stride)
-    with _bar("load", len(wanted), "frame", args.quiet) as bar:
-        images, indices = inputs.load_frames(inputs.video_frames(source, wanted, noise), args.mode,
+    _say_frames_used(options, count, "frames in the video's header")
+    wanted = inputs.select(count, options.frames or (None if options.stride else inputs.DEFAULT_VIDEO_FRAMES), options.stride)
+    with _bar("load", len(wanted), "frame", options.quiet) as bar:
+        images, indices = inputs.load_frames(inputs.video_frames(source, wanted, noise), options.mode,
                                              lambda index: _step(bar, f"frame {index}"))
     names = [f"frame_{index:06d}.png" for index in indices]
     decoded = indices[-1] + 1 if indices else 0
@@ -382,19 +350,19 @@ def _env_memory() -> Optional[float]:
         return None
 
 
-def _memory_gib(args: argparse.Namespace, device: torch.device) -> tuple[Optional[float], Optional[str]]:
+def _memory_gib(options: ReconstructOptions, device: torch.device) -> tuple[Optional[float], Optional[str]]:
     """(GiB to plan for, GPU name): ``--memory`` (or its variable) stands in for the GPU, e.g. in tests; on CUDA
     otherwise the memory free now; on the CPU without it none (the rough RAM estimate of ``memory`` applies)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    if args.memory is not None:
-        return args.memory, name
+    if options.memory is not None:
+        return options.memory, name
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] / planner.GIB, name
     return None, None
 
 
-def _plan_for(args: argparse.Namespace, device: torch.device, frames: int, height: int, width: int) -> Optional[planner.Plan]:
-    gib, name = _memory_gib(args, device)
+def _plan_for(options: ReconstructOptions, device: torch.device, frames: int, height: int, width: int) -> Optional[planner.Plan]:
+    gib, name = _memory_gib(options, device)
     if gib is None:
         return None
     return planner.plan(frames, height=height, width=width, memory=gib, gpu=name)
@@ -406,18 +374,18 @@ def _offloads(preset: str, frames: int) -> bool:
     return value is True or (value == "auto" and frames >= planner.constants()["model"]["offload_auto_frames"])
 
 
-def _decide(args: argparse.Namespace, planned: Optional[planner.Plan]) -> bool:
+def _decide(options: ReconstructOptions, planned: Optional[planner.Plan]) -> bool:
     """Follow the plan before any weight is loaded: True to turn offloading on (said in one line), nothing when the
     preset fits as it is, ``UserError`` naming what fits otherwise."""
     if planned is None:
         return False
-    preset = args.preset
+    preset = options.preset
     as_is = planned.estimate(preset, _offloads(preset, planned.frames))
     if as_is.fits:
         return False
     offloaded = planned.estimate(preset, True)
     if offloaded.fits:
-        if not args.quiet:
+        if not options.quiet:
             print(f"vggt-turbo reconstruct: {planned.frames} frames need ~{as_is.need_gib:.0f} GiB with {preset}, "
                   f"~{offloaded.need_gib:.0f} GiB with offload_intermediates: turned it on "
                   f"({planned.memory_gib:.0f} GiB available)", file=sys.stderr)
@@ -425,44 +393,44 @@ def _decide(args: argparse.Namespace, planned: Optional[planner.Plan]) -> bool:
     raise UserError(planned.advice(preset))
 
 
-def _probe_size(args: argparse.Namespace) -> tuple[int, int]:
+def _probe_size(options: ReconstructOptions) -> tuple[int, int]:
     """(height, width) upstream's loader gives the input's first frame (``--frames auto`` plans before loading)."""
-    source: Path = args.input
+    source: Path = options.input
     if not source.exists():
         raise UserError(f"input not found: {source}")
     if source.is_dir():
         files = inputs.list_images(source)
         if not files:
             raise UserError(f"{source}: no images")
-        return tuple(inputs.load_images(files[:1], args.mode).shape[-2:])  # type: ignore[return-value]
+        return tuple(inputs.load_images(files[:1], options.mode).shape[-2:])  # type: ignore[return-value]
     with tempfile.TemporaryDirectory(prefix="vggt-turbo-probe-") as workdir:
         for index, rgb in inputs.video_frames(source, [0], inputs.DecoderNoise()):
             path = Path(workdir) / "probe.png"
             inputs.save_frame(rgb, path)
-            return tuple(inputs.load_images([path], args.mode).shape[-2:])  # type: ignore[return-value]
+            return tuple(inputs.load_images([path], options.mode).shape[-2:])  # type: ignore[return-value]
     raise UserError(f"{source}: no frame could be decoded")
 
 
-def _auto_frames(args: argparse.Namespace, device: torch.device) -> Optional[int]:
+def _auto_frames(options: ReconstructOptions, device: torch.device) -> Optional[int]:
     """``--frames auto``: the most frames the plan fits with the preset (offloading if need be); None (all of
     them) where there is no GPU memory to plan for."""
-    gib, name = _memory_gib(args, device)
+    gib, name = _memory_gib(options, device)
     if gib is None:
         log.warning("--frames auto: no GPU memory to plan for (CPU without --memory); using all frames")
         return None
-    height, width = _probe_size(args)
+    height, width = _probe_size(options)
     planned = planner.plan(1, height=height, width=width, memory=gib, gpu=name)
-    most = max(e.max_frames or 0 for e in planned.estimates if e.variant == args.preset)
+    most = max(e.max_frames or 0 for e in planned.estimates if e.variant == options.preset)
     if most < 1:
-        raise UserError(planned.advice(args.preset))
-    log.info("--frames auto: %d frames at %dx%d fit in %.1f GiB with %s", most, width, height, gib, args.preset)
+        raise UserError(planned.advice(options.preset))
+    log.info("--frames auto: %d frames at %dx%d fit in %.1f GiB with %s", most, width, height, gib, options.preset)
     return most
 
 
-def _say_frames_used(args: argparse.Namespace, available: int, what: str) -> None:
+def _say_frames_used(options: ReconstructOptions, available: int, what: str) -> None:
     """``--frames N`` beyond what the input has uses all of it: say so (report.json and the summary do too)."""
-    if args.frames is not None and args.frames > available:
-        log.warning("--frames %d: there are only %d %s; using all %d", args.frames, available, what, available)
+    if options.frames is not None and options.frames > available:
+        log.warning("--frames %d: there are only %d %s; using all %d", options.frames, available, what, available)
 
 
 def _out_of_memory(exc: BaseException) -> bool:

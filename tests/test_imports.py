@@ -1,0 +1,62 @@
+"""``import vggt_turbo`` loads the library and nothing of the application (issue #19): a user who patches their own
+model pays for torch, wrapt and the patches, not for image decoding, exporters, plotting or the bench."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import vggt_turbo
+
+PACKAGE = Path(vggt_turbo.__file__).parent
+CORE = ("autocast", "config", "distributed", "kernels", "patches", "patching", "planner", "process_group", "upstream")
+# Packages the library must not load: the application's (images, plots, downloads), upstream's model, NVTX (loaded
+# by its flag only).
+NOT_LOADED = ("PIL", "matplotlib", "huggingface_hub", "safetensors", "nvtx", "vggt", "vggt_turbo.app",
+              "vggt_turbo.bench")
+
+
+def modules_of(package: str) -> set[str]:
+    """The modules of ``vggt_turbo.<package>`` that importing it loads: all but the Triton kernels, which are
+    imported when they first run (they need triton)."""
+    return {f"vggt_turbo.{package}.{path.stem}" for path in (PACKAGE / package).glob("*.py")
+            if path.stem != "__init__" and not path.stem.endswith("_triton")}
+
+
+def test_import_loads_the_core_only() -> None:
+    code = "import json, sys, vggt_turbo; print(json.dumps(sorted(sys.modules)))"
+    loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                           check=True).stdout))
+    expected = {"vggt_turbo", *(f"vggt_turbo.{m}" for m in CORE), *modules_of("patches"), *modules_of("kernels")}
+    assert {m for m in loaded if m.startswith("vggt_turbo")} == expected
+    assert not loaded & set(NOT_LOADED)
+    assert {"torch", "wrapt"} <= loaded
+
+
+def imported_names(path: Path) -> set[str]:
+    """The vggt_turbo names ``path`` imports anywhere (also inside functions), made absolute:
+    ``from ..config import PRESETS`` in ``bench/`` gives ``vggt_turbo.config.PRESETS``."""
+    package = ".".join(("vggt_turbo", *path.relative_to(PACKAGE).parent.parts))
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            names |= {".".join(filter(None, (base, node.module, alias.name))) for alias in node.names}
+        elif isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+    return {name for name in names if name.startswith("vggt_turbo")}
+
+
+def test_the_library_never_imports_the_application_or_the_bench() -> None:
+    """Not even inside a function: the application depends on the library, not the other way round."""
+    core = [p for p in PACKAGE.rglob("*.py") if p.relative_to(PACKAGE).parts[0] not in ("app", "bench", "cli.py")]
+    for path in core:
+        assert not {n for n in imported_names(path) if n.startswith(("vggt_turbo.app", "vggt_turbo.bench"))}, path
+
+
+def test_the_configuration_does_not_import_the_collectives() -> None:
+    """``config`` recognises a process group through ``process_group``; ``distributed`` is the patches' business."""
+    assert not {n for n in imported_names(PACKAGE / "config.py") if n.startswith("vggt_turbo.distributed")}
