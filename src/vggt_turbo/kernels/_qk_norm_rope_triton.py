@@ -6,10 +6,9 @@ program, each element once; the RoPE partner of a feature (the other quarter of 
 tile with the quarters of each half swapped in registers. All arithmetic is fp32; the result is rounded once, by the
 store. The tile is held in registers, so ``qk_norm_rope.triton_covers`` limits it to ``MAX_TILE`` elements.
 
-Measured on an H100 (``benchmarks/qk_norm_rope_bench.py``, bf16, replayed from a CUDA graph) against this
-module's previous kernel (up to e32ca64: one program per 32 rows of one head, each element loaded twice, the
-cos/sin tables gathered per element): 0.046 against 0.159 ms at 10 frames (13,740 tokens), 0.39 against 1.50 ms
-at 100. The two gave equal outputs, bit for bit, in the Triton interpreter (the GPU tests compare this one with
+It replaced a kernel (up to e32ca64) that ran one program per 32 rows of one head, loaded each element twice and
+gathered the cos/sin tables per element (``benchmarks/qk_norm_rope_bench.py`` times both; figures in
+benchmarks/RESULTS.md). The two gave equal outputs, bit for bit, in the Triton interpreter (the GPU tests compare this one with
 the PyTorch reference).
 """
 

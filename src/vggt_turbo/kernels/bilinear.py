@@ -4,8 +4,8 @@ heads do at the end of each fusion block and before their output convolutions.
 Why: the DPT heads (depth, points) run in fp32 and resize large feature maps five times per head and chunk of
 frames (four x2 steps in the fusion blocks, then to the image size: 518² x 128 channels per frame), and the last
 resize is followed by a separate full-size ``x + pos_embed`` pass. Their tensors are channels-last, for which
-PyTorch's CUDA kernel (``upsample_bilinear2d_nhwc_out_frame``, one thread per output element) was measured on an
-H100 at a few hundred GB/s. The Triton kernel computes the weights once per pixel, loads each pixel's channels as
+PyTorch's CUDA kernel (``upsample_bilinear2d_nhwc_out_frame``, one thread per output element) runs far below the
+GPU's bandwidth there (benchmarks/RESULTS.md). The Triton kernel computes the weights once per pixel, loads each pixel's channels as
 vectors, and adds the map before its single store.
 
 The map is separable, as DPT's positional embedding is (its first ``split`` channels depend on the column only,

@@ -2,8 +2,8 @@
 
 Why: PyTorch's cuDNN convolution adds its bias in a separate kernel (``output.add_(bias.reshape(1, C, 1, 1))``),
 and a broadcast bias sends that add to PyTorch's slower non-vectorised kernel. VGGT's DPT heads follow most of
-their fp32 convolutions by a ReLU or a residual add, two more passes over a large feature map. Measured on an H100
-at 10 frames, per DPT head: 3.2 ms of bias adds, 1.0 ms of ReLUs, 0.9 ms of residual adds. This kernel reads the
+their fp32 convolutions by a ReLU or a residual add, two more passes over a large feature map (their share of the
+heads' time: benchmarks/RESULTS.md, ``fused_dpt_epilogue``). This kernel reads the
 convolution's output once (and the residual once) and writes the result once.
 
 Exact, bit for bit: PyTorch's arithmetic in PyTorch's order: ``y + bias`` rounded to ``y``'s dtype, then

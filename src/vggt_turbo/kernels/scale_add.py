@@ -2,8 +2,7 @@
 
 Why: upstream's ``Block.forward`` runs ``x = x + ls(branch)`` as two kernels, each reading and writing the whole
 token tensor: the LayerScale product (``branch * gamma``, ``gamma`` broadcast over the tokens, which sends PyTorch
-to its slower non-vectorised kernel) and the sum. Measured on an H100 at 10 frames (bf16): 1.9 ms for the 48
-products and 1.3 ms for the 48 sums of the 24 frame blocks, the same again in the global and the DINO blocks. One
+to its slower non-vectorised kernel) and the sum (their time in a profile: benchmarks/RESULTS.md). One
 kernel reads ``x`` and ``branch`` once and writes the sum once.
 
 Exact, bit for bit: PyTorch's arithmetic in the same order with the same roundings: the product is computed in

@@ -5,7 +5,7 @@ patch_start_idx, frames_start_idx, frames_end_idx)`` (depth, point and the track
 Why faster: under ``torch.autocast(dtype=torch.bfloat16)`` upstream keeps fp32 weights and an fp32 residual stream:
 every LayerNorm runs in fp32 (autocast's policy), every matmul input is cast to bf16 first, LayerScale and the
 residual adds write fp32, and RoPE runs in fp32 — a large share of the GPU time at 10+ frames is this fp32
-elementwise traffic (measured: fp32 layer_norm alone was 15 % of the kernel time at 10 frames on an H100). This
+elementwise traffic (profiles in benchmarks/RESULTS.md). This
 patch runs the aggregator natively in bf16 instead: from a bf16 copy of its weights, with autocast off inside it,
 so the residual stream, norms, RoPE and activations are bf16 (half the bytes). The heads keep upstream's fp32: they
 receive the intermediates upcast to fp32, one chunk of frames at a time, so the kept intermediates are stored in

@@ -3,8 +3,8 @@ upstream's ``Block.forward`` (opt-in: the first call per input shape compiles fo
 
 Why faster: between its matmuls and its attention kernel a block runs about twenty elementwise and normalisation
 kernels (LayerNorms, qk-norm, LayerScale, residual adds, GELU, RoPE), each reading and writing the full token
-tensor. Inductor fuses them into a few Triton kernels (measured on an H100 with bf16 weights, aggregator at 10
-frames: 0.168 s eager, 0.120 s compiled; first call 28 s). Submodules patched by other flags (RoPE, attention)
+tensor. Inductor fuses them into a few Triton kernels (its speed and compile time: benchmarks/RESULTS.md).
+Submodules patched by other flags (RoPE, attention)
 are called as they are, so their wrappers run eagerly between compiled regions.
 
 Compiled code is upstream's ``Block.forward``, shared by all blocks (same code, parameters as inputs) and

@@ -10,15 +10,13 @@ overlap; inside a CUDA graph (``cuda_graphs``) the three become parallel branche
 Exact, bit for bit: the same kernels on the same inputs; only their order in time changes. Each head's inputs are
 kept referenced until the join, so that memory the caller's stream frees is not reused while a head still reads it.
 
-Applies to inference calls (autograd off) on CUDA of ``MAX_FRAMES`` frame (B*S) at most. Measured on an H100 with
-the ``exact`` preset (``benchmarks/results/nvidia-h100-80gb-hbm3/ab_concurrent_heads.json`` and
-``concurrent_heads_memory.json``): at 1 frame the CUDA graph's replay takes 13.99 instead of 15.18 ms, and the
-memory reserved grows by 0.6 GiB (3.06 vs 2.42 GiB; upstream 3.29 in the bench): concurrent heads hold their working memory at
-the same time instead of one after another. From 2 frames on that cost grows faster than the gain (2 / 4 / 8
-frames: about 5 % / 5 % / 2 % faster for 1.3 / 2.2 / 4.5 GiB more reserved), so those calls keep upstream's order,
-as do longer, GPU-bound ones. Refused with ``offload_intermediates=True`` (its copies to the GPU are ordered on
-the caller's stream: ``Patch.conflicts``); not applied inside a ``sequence_parallel`` call. The track head (only with ``query_points``) runs on
-the caller's stream as upstream's.
+Applies to inference calls (autograd off) on CUDA of ``MAX_FRAMES`` frame (B*S) at most: concurrent heads hold
+their working memory at the same time instead of one after another, and from 2 frames on that memory grows faster
+than the gain (measured with the ``exact`` preset on an H100:
+``benchmarks/results/nvidia-h100-80gb-hbm3/ab_concurrent_heads.json`` and ``concurrent_heads_memory.json``), so
+those calls keep upstream's order, as do longer, GPU-bound ones. Refused with ``offload_intermediates=True`` (its
+copies to the GPU are ordered on the caller's stream: ``Patch.conflicts``); not applied inside a
+``sequence_parallel`` call. The track head (only with ``query_points``) runs on the caller's stream as upstream's.
 """
 
 from __future__ import annotations
@@ -37,34 +35,39 @@ from ._base import Patch, Target, Tier
 MAX_FRAMES = 1  # the largest call (B*S frames) whose heads run concurrently (see above: memory)
 HEADS = ("camera_head", "depth_head", "point_head")
 
-_STREAMS: dict[tuple[torch.device, str], torch.cuda.Stream] = {}  # one side stream per device and head
-
 # The camera head is a chain of about 240 small kernels (four refinement passes over fp32 weights) that must run
 # one after another, while the DPT heads' convolutions fill the GPU: on a stream of higher priority its kernels
 # start as soon as an SM frees up instead of queueing behind the convolutions. CUDA graphs keep the priority a
 # kernel was captured with (torch instantiates them with cudaGraphInstantiateFlagUseNodePriority). Measured on an
-# H100 at 1 frame (``concurrent_heads_priority.json``): replay 14.21 -> 14.05 ms; the DPT heads first: 14.31.
+# H100 at 1 frame: ``benchmarks/results/nvidia-h100-80gb-hbm3/concurrent_heads_priority.json``.
 PRIORITY = {"camera_head": -1}  # lower is higher; 0 is the default (and lowest) priority
 
 
-def _stream(device: torch.device, head: str) -> torch.cuda.Stream:
-    key = (device, head)
-    if key not in _STREAMS:
-        _STREAMS[key] = torch.cuda.Stream(device=device, priority=PRIORITY.get(head, 0))
-    return _STREAMS[key]
+class _Streams:
+    """One side stream per device and head, made on first use; one set per patched model."""
+
+    def __init__(self) -> None:
+        self._streams: dict[tuple[torch.device, str], torch.cuda.Stream] = {}
+
+    def get(self, device: torch.device, head: str) -> torch.cuda.Stream:
+        key = (device, head)
+        if key not in self._streams:
+            self._streams[key] = torch.cuda.Stream(device=device, priority=PRIORITY.get(head, 0))
+        return self._streams[key]
 
 
 class _Fork:
     """The heads of one ``VGGT.forward`` call: each on its own stream, all joined back to ``origin``."""
 
-    def __init__(self, origin: torch.cuda.Stream, device: torch.device) -> None:
+    def __init__(self, origin: torch.cuda.Stream, device: torch.device, streams: _Streams) -> None:
         self.origin = origin
         self.device = device
+        self.streams = streams
         self.used: list[torch.cuda.Stream] = []
         self.inputs: list[tuple] = []  # kept until the join: the caller's stream must not reuse their memory early
 
     def run(self, head: str, wrapped: Any, args: tuple, kwargs: dict) -> Any:
-        stream = _stream(self.device, head)
+        stream = self.streams.get(self.device, head)
         stream.wait_stream(self.origin)
         self.used.append(stream)
         self.inputs.append((args, kwargs))
@@ -89,25 +92,30 @@ def _frames(images: torch.Tensor) -> int:
     return images.shape[0] * images.shape[1] if images.dim() == 5 else images.shape[0]
 
 
-def model_forward(wrapped: Any, model: nn.Module, args: tuple, kwargs: dict) -> Any:
-    images = _images(*args, **kwargs)
-    if (
-        not isinstance(images, torch.Tensor)
-        or not images.is_cuda
-        or model.training
-        or torch.is_grad_enabled()
-        or _frames(images) > MAX_FRAMES
-        or communicating()
-        or _FORK.get() is not None
-    ):
-        return wrapped(*args, **kwargs)
-    fork = _Fork(torch.cuda.current_stream(images.device), images.device)
-    token = _FORK.set(fork)
-    try:
-        return wrapped(*args, **kwargs)
-    finally:
-        _FORK.reset(token)
-        fork.join()
+def make_model_forward(streams: _Streams):
+    """The ``VGGT.forward`` wrapper: forks the heads of a short call onto ``streams`` (the model's own)."""
+
+    def model_forward(wrapped: Any, model: nn.Module, args: tuple, kwargs: dict) -> Any:
+        images = _images(*args, **kwargs)
+        if (
+            not isinstance(images, torch.Tensor)
+            or not images.is_cuda
+            or model.training
+            or torch.is_grad_enabled()
+            or _frames(images) > MAX_FRAMES
+            or communicating()
+            or _FORK.get() is not None
+        ):
+            return wrapped(*args, **kwargs)
+        fork = _Fork(torch.cuda.current_stream(images.device), images.device, streams)
+        token = _FORK.set(fork)
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            _FORK.reset(token)
+            fork.join()
+
+    return model_forward
 
 
 def make_head_forward(head: str):
@@ -124,7 +132,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
     if not looks_like_vggt(root):
         return []
     heads = [h for h in HEADS if getattr(root, h, None) is not None]
-    return [Target("", "forward", model_forward)] + [Target(h, "forward", make_head_forward(h)) for h in heads]
+    return [Target("", "forward", make_model_forward(_Streams()))] + [Target(h, "forward", make_head_forward(h)) for h in heads]
 
 
 def _root(root: nn.Module) -> Optional[nn.Module]:

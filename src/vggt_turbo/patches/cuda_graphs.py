@@ -2,16 +2,15 @@
 Aggregator is patched alone) with CUDA-graph capture and replay.
 
 Why faster: at a few frames VGGT is host-bound — about 1,500 kernel launches per forward, each costing more CPU
-time than the GPU needs to run it (measured on an H100: one graph cut the full model at 1 frame from 0.092 s to
-0.035 s). A captured graph replays all launches at once. Capture needs a forward with no device-to-host sync and
+time than the GPU needs to run it (the 1-frame speed-ups in benchmarks/RESULTS.md). A captured graph replays all launches at once. Capture needs a forward with no device-to-host sync and
 no host-to-device copy, hence the prerequisites ``sync_free_rope`` and ``cached_positions``.
 
 How: per model and input signature (shape, dtype, device, autocast and inference-mode state), the first call warms
 up on a side stream and captures; later calls copy the input into the graph's static buffer, replay, and return
 clones of the outputs (so a later call never overwrites what the caller holds). Each graph records the parameter
 storage it was captured with (every parameter's and buffer's address and in-place version). A later call replays
-first and checks that storage after, while the GPU runs the replay: the check costs 2-3 ms of host time on an
-H100 machine, which before the replay was GPU idle time (a sixth of a 1-frame call). When it finds a change,
+first and checks that storage after, while the GPU runs the replay: the check's host time, done before the
+replay, would leave the GPU idle for a noticeable share of a 1-frame call. When it finds a change,
 that replay's outputs are discarded, every graph is dropped (all were captured with the old storage) and the
 call captures anew. A replay that runs before its check reads only memory that is still allocated: each graph
 holds the storage of the parameters and buffers it was captured with until it is dropped.
@@ -101,9 +100,9 @@ def _tensors(model: nn.Module) -> list[torch.Tensor]:
 def storage_signature(model: nn.Module) -> int:
     """A hash of the address and in-place version of every parameter and buffer of ``model``.
 
-    Why not ``model.parameters()``: the signature is computed on every call; its named-module generators cost
-    5.1 ms for the full VGGT (1,400 tensors in 1,600 modules) on the H100 machine, this flat walk and C-level
-    ``map`` calls 2.6 ms, which a call now spends while the GPU replays the graph.
+    Why not ``model.parameters()``: the signature is computed on every call, and for the full VGGT (1,400 tensors
+    in 1,600 modules) its named-module generators take about twice as long as this flat walk and C-level ``map``
+    calls, time a call now spends while the GPU replays the graph.
     """
     tensors = _tensors(model)
     try:

@@ -8,8 +8,8 @@ same feature map. In a residual unit, the elementwise passes after upstream's ``
 ``+ b2``, ``+ x``) read or write the feature map 9 times; here 5: each convolution runs without its bias and
 ``kernels.conv_epilogue`` adds the bias and then the ReLU (after conv1) or the residual (after conv2) in one
 vectorised pass, in place on the convolution's output. The same pass adds the bias (and the ReLU, for
-``output_conv2``) after every other convolution. Measured on an H100 (``benchmarks/results``), the depth and
-point heads' elementwise kernels at 10 frames went from 10.2 to 6.5 ms.
+``output_conv2``) after every other convolution (the heads' elementwise time before and after:
+benchmarks/RESULTS.md).
 
 Exact, bit for bit: where PyTorch runs a convolution on cuDNN (CUDA, cuDNN enabled, one group), it adds the bias
 after it too (``output.add_(bias)``); the kernel adds it, then the residual, then applies the ReLU, each rounded

@@ -4,8 +4,8 @@
 Why faster: each residual step of upstream's block, ``x = x + ls(branch)``, is two passes over the token tensor:
 LayerScale's broadcast product (PyTorch's slower non-vectorised kernel) and the sum. ``kernels.scale_add`` does
 both in one pass and writes the block's second sum into its first one's buffer (a tensor of the block's own, not
-an input or a kept output). Measured on an H100 at 10 frames, the products and sums took 3.2 ms of each 24-block
-stack (about 10 ms of the forward).
+an input or a kept output). The products and sums are a visible share of the forward at a few frames (profiles in
+benchmarks/RESULTS.md).
 
 Exact, bit for bit: the same operations with the same roundings (see ``kernels/scale_add.py``); the norms, attention
 and MLP are upstream's own modules, called in upstream's order. With ``fused_add_norm`` on, each sum's kernel also

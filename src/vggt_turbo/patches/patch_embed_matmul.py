@@ -3,8 +3,8 @@
 
 Why faster: the projection is a convolution whose stride equals its kernel (14 x 14 pixels, 3 -> 1024 channels),
 so every output token is one image patch, flattened, times the weight. cuDNN runs it on a generic implicit-GEMM
-kernel: 0.10 ms per frame on an H100 in bf16 (profiled at 1 frame, ``exact`` preset), as much as the DINOv2
-blocks' 24 layer norms together. Here the patches are gathered into rows (one copy of the image's pixels) and
+kernel, as slow as the DINOv2 blocks' 24 layer norms together in a profile at one frame (benchmarks/RESULTS.md).
+Here the patches are gathered into rows (one copy of the image's pixels) and
 multiplied by the weight viewed as a (1024, 588) matrix on cuBLAS, which writes the tokens directly in the
 (B, patches, C) layout that upstream's forward gets by flattening and transposing the convolution's output.
 

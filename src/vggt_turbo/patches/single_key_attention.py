@@ -9,14 +9,14 @@ projection.
 
 Why faster: the trunk runs in fp32 on one token, so it is bound by reading its weights (4 iterations x 4 blocks
 of 50 M fp32 parameters at one frame); skipping the q and k rows skips a sixth of those reads, and the 16
-attention kernels go too (0.17 ms of the camera head's 2.0 ms on an H100, profiled at one frame).
+attention kernels go too (their share of the camera head's time: benchmarks/RESULTS.md).
 
 Exact: the identity above holds in floating point too, up to the last bits: torch's kernels return v bit for bit
 on the CPU, and in bf16 and fp64 on an H100, while its fp32 kernel does not compute exp(s - s) as exactly 1 and
 returns v within 1e-6 (``tests/test_single_key_attention.py``). The value rows' product can also differ from the
-same rows of upstream's wider qkv product by the order of its fp32 accumulation. Measured on an H100 at one
-frame, full model, ``exact`` preset: pose_enc within 2e-7 (‖a−b‖/‖b‖) of the same model without this patch, the
-other outputs bit for bit; the CUDA graph's replay 13.59 → 13.24 ms (``benchmarks/ab_flag.py``).
+same rows of upstream's wider qkv product by the order of its fp32 accumulation (on an H100 at one frame, full
+model, ``exact`` preset: pose_enc within 2e-7 of the same model without this patch, the other outputs bit for bit;
+its speed: ``benchmarks/ab_flag.py``, benchmarks/RESULTS.md).
 One difference outside rounding: a non-finite score (inf or NaN in q or k) makes upstream's output NaN, or 0 on
 the CPU's kernel, where this returns v. Applies to inference calls (eval, autograd off) of exactly one token per
 sequence; all other calls, and every call in training, run upstream's forward.
