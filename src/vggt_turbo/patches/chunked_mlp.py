@@ -13,24 +13,19 @@ differ in the last bits). In training or with autograd on, upstream's forward ru
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import TurboConfig
-from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, first_block, members
+from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, first_block, members, x_pos
 from ._base import Patch, Target, Tier, aggregator_path, join
-
-CHUNK_TOKENS = 32768
-
-
-def _x_pos(x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    return x, pos
+from ._mlp_chunk import CHUNK_TOKENS
 
 
 def block_forward(wrapped: Any, block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-    x, pos = _x_pos(*args, **kwargs)
+    x, pos = x_pos(*args, **kwargs)
     tokens = x.numel() // x.shape[-1]
     if block.training or torch.is_grad_enabled() or tokens <= CHUNK_TOKENS:
         return wrapped(*args, **kwargs)

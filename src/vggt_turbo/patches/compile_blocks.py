@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from ..config import TurboConfig
-from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, first_block, members
+from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, first_block, members, x_pos
 from ._base import Patch, Target, Tier, aggregator_path, join
-from .chunked_mlp import CHUNK_TOKENS, _x_pos
+from ._mlp_chunk import CHUNK_TOKENS
 
 OPTIONS: dict[str, Any] = {"dynamic": False}
 
@@ -41,7 +41,7 @@ def make_wrapper(eager_above: Optional[int]):
     """The ``Block.forward`` wrapper; sequences of more than ``eager_above`` tokens (if set) run ``wrapped``."""
 
     def block_forward(wrapped: Any, block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-        x, pos = _x_pos(*args, **kwargs)
+        x, pos = x_pos(*args, **kwargs)
         long = eager_above is not None and x.numel() // x.shape[-1] > eager_above
         if not x.is_cuda or block.training or torch.is_grad_enabled() or long:
             return wrapped(*args, **kwargs)
