@@ -36,8 +36,7 @@ import torch
 
 from qk_norm_rope_bench import graph_timed, timed  # this script's folder: benchmarks/
 from vggt_turbo.kernels import flash_attention_4 as fa4
-from vggt_turbo.patches._lse_attention import attention_with_lse
-from vggt_turbo.patches.sdpa import attend
+from vggt_turbo.kernels.attention import AttentionPolicy
 
 log = logging.getLogger("attention_backends")
 
@@ -66,18 +65,21 @@ def _kernels(lse: bool) -> dict[str, Callable[..., Any]]:
     """Name -> callable(q, k, v) -> (out, lse or None), for the kernels this machine offers."""
     out: dict[str, Callable[..., Any]] = {}
     if lse:
-        out["flash+lse"] = lambda q, k, v: attention_with_lse(q, k, v, "flash")
+        out["flash+lse"] = AttentionPolicy.for_backend("flash").attend_with_lse
         if fa4.is_installed():
             out["fa4+lse"] = lambda q, k, v: fa4.attention(q, k, v, return_lse=True)
         op = getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", None)
         if op is not None:
             out["cudnn+lse"] = lambda q, k, v: _cudnn_lse(op, q, k, v)
         return out
-    for name in ("cudnn", "flash", "efficient"):
-        out[name] = (lambda n: lambda q, k, v: (attend(q, k, v, n), None))(name)
-    if fa4.is_installed():
-        out["fa4"] = lambda q, k, v: (attend(q, k, v, "fa4"), None)
+    for name in ("cudnn", "flash", "efficient", *(("fa4",) if fa4.is_installed() else ())):
+        out[name] = _plain(AttentionPolicy.for_backend(name))
     return out
+
+
+def _plain(policy: AttentionPolicy) -> Callable[..., Any]:
+    """``policy.attend`` as a kernel of this table: (out, no log-sum-exp)."""
+    return lambda q, k, v: (policy.attend(q, k, v), None)
 
 
 def _cudnn_lse(op: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +126,7 @@ def measure(shape: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: 
     rows = []
     kernels = _kernels(lse)
     if math_ok and not lse:
-        kernels["math"] = lambda q, k, v: (attend(q, k, v, "math"), None)
+        kernels["math"] = _plain(AttentionPolicy.for_backend("math"))
     for name, kernel in kernels.items():
         row: dict[str, Any] = {"shape": shape, "kernel": name, "B": B, "N": N, "K": k.shape[2]}
         try:

@@ -41,9 +41,10 @@ import torch
 from torch import nn
 
 from vggt_turbo.bench.fidelity import relative_error
+from vggt_turbo.kernels.attention import AttentionPolicy
 from vggt_turbo.kernels.qk_norm_rope import compute_dtype, qk_norm_rope, triton_covers, triton_installed
-from vggt_turbo.patches.sdpa import attend
-from vggt_turbo.patches.sync_free_rope import rope_forward, table_published
+from vggt_turbo.patches._rope_table import table_published
+from vggt_turbo.patches.sync_free_rope import rope_forward
 
 log = logging.getLogger("qk_norm_rope_bench")
 
@@ -112,9 +113,11 @@ class Case:
 
 
 def attention(qkv_fn: Callable[[torch.Tensor], tuple], backend: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    policy = AttentionPolicy.for_backend(backend)
+
     def run(qkv: torch.Tensor) -> torch.Tensor:
         q, k, v = qkv_fn(qkv)
-        out = attend(q, k, v, backend)
+        out = policy.attend(q, k, v)
         return out.transpose(1, 2).reshape(qkv.shape[0], qkv.shape[1], -1)
 
     return run

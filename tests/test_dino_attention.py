@@ -12,6 +12,7 @@ from helpers import NO_FLAGS, assert_close, only
 
 import vggt_turbo
 from vggt_turbo.kernels import flash_attention_4 as fa4
+from vggt_turbo.kernels.attention import AttentionPolicy
 from vggt_turbo.patches import dino_attention as patch
 from vggt_turbo.random_model import random_images
 
@@ -33,15 +34,16 @@ def _embed(agg, x: torch.Tensor) -> torch.Tensor:
         return agg.patch_embed(x)["x_norm_patchtokens"]
 
 
-def _counting(monkeypatch) -> list[str]:
-    names: list[str] = []
-    real = patch.attend
+def _counting(monkeypatch) -> list[tuple[str, ...]]:
+    """The candidates of the policy of each attention call."""
+    names: list[tuple[str, ...]] = []
+    real = AttentionPolicy.attend
 
-    def counted(q, k, v, backend_name):
-        names.append(backend_name)
-        return real(q, k, v, backend_name)
+    def counted(policy, q, k, v):
+        names.append(policy.names)
+        return real(policy, q, k, v)
 
-    monkeypatch.setattr(patch, "attend", counted)
+    monkeypatch.setattr(AttentionPolicy, "attend", counted)
     return names
 
 
@@ -57,9 +59,11 @@ def test_targets_every_dino_block_and_picks_the_kernel(agg) -> None:
     blocks = len(agg.patch_embed.blocks)
     assert _targets(agg, only("dino_attention")) == [f"patch_embed.blocks.{i}.attn.forward" for i in range(blocks)]
     assert _targets(agg, NO_FLAGS) == []
-    assert patch.kernel(only("dino_attention")) == patch.FA4_FIRST  # whether flash_attention_4 is on or not
-    assert patch.kernel(only("dino_attention", sdpa=True)) == patch.FA4_FIRST  # sdpa on "auto"
-    assert patch.kernel(only("dino_attention", sdpa=True, sdpa_backend="math")) == "math"  # a forced backend
+    fa4_first = ("fa4", "auto")
+    assert patch.policy(only("dino_attention")).names == fa4_first  # whether flash_attention_4 is on or not
+    assert patch.policy(only("dino_attention", sdpa=True)).names == fa4_first  # sdpa on "auto"
+    forced = patch.policy(only("dino_attention", sdpa=True, sdpa_backend="math"))  # a forced backend
+    assert forced.names == ("math",) and forced.forced
 
 
 def test_cpu_embedding_equals_upstream_bit_for_bit(agg, monkeypatch) -> None:
@@ -68,7 +72,7 @@ def test_cpu_embedding_equals_upstream_bit_for_bit(agg, monkeypatch) -> None:
     names = _counting(monkeypatch)
     vggt_turbo.apply_optimizations(agg, only("dino_attention"))
     got = _embed(agg, x)
-    assert names == [patch.FA4_FIRST] * len(agg.patch_embed.blocks)  # every block took the patched path
+    assert names == [("fa4", "auto")] * len(agg.patch_embed.blocks)  # every block took the patched path
     assert torch.equal(got, expected)
 
 
@@ -78,7 +82,7 @@ def test_forced_backend_within_fp32_rounding(agg, monkeypatch) -> None:
     names = _counting(monkeypatch)
     vggt_turbo.apply_optimizations(agg, only("dino_attention", sdpa=True, sdpa_backend="math"))
     got = _embed(agg, x)
-    assert names == ["math"] * len(agg.patch_embed.blocks)
+    assert names == [("math",)] * len(agg.patch_embed.blocks)
     assert_close({"x": got}, {"x": expected}, tol=1e-5)
 
 

@@ -14,8 +14,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from vggt_turbo.config import TurboConfig
 from vggt_turbo.kernels import flash_attention_4 as fa4
-from vggt_turbo.patches import _lse_attention, sdpa
+from vggt_turbo.kernels.attention import AttentionPolicy
+from vggt_turbo.kernels.attention import fa4 as fa4_backend
+
+
+
+def fa4_first() -> AttentionPolicy:
+    """A fresh unforced policy with FlashAttention-4 first (nothing learnt from another test's failures)."""
+    return AttentionPolicy.for_backend("auto", fa4_first=True)
+
+
+def forced() -> AttentionPolicy:
+    return AttentionPolicy.for_backend("fa4")
 
 
 def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +56,6 @@ def fake_package(monkeypatch):
     calls: list = []
     monkeypatch.setattr(fa4, "_function", lambda: _stand_in(calls))
     monkeypatch.setattr(fa4, "refusal", lambda q, k, v: None)
-    monkeypatch.setattr(fa4, "_failed", False)
     return calls
 
 
@@ -61,9 +72,9 @@ def test_refusal_on_cpu_and_fp32() -> None:
 
 def test_fa4_first_falls_back_to_torch_on_cpu() -> None:
     q, k, v = _qkv_views()
-    out = sdpa.attend(q, k, v, sdpa.FA4_FIRST)
+    out = fa4_first().attend(q, k, v)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), rtol=0, atol=0)
-    out, lse = _lse_attention.attention_with_lse(q, k, v, sdpa.FA4_FIRST)
+    out, lse = fa4_first().attend_with_lse(q, k, v)
     ref, ref_lse = _reference(q, k, v)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-6)
@@ -72,9 +83,9 @@ def test_fa4_first_falls_back_to_torch_on_cpu() -> None:
 def test_forced_fa4_refuses_clearly_on_cpu() -> None:
     q, k, v = _qkv_views()
     with pytest.raises(RuntimeError, match="sdpa_backend='fa4' cannot run.*CUDA"):
-        sdpa.attend(q, k, v, "fa4")
+        forced().attend(q, k, v)
     with pytest.raises(RuntimeError, match="sdpa_backend='fa4' cannot run.*CUDA"):
-        _lse_attention.attention_with_lse(q, k, v, "fa4")
+        forced().attend_with_lse(q, k, v)
 
 
 def test_strided_views_go_in_without_copy_and_output_is_a_view(fake_package) -> None:
@@ -92,38 +103,41 @@ def test_strided_views_go_in_without_copy_and_output_is_a_view(fake_package) -> 
 
 def test_routing_uses_fa4_when_it_accepts(fake_package) -> None:
     q, k, v = _qkv_views()
-    sdpa.attend(q, k, v, sdpa.FA4_FIRST)
-    _lse_attention.attention_with_lse(q, k, v, sdpa.FA4_FIRST)
-    sdpa.attend(q, k, v, "fa4")
+    fa4_first().attend(q, k, v)
+    fa4_first().attend_with_lse(q, k, v)
+    forced().attend(q, k, v)
     assert len(fake_package) == 3
-    sdpa.attend(q, k, v, "auto")  # flag off: torch's kernel only
+    AttentionPolicy.for_backend("auto").attend(q, k, v)  # flag off: torch's kernel only
     assert len(fake_package) == 3
 
 
 def test_failure_is_logged_once_and_falls_back(monkeypatch, caplog) -> None:
+    calls = []
+
     def broken(*args, **kwargs):
+        calls.append(1)
         raise RuntimeError("no kernel for this GPU")
 
     monkeypatch.setattr(fa4, "_function", lambda: broken)
-    monkeypatch.setattr(fa4, "_failed", False)
-    # accepted on the CPU, until the failure (as the real refusal does once _failed is set)
-    monkeypatch.setattr(fa4, "refusal", lambda q, k, v: "it failed earlier" if fa4._failed else None)
+    monkeypatch.setattr(fa4, "refusal", lambda q, k, v: None)  # accepted on the CPU
+    policy = AttentionPolicy.for_backend("auto", fa4_first=True)
     q, k, v = _qkv_views()
-    with caplog.at_level(logging.WARNING, logger=fa4.__name__):
-        first = sdpa.attend(q, k, v, sdpa.FA4_FIRST)
-        second = sdpa.attend(q, k, v, sdpa.FA4_FIRST)
+    with caplog.at_level(logging.WARNING, logger=fa4_backend.__name__):
+        first = policy.attend(q, k, v)
+        second = policy.attend(q, k, v)
     torch.testing.assert_close(first, F.scaled_dot_product_attention(q, k, v), rtol=0, atol=0)
     torch.testing.assert_close(second, first, rtol=0, atol=0)
-    assert fa4._failed and sum("FlashAttention-4 failed" in r.message for r in caplog.records) == 1
+    assert len(calls) == 1 and sum("FlashAttention-4 failed" in r.message for r in caplog.records) == 1
+    assert "no kernel for this GPU" in policy.candidates[0].failure
 
 
-def test_kernel_name_follows_the_flags() -> None:
-    from vggt_turbo.config import TurboConfig
-
-    assert sdpa.kernel_name(TurboConfig()) == sdpa.FA4_FIRST
-    assert sdpa.kernel_name(TurboConfig(flash_attention_4=False)) == "auto"
-    assert sdpa.kernel_name(TurboConfig(sdpa=True, sdpa_backend="cudnn")) == "cudnn"
-    assert sdpa.kernel_name(TurboConfig(sdpa=True, sdpa_backend="fa4", flash_attention_4=False)) == "fa4"
+def test_policy_follows_the_flags() -> None:
+    assert AttentionPolicy.from_config(TurboConfig()).names == ("fa4", "auto")
+    assert AttentionPolicy.from_config(TurboConfig(flash_attention_4=False)).names == ("auto",)
+    assert AttentionPolicy.from_config(TurboConfig(sdpa=True, sdpa_backend="cudnn")).names == ("cudnn",)
+    assert AttentionPolicy.from_config(TurboConfig(sdpa=True, sdpa_backend="fa4", flash_attention_4=False)).names == (
+        "fa4",
+    )
     with pytest.raises(ValueError, match="sdpa_backend"):
         TurboConfig(sdpa_backend="fa3")
 

@@ -28,8 +28,9 @@ from vggt_turbo.patches import check
 from vggt_turbo import IncompatibleUpstreamError
 from vggt_turbo.kernels import qk_norm_rope as kernel_module
 from vggt_turbo.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_reference, qk_norm_rope_triton
-from vggt_turbo.patches import fused_qk_norm_rope
-from vggt_turbo.patches.sync_free_rope import table_published
+from vggt_turbo.kernels.attention import AttentionPolicy
+from vggt_turbo.patches import _fused_qkv, fused_qk_norm_rope
+from vggt_turbo.patches._rope_table import table_published
 from vggt_turbo.random_model import random_images
 
 DEPTH = 24  # frame and global blocks each in the small model
@@ -212,8 +213,8 @@ def test_wrapper_on_a_standalone_attention_equals_upstream(monkeypatch) -> None:
     pos = grid_positions(3, 3, 5)
     x = torch.randn(3, pos.shape[1], 64)
     expected, _ = upstream_case(attn, x, pos)
-    calls = counting(monkeypatch, fused_qk_norm_rope, "qk_norm_rope")
-    wrapper = fused_qk_norm_rope.make_wrapper("auto")
+    calls = counting(monkeypatch, _fused_qkv, "qk_norm_rope")
+    wrapper = fused_qk_norm_rope.make_wrapper(AttentionPolicy.for_backend("auto"))
     with torch.no_grad(), table_published(attn.rope, int(pos.max()) + 1):
         got = wrapper(attn.forward, attn, (x,), {"pos": pos})
     assert len(calls) == 1
@@ -227,7 +228,7 @@ def test_patched_model_equals_upstream_on_a_batch_of_non_square_sequences(model,
     expected = run(model, images, query_points)
     vggt_turbo.apply_optimizations(model, only("fused_qk_norm_rope"))
     rope_calls = counting(monkeypatch, type(model.aggregator.rope), "_apply_1d_rope")
-    fused_calls = counting(monkeypatch, fused_qk_norm_rope, "qk_norm_rope")
+    fused_calls = counting(monkeypatch, _fused_qkv, "qk_norm_rope")
     out = run(model, images, query_points)
     assert len(fused_calls) == 2 * DEPTH and rope_calls == [], "upstream's RoPE ran"
     assert_close(out, expected, tol=1e-6)
@@ -235,12 +236,13 @@ def test_patched_model_equals_upstream_on_a_batch_of_non_square_sequences(model,
 
 def test_with_sdpa_on_this_patch_attends_with_its_backend(model, images, monkeypatch) -> None:
     sdpa_calls = counting(monkeypatch, F, "scaled_dot_product_attention")
-    fused_calls = counting(monkeypatch, fused_qk_norm_rope, "qk_norm_rope")
+    fused_calls = counting(monkeypatch, _fused_qkv, "qk_norm_rope")
     vggt_turbo.apply_optimizations(model, only("fused_qk_norm_rope", sdpa=True, sdpa_backend="math"))
-    with torch.no_grad(), mock.patch.object(fused_qk_norm_rope, "attend", wraps=fused_qk_norm_rope.attend) as attend:
+    real = AttentionPolicy.attend
+    with torch.no_grad(), mock.patch.object(AttentionPolicy, "attend", autospec=True, side_effect=real) as attend:
         model.aggregator(images)  # the heads have attention layers of their own
     assert len(fused_calls) == len(sdpa_calls) == 2 * DEPTH, "attention computed once per layer, by this patch"
-    assert {c.args[3] for c in attend.call_args_list} == {"math"} and attend.call_count == 2 * DEPTH
+    assert {c.args[0].names for c in attend.call_args_list} == {("math",)} and attend.call_count == 2 * DEPTH
 
 
 def test_forced_backend_that_cannot_run_says_so(model, images) -> None:
@@ -257,7 +259,7 @@ def test_sdpa_backend_ignored_without_sdpa(model, images) -> None:
 
 
 def test_upstream_runs_in_training_with_autograd_and_outside_the_aggregator(model, images, monkeypatch) -> None:
-    calls = counting(monkeypatch, fused_qk_norm_rope, "qk_norm_rope")
+    calls = counting(monkeypatch, _fused_qkv, "qk_norm_rope")
     vggt_turbo.apply_optimizations(model, only("fused_qk_norm_rope"))
     model.aggregator(images)  # autograd on
     model.train()

@@ -22,8 +22,14 @@ NOT_LOADED = ("PIL", "matplotlib", "huggingface_hub", "safetensors", "nvtx", "vg
 def modules_of(package: str) -> set[str]:
     """The modules of ``vggt_turbo.<package>`` that importing it loads: all but the Triton kernels, which are
     imported when they first run (they need triton)."""
-    return {f"vggt_turbo.{package}.{path.stem}" for path in (PACKAGE / package).glob("*.py")
-            if path.stem != "__init__" and not path.stem.endswith("_triton")}
+    root = PACKAGE / package
+    names = set()
+    for path in root.rglob("*.py"):
+        if path.stem.endswith("_triton") or (path.stem == "__init__" and path.parent == root):
+            continue
+        parts = path.relative_to(root).with_suffix("").parts
+        names.add(".".join(("vggt_turbo", package) + (parts[:-1] if path.stem == "__init__" else parts)))
+    return names
 
 
 def test_import_loads_the_core_only() -> None:

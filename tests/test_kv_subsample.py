@@ -19,12 +19,17 @@ from test_equivalence import FrameAttention
 import vggt_turbo
 from vggt_turbo import TurboConfig
 from vggt_turbo.config import FAST_GLOBAL_TO_FRAME_LAYERS, FAST_KV_SUBSAMPLE
+from vggt_turbo.kernels.attention import AttentionPolicy
 from vggt_turbo.patches import kv_subsample
-from vggt_turbo.patches._lse_attention import attention_with_lse
 from vggt_turbo.random_model import random_images
 
 DEPTH = 24
 CPU_KERNEL = "_scaled_dot_product_flash_attention_for_cpu"
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> tuple[torch.Tensor, ...]:
+    """Attention and log-sum-exp on ``backend`` (an ``sdpa_backend`` value; ``"auto"``: unforced)."""
+    return AttentionPolicy.for_backend(backend).attend_with_lse(q, k, v)
 
 
 def kept_mask(frames: int, specials: int, height: int, width: int, stride: int) -> torch.Tensor:
@@ -229,7 +234,7 @@ def test_subsampled_attention_matches_dense_softmax(
     rounding = (expected.to(dtype).double() - expected).pow(2).mean().sqrt()  # the output's own rounding, rms
     for autocast in (False, True) if dtype == torch.bfloat16 else (False,):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = kv_subsample.subsampled_attention(q, k, v, tokens, backend)
+            out = kv_subsample.subsampled_attention(q, k, v, tokens, AttentionPolicy.for_backend(backend))
         assert out.dtype == dtype and out.shape == q.shape
         torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
         assert (out.double() - expected).pow(2).mean().sqrt() <= max(2 * rounding, 1e-6)
@@ -310,7 +315,7 @@ def test_layers_default_to_those_not_swapped(model) -> None:
 # --- GPU (skipped without CUDA) ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", ["auto", "flash", "efficient"])  # cudnn: refused (see _lse_attention)
+@pytest.mark.parametrize("backend", ["auto", "flash", "efficient"])  # cudnn: refused (kernels/attention/lse.py)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

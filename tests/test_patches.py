@@ -15,7 +15,7 @@ from torch import nn
 from helpers import NO_FLAGS, assert_close, layer_outputs, only
 
 import vggt_turbo
-from vggt_turbo.patches import fused_frame_batching, global_to_frame, sync_free_rope
+from vggt_turbo.patches import _rope_table, fused_frame_batching, global_to_frame
 from vggt_turbo.random_model import random_images
 
 DEPTH = 24  # layers of each kind in the small model, as in upstream's
@@ -68,7 +68,7 @@ def test_sync_free_rope_builds_upstreams_table(model, height: int, width: int) -
     vggt_turbo.apply_optimizations(model, only("sync_free_rope"))
     aggregate(model, images)
     assert rope.frequency_cache == {}
-    assert set(sync_free_rope._TABLES[rope]) == upstream_keys and len(upstream_keys) == 1
+    assert set(_rope_table._TABLES[rope]) == upstream_keys and len(upstream_keys) == 1
 
 
 def test_sync_free_rope_called_alone_falls_back_to_upstream(model, monkeypatch) -> None:

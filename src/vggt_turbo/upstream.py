@@ -16,6 +16,7 @@ import types
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch
 from torch import nn
 
 PINNED_COMMIT = "a288dd0f14786c93483e45524328726ab7b1b4ce"
@@ -175,3 +176,9 @@ ATTENTION_PARTS = (
     ("head_dim", None),
 )
 ATTENTION_MEMBERS = members("Attention", first_attention, ("forward", ("x", "pos")), *ATTENTION_PARTS)
+
+
+def x_pos(x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Bind the arguments of upstream's ``Attention.forward(x, pos=None)`` (``Block.forward`` has the same), for the
+    patches' wrappers, which receive them as ``args`` and ``kwargs``."""
+    return x, pos

@@ -1,18 +1,20 @@
 """FlashAttention-4 (PyPI ``flash-attn-4``: the CuTe-DSL FlashAttention, with Hopper and Blackwell kernels) as an
-optional, auto-detected attention kernel.
+optional, auto-detected attention kernel; ``attention.fa4.FlashAttention4`` is its backend in the dispatcher.
 
-Why: at 100+ frames VGGT's time is global attention at head dim 64, which torch's best kernel on an H100 (cuDNN)
-runs at about 420 TFLOP/s; FlashAttention's Hopper kernels (warp-specialised ``wgmma`` pipelines that overlap the
-softmax of one tile with the matrix products of the next) are the fastest known there. It also returns each
+Why: at 100+ frames VGGT's time is global attention at head dim 64, where FlashAttention's Hopper kernels
+(warp-specialised ``wgmma`` pipelines that overlap the softmax of one tile with the matrix products of the next)
+are the fastest known, ahead of torch's best there, cuDNN (``benchmarks/RESULTS.md``). It also returns each
 query's log-sum-exp, which ``kv_subsample`` needs and which cuDNN does not give back through torch
-(``patches/_lse_attention.py``).
+(``attention/lse.py``).
 
 It is optional: nothing here imports it until an attention call asks, and where it is missing, refuses the call
 (CPU, fp32, a GPU other than Hopper or Blackwell, autograd on) or fails, torch's kernels run instead. A failure is
-logged once and the package is not tried again in this process; a missing package is not an error.
+logged once and the package is not tried again by that attention policy (``attention/fa4.py``); a missing package
+is not an error.
 
 Exact to bf16 rounding: the same softmax(q kᵀ/√d) v in fp32 accumulation, rounded to the input dtype once; it
 differs from cuDNN's result by the order of the accumulations (the benchmarks report the difference per output).
+Its PyTorch reference is torch's SDPA (``attention/torch_sdpa.py``).
 
 Layout: q, k, v come as (B, H, N, d) (torch's SDPA layout), usually strided views of VGGT's fused qkv projection,
 whose memory is token-major. FlashAttention takes (B, N, H, d) with a unit last stride, so the transposed views go
@@ -34,7 +36,6 @@ log = logging.getLogger(__name__)
 # Compute capabilities whose kernels the package ships (Hopper 9.x, Blackwell 10.x). Measured here on an H100 only.
 _ARCHS = (9, 10)
 _DTYPES = (torch.float16, torch.bfloat16)
-_failed = False  # set after a call raised: the rest of this process uses torch's kernels
 
 
 @functools.lru_cache(maxsize=1)
@@ -55,8 +56,6 @@ def is_installed() -> bool:
 
 def refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[str]:
     """Why FlashAttention-4 cannot run this call, or None when it can (checked on the host, before any launch)."""
-    if _failed:
-        return "it failed earlier in this process"
     if not (q.is_cuda and k.is_cuda and v.is_cuda):
         return "tensors not on a CUDA device"
     if not (q.dtype == k.dtype == v.dtype and q.dtype in _DTYPES):
@@ -79,7 +78,8 @@ def attention(
     """softmax(q kᵀ/√d) v for (B, H, N, d) q and (B, H, K, d) k, v, as a (B, H, N, d) view of a token-major
     output, and (``return_lse``) the natural log-sum-exp of each query's scaled scores, fp32 (B, H, N).
 
-    Call only after ``refusal`` returned None. Raises what the package raises; ``attention_or_none`` wraps it.
+    Call only after ``refusal`` returned None. Raises what the package raises (``attention.fa4`` turns that into a
+    refusal).
     """
     function = _function()
     assert function is not None
@@ -94,30 +94,3 @@ def attention(
         raise RuntimeError(f"FlashAttention-4 returned a log-sum-exp of shape {getattr(lse, 'shape', None)}")
     return out.transpose(1, 2), (lse.float() if return_lse else None)
 
-
-def forced(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool = False
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``attention`` for ``sdpa_backend="fa4"``: a call FlashAttention-4 refuses raises a ``RuntimeError`` saying
-    why, instead of silently running another kernel."""
-    reason = refusal(q, k, v)
-    if reason is not None:
-        raise RuntimeError(f"vggt_turbo: sdpa_backend='fa4' cannot run attention here: {reason}; use 'auto'")
-    return attention(q, k, v, return_lse)
-
-
-def attention_or_none(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool = False
-) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """``attention``, or None when FlashAttention-4 refuses the call or fails (then the caller runs torch's
-    kernel; a failure is logged once and disables FlashAttention-4 for the rest of the process)."""
-    global _failed
-    if refusal(q, k, v) is not None:
-        return None
-    try:
-        return attention(q, k, v, return_lse)
-    except Exception as err:  # a compile or launch error inside the package: fall back, loudly, once
-        _failed = True
-        log.warning("vggt_turbo: FlashAttention-4 failed (%s: %s); using torch's attention kernels from now on",
-                    type(err).__name__, err)
-        return None

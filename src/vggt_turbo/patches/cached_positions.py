@@ -17,9 +17,8 @@ Exact: the same values in the same order. In training mode upstream's forward ru
 
 from __future__ import annotations
 
-import contextvars
 import weakref
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -27,13 +26,9 @@ from torch import nn
 from ..config import TurboConfig
 from ..upstream import AGGREGATOR_LAYOUT, AGGREGATOR_STEPS, aggregator_of, members, upstream_module
 from ._base import Patch, Target, Tier, aggregator_path
+from ._store import STORE
 
 _MAX_CACHED_SHAPES = 8
-
-# Where each kept intermediate goes as soon as it exists (another patch may move it off the GPU).
-STORE: contextvars.ContextVar[Callable[[torch.Tensor], torch.Tensor]] = contextvars.ContextVar(
-    "vggt_turbo_store", default=lambda t: t
-)
 
 
 def _images(images: torch.Tensor) -> torch.Tensor:

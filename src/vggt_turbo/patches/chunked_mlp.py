@@ -3,7 +3,7 @@
 Why leaner: a block's MLP widens each token to 4x the model width (4,096 values for the full model) and its
 activation keeps a second such tensor: at 200 frames (274,800 tokens) that is 2 x 2.1 GiB in bf16 at once,
 the largest transient of the whole forward. Every MLP step (LayerNorm, the two linears, GELU, LayerScale) works
-token by token, so this version adds the MLP's residual in place, ``CHUNK_TOKENS`` tokens at a time: the wide
+token by token, so this version adds the MLP's residual in place, one slice of tokens at a time: the wide
 activation never exists for more than one slice (``_token_slices``). The slices are large enough for the matmuls
 to run at full speed; sequences with fewer tokens run upstream's code unchanged. With ``fused_layer_scale`` on,
 that patch's block wrapper (stacked above this one) slices the MLP itself, with its fused sums; this wrapper then
@@ -15,23 +15,19 @@ differ in the last bits). In training or with autograd on, upstream's forward ru
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import TurboConfig
-from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, first_block, members
+from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, first_block, members, x_pos
 from . import _token_slices
 from ._base import Patch, Target, Tier, aggregator_path, join
 
 
-def _x_pos(x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    return x, pos
-
-
 def block_forward(wrapped: Any, block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-    x, pos = _x_pos(*args, **kwargs)
+    x, pos = x_pos(*args, **kwargs)
     tokens = x.numel() // x.shape[-1]
     if block.training or torch.is_grad_enabled() or not _token_slices.is_long(tokens):
         return wrapped(*args, **kwargs)

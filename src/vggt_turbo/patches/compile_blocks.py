@@ -24,10 +24,9 @@ import torch
 from torch import nn
 
 from ..config import TurboConfig
-from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, first_block, members
+from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, first_block, members, x_pos
 from ._base import Patch, Target, Tier, aggregator_path, join
 from . import _token_slices
-from .chunked_mlp import _x_pos
 
 OPTIONS: dict[str, Any] = {"dynamic": False}
 
@@ -43,7 +42,7 @@ def make_wrapper(slice_long: bool):
     run in slices (``_token_slices``) run ``wrapped``."""
 
     def block_forward(wrapped: Any, block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-        x, pos = _x_pos(*args, **kwargs)
+        x, pos = x_pos(*args, **kwargs)
         long = slice_long and _token_slices.is_long(x.numel() // x.shape[-1])
         if not x.is_cuda or block.training or torch.is_grad_enabled() or long:
             return wrapped(*args, **kwargs)

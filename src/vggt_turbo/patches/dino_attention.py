@@ -3,14 +3,11 @@ ViT-L) blocks.
 
 Why faster: upstream's DINOv2 attention calls ``F.scaled_dot_product_attention``, which torch 2.11 runs on cuDNN
 on an H100, while the aggregator's own attention at the same shape (one frame's 1374 tokens, head dim 64) runs on
-FlashAttention-4 under the ``flash_attention_4`` flag. Measured on an H100 (profile of the ``exact`` preset at
-one frame, graphs off): the 24 DINOv2 attention calls took 0.78 ms against 0.48 ms for the 24 frame blocks' calls
-on FlashAttention-4. Here the DINOv2 blocks run FlashAttention-4 first too (``sdpa.attend``; it is an optional
-package, and where it is missing or refuses the call torch's kernel runs), or, when ``sdpa`` forces a backend
-for an ablation, that backend.
-
-Measured in one process against the same model without this patch (``benchmarks/ab_flag.py``, H100, ``exact``):
-one frame's CUDA-graph replay 13.59 → 13.24 ms; at 10 frames no difference beyond noise (151.1 vs 150.4 ms).
+FlashAttention-4 under the ``flash_attention_4`` flag, which was measured faster at that shape (the profile and the
+one-process comparison of ``benchmarks/ab_flag.py`` are in ``benchmarks/RESULTS.md``). Here the DINOv2 blocks run
+FlashAttention-4 first too, whatever the ``flash_attention_4`` flag says (the config's ``AttentionPolicy`` with
+FlashAttention-4 first, ``kernels/attention``; it is an optional package, and where it is missing or refuses the
+call torch's kernel runs), or, when ``sdpa`` forces a backend for an ablation, that backend.
 
 Exact to bf16 rounding: the same projections and softmax(q kᵀ/√d) v; only the attention kernel may differ from the
 one torch picks, which changes results by that kernel's rounding. Where FlashAttention-4 refuses the call (CPU,
@@ -29,17 +26,17 @@ import torch
 from torch import nn
 
 from ..config import TurboConfig
+from ..kernels.attention import AttentionPolicy
 from ..upstream import ATTENTION_PARTS, aggregator_of, dino_blocks, members
 from ._base import Patch, Target, Tier, aggregator_path, join
-from .sdpa import FA4_FIRST, attend, backend, kernel_name
 
 
 def _x(x: torch.Tensor, attn_bias: Any = None, pos: Any = None) -> tuple[torch.Tensor, Any, Any]:
     return x, attn_bias, pos
 
 
-def make_wrapper(backend_name: str):
-    """The DINOv2 ``MemEffAttention.forward`` wrapper for one kernel choice."""
+def make_wrapper(policy: AttentionPolicy):
+    """The DINOv2 ``MemEffAttention.forward`` wrapper, computing attention as ``policy`` picks its kernel."""
 
     def attention_forward(wrapped: Any, attn: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         x, attn_bias, pos = _x(*args, **kwargs)
@@ -57,7 +54,7 @@ def make_wrapper(backend_name: str):
         qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
-        out = attend(q, k, v, backend_name)
+        out = policy.attend(q, k, v)
         return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(B, N, C)))
 
     return attention_forward
@@ -68,17 +65,13 @@ def _first_dino_attention(root: nn.Module) -> Optional[nn.Module]:
     return blocks[0].attn if blocks else None
 
 
-def kernel(config: TurboConfig) -> str:
+def policy(config: TurboConfig) -> AttentionPolicy:
     """The kernel choice for the DINOv2 attention: the backend ``sdpa`` forces, else FlashAttention-4 first."""
-    name = kernel_name(config)
-    return name if name not in ("auto", FA4_FIRST) else FA4_FIRST
+    return AttentionPolicy.from_config(config, fa4_first=True)
 
 
 def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
-    name = kernel(config)
-    if name not in ("fa4", FA4_FIRST):
-        backend(name)  # ValueError now, not at the first forward
-    wrapper = make_wrapper(name)
+    wrapper = make_wrapper(policy(config))  # ValueError now, not at the first forward, for a backend torch lacks
     path = join(aggregator_path(root), "patch_embed", "blocks")
     return [Target(join(path, str(i), "attn"), "forward", wrapper) for i in range(len(dino_blocks(root)))]
 

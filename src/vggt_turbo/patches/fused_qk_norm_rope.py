@@ -9,11 +9,12 @@ lowers the peak memory of long sequences. q, k and v reach SDPA as strided views
 upstream's v already is); cuDNN, which gives its output the query's layout (pytorch#138340), then returns a
 token-major output and the transpose before ``proj`` is a view instead of a copy.
 
-The RoPE table is upstream's own (``sync_free_rope.rope_table``; fp32 entries, fp64 for an fp64 model); its length comes from
-``sync_free_rope`` (a prerequisite), so no host sync happens. The attention kernel is chosen as the ``sdpa`` patch
-chooses it (``sdpa.attend``, ``sdpa.kernel_name``): with ``sdpa`` on, ``sdpa_backend`` applies here too, this
-wrapper sitting above ``sdpa``'s and computing the attention itself; with it off, FlashAttention-4 where the
-``flash_attention_4`` flag is on and the package runs the call, else torch's default.
+The RoPE table is upstream's own (``_rope_table.rope_table``; fp32 entries, fp64 for an fp64 model); its length
+comes from ``sync_free_rope`` (a prerequisite), so no host sync happens. The computation is ``_fused_qkv``'s,
+shared with ``kv_subsample`` and ``sequence_parallel``. The attention kernel is chosen as the ``sdpa`` patch
+chooses it (``kernels/attention``'s ``AttentionPolicy`` of the config): with ``sdpa`` on, ``sdpa_backend``
+applies here too, this wrapper sitting above ``sdpa``'s and computing the attention itself; with it off,
+FlashAttention-4 where the ``flash_attention_4`` flag is on and the package runs the call, else torch's default.
 
 Exact: under bf16 autocast on CUDA the arithmetic is upstream's (LayerNorm and RoPE in fp32, one rounding to bf16
 where autocast rounds), up to the order of the norm's reductions and fused multiply-adds (fp32 ulps, rarely visible
@@ -27,62 +28,37 @@ backward) and outside the aggregator's forward (no table length published).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import TurboConfig
-from ..kernels.qk_norm_rope import compute_dtype, qk_norm_rope
-from ..upstream import AGGREGATOR_LAYOUT, ATTENTION_MEMBERS, aggregator_of, members, rope_of
+from ..kernels.attention import AttentionPolicy
+from ..upstream import AGGREGATOR_LAYOUT, ATTENTION_MEMBERS, aggregator_of, members, rope_of, x_pos
 from ._base import Patch, Target, Tier, aggregator_path, join
-from .sdpa import _x_pos, attend, kernel_name
-from .sync_free_rope import published_table_length, rope_table
+from ._fused_qkv import fits, fused_qkv
 
 
-def make_wrapper(backend_name: str):
-    """The ``Attention.forward`` wrapper, computing attention on ``backend_name`` (as ``sdpa.attend``)."""
+def make_wrapper(policy: AttentionPolicy):
+    """The ``Attention.forward`` wrapper, computing attention as ``policy`` picks its kernel."""
 
     def attention_forward(wrapped: Any, attn: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-        x, pos = _x_pos(*args, **kwargs)
+        x, pos = x_pos(*args, **kwargs)
         qkv = fused_qkv(attn, x, pos)
         if qkv is None:
             return wrapped(*args, **kwargs)
         B, N, C = x.shape
-        out = attend(*qkv, backend_name)
+        out = policy.attend(*qkv)
         return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(B, N, C)))
 
     return attention_forward
 
 
-def fused_qkv(
-    attn: nn.Module, x: torch.Tensor, pos: Optional[torch.Tensor]
-) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """q, k, v (B, H, N, D) for SDPA with qk-norm and RoPE fused, or None where upstream's path must run
-    (training, autograd on, no positions, or no table length published by ``sync_free_rope``). Also used by
-    ``sequence_parallel``, so that its global attention rounds exactly as the single-process model does."""
-    length = published_table_length(attn.rope)
-    if attn.training or torch.is_grad_enabled() or pos is None or length is None:
-        return None
-    B, N, C = x.shape
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim)
-    table = rope_table(attn.rope, attn.head_dim // 2, length, x.device, compute_dtype(qkv))
-    return qk_norm_rope(qkv, pos, attn.q_norm, attn.k_norm, *table)
-
-
-def fits(attn: nn.Module) -> bool:
-    """Whether ``attn`` normalises q and k with LayerNorms over its head dim and has a RoPE (``qk_norm=False``
-    or ``rope_freq <= 0`` leave nothing to fuse: upstream's forward stays)."""
-    return attn.rope is not None and all(
-        isinstance(norm, nn.LayerNorm) and tuple(norm.normalized_shape) == (attn.head_dim,)
-        for norm in (attn.q_norm, attn.k_norm)
-    )
-
-
 def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
     agg = aggregator_path(root)
     aggregator = aggregator_of(root)
-    wrapper = make_wrapper(kernel_name(config))
+    wrapper = make_wrapper(AttentionPolicy.from_config(config))
     return [
         Target(join(agg, kind, str(i), "attn"), "forward", wrapper)
         for kind in ("frame_blocks", "global_blocks")

@@ -23,17 +23,18 @@ runs. The error is reported by the benchmarks and the fidelity harness (``vggt_t
 Why faster: global attention costs O(N²) for N = S*P tokens; here the shared keys are about N/r², and the extra
 two keys per query cost O(N·d). The mean-fill pair is the same for all queries of a sequence and head, so it is
 one more key/value of the shared ones (the means taken in fp32, rounded to the attention dtype). The attention
-over the shared keys runs on a fused kernel that also returns each query's log-sum-exp (``_lse_attention``), and
-the own key's score (fp32) is merged with it by log-sum-exp: no (N x keys) score matrix ever exists. The
-kept-token index is built on the device once per forward (no host
-sync, no host-to-device copy: ``cuda_graphs`` can capture it).
+over the shared keys runs on a fused kernel that also returns each query's log-sum-exp
+(``AttentionPolicy.attend_with_lse``, ``kernels/attention``), and the own key's score (fp32) is merged with it by
+log-sum-exp: no (N x keys) score matrix ever exists. The kept-token index is built on the device once per forward
+(no host sync, no host-to-device copy: ``cuda_graphs`` can capture it).
 
 Layers: ``kv_subsample_layers``, or when empty every global layer not in ``global_to_frame_layers`` (those run as
-frame attention; a layer in both lists is refused by ``TurboConfig``). The attention kernel follows ``sdpa``:
-with it on, ``sdpa_backend`` picks the kernel here too; with it off, FlashAttention-4 where ``flash_attention_4``
-is on and the package runs the call (it returns the log-sum-exp), else ``_lse_attention``'s choice. For the listed layers this wrapper (stacked above
+frame attention; a layer in both lists is refused by ``TurboConfig``). The attention kernel follows ``sdpa``
+(the config's ``AttentionPolicy``): with it on, ``sdpa_backend`` picks the kernel here too; with it off,
+FlashAttention-4 where ``flash_attention_4`` is on and the package runs the call (it returns the log-sum-exp),
+else torch's flash or efficient kernel, or the math reference. For the listed layers this wrapper (stacked above
 ``sdpa``'s and ``fused_qk_norm_rope``'s) computes q, k and v and the attention itself: with ``fused_qk_norm_rope``
-on, q, k and v come from its kernel (``fused_qk_norm_rope.fused_qkv``: strided views of the projection output,
+on, q, k and v come from its kernel (``_fused_qkv.fused_qkv``: strided views of the projection output,
 qk-norm and RoPE in fp32 rounded once, no fp32 temporaries), where that applies (inference, the table length
 published by ``sync_free_rope``); else from upstream's projection, qk-norm and RoPE modules. In training mode, or
 called outside its aggregator's forward, the wrapped forward runs.
@@ -55,12 +56,10 @@ from torch import nn
 
 from ..autocast import autocast_dtype
 from ..config import TurboConfig
-from ..upstream import aggregator_of, members
+from ..kernels.attention import AttentionPolicy
+from ..upstream import AGGREGATOR_LAYOUT, ATTENTION_MEMBERS, aggregator_of, members, x_pos
 from ._base import Patch, Target, Tier, aggregator_path, join
-from ._lse_attention import attention_with_lse
-from .fused_qk_norm_rope import fits, fused_qkv
-from .sdpa import PATCH as SDPA
-from .sdpa import _x_pos, kernel_name
+from ._fused_qkv import fits, fused_qkv
 
 
 @dataclass(frozen=True)
@@ -129,7 +128,7 @@ def aggregator_forward(wrapped: Any, aggregator: nn.Module, args: tuple, kwargs:
 
 
 def subsampled_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: KeptTokens, backend_name: str
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tokens: KeptTokens, policy: AttentionPolicy
 ) -> torch.Tensor:
     """(B, H, N, d) attention of every query over the kept keys, its own key when dropped and the dropped keys'
     mean (see the module docstring), merged by log-sum-exp; q, k, v of one dtype, any strides.
@@ -145,7 +144,7 @@ def subsampled_attention(
         # The dropped tokens' sums are all tokens' minus the kept ones' (no gather of the ~N dropped rows), in fp32.
         kept_sum = shared[:, :, :-1].sum(2, dtype=torch.float32)
         shared[:, :, -1] = (full.sum(2, dtype=torch.float32) - kept_sum) / tokens.dropped
-    out, lse = attention_with_lse(q, k_shared, v_shared, backend_name)
+    out, lse = policy.attend_with_lse(q, k_shared, v_shared)
     del k_shared, v_shared
     with torch.autocast(q.device.type, enabled=False):  # fp32 scores and weights are meant
         # Laid out in memory as out is (token-major from most kernels): the merge reads them along out's rows.
@@ -195,22 +194,22 @@ def _qkv(attn: nn.Module, x: torch.Tensor, pos: Optional[torch.Tensor]) -> tuple
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-def make_wrapper(stride: int, backend_name: str, fused: bool = False):
+def make_wrapper(stride: int, policy: AttentionPolicy, fused: bool = False):
     """The ``Attention.forward`` wrapper of the subsampled global layers (``fused``: q, k and v from
-    ``fused_qk_norm_rope.fused_qkv`` where it applies, else from upstream's modules)."""
+    ``_fused_qkv.fused_qkv`` where it applies, else from upstream's modules), attending as ``policy`` picks."""
 
     def attention_forward(wrapped: Any, attn: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         grid = _GRID.get()
         if attn.training or grid is None or not any(b.attn is attn for b in grid.aggregator.global_blocks):
             return wrapped(*args, **kwargs)
-        x, pos = _x_pos(*args, **kwargs)
+        x, pos = x_pos(*args, **kwargs)
         B, N, C = x.shape
         tokens = grid.kept(N, stride, x.device)
         if not tokens.dropped:
             return wrapped(*args, **kwargs)
         qkv = fused_qkv(attn, x, pos) if fused and fits(attn) else None
         q, k, v = qkv if qkv is not None else _qkv(attn, x, pos)
-        out = subsampled_attention(q, k, v.to(q.dtype), tokens, backend_name)
+        out = subsampled_attention(q, k, v.to(q.dtype), tokens, policy)
         return attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(B, N, C)))
 
     return attention_forward
@@ -229,9 +228,7 @@ def layers(root: nn.Module, config: TurboConfig) -> list[int]:
 
 def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
     agg = aggregator_path(root)
-    attention = make_wrapper(
-        config.kv_subsample, kernel_name(config), config.fused_qk_norm_rope
-    )
+    attention = make_wrapper(config.kv_subsample, AttentionPolicy.from_config(config), config.fused_qk_norm_rope)
     return [
         Target(agg, "forward", aggregator_forward),
         *(Target(join(agg, "global_blocks", str(i), "attn"), "forward", attention) for i in layers(root, config)),
@@ -247,7 +244,8 @@ PATCH = Patch(
     ),
     options={"kv_subsample_layers": "the global layers it applies to (default: all not in `global_to_frame_layers`)"},
     # the aggregator layout and the Attention parts that sdpa's forward reads too, and the grid's geometry
-    requirements=SDPA.requirements
+    requirements=AGGREGATOR_LAYOUT
+    + ATTENTION_MEMBERS
     + members("Aggregator", aggregator_of, ("forward", ("images",)), ("patch_size", None), ("patch_start_idx", None)),
     enabled=lambda c: c.kv_subsample > 1,
     targets=_targets,

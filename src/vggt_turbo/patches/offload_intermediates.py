@@ -40,7 +40,7 @@ from ..config import AUTO, TurboConfig
 from ..upstream import Requirement, aggregator_of, looks_like_vggt
 from ._base import Patch, Target, Tier, aggregator_path
 from ._head_inputs import HEAD_INPUT_REQUIREMENTS, SideStream, head_input_targets
-from .cached_positions import STORE
+from ._store import STORE
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,9 @@ What runs where:
     communication) and the depth and point heads: on the rank's own frames only.
   - global attention, exact, DeepSpeed-Ulysses style: q, k, v of the local frames are computed locally (qkv,
     qk-norm, RoPE with the frames' own positions), then one all-to-all gives each rank *all* frames for its share
-    of the heads, the same fused attention kernel as in one process (``sdpa.attend``) runs on that, and a second all-to-all
-    returns each rank its frames for all heads before ``proj``. The heads are split like the frames: 16 heads on
+    of the heads, the same fused attention kernel as in one process (the config's ``AttentionPolicy``,
+    ``kernels/attention``) runs on that, and a second all-to-all returns each rank its frames for all heads before
+    ``proj``. The heads are split like the frames: 16 heads on
     3 GPUs is 6/5/5, exact like any split, at the price of imbalance (the slowest rank has ``ceil(H/N)`` heads).
     More ranks than heads is refused at apply time.
   - special tokens: upstream gives frame 0 of each sequence its own camera and register tokens
@@ -80,12 +81,20 @@ from ..distributed import (
     split,
     world_size,
 )
-from ..upstream import AGGREGATOR_LAYOUT, AGGREGATOR_STEPS, ATTENTION_MEMBERS, aggregator_of, looks_like_vggt, members
+from ..kernels.attention import AttentionPolicy
+from ..upstream import (
+    AGGREGATOR_LAYOUT,
+    AGGREGATOR_STEPS,
+    ATTENTION_MEMBERS,
+    aggregator_of,
+    looks_like_vggt,
+    members,
+    x_pos,
+)
 from ._base import Patch, Target, Tier, aggregator_path, join
 from ._blocks import step_args
+from ._fused_qkv import fits, fused_qkv
 from ._head_inputs import first_param, head_of
-from .fused_qk_norm_rope import fits, fused_qkv
-from .sdpa import attend, kernel_name
 
 log = logging.getLogger(__name__)
 
@@ -105,10 +114,6 @@ def _dpt_args(
     aggregated_tokens_list: list, images: torch.Tensor, patch_start_idx: int, frames_chunk_size: int = 8
 ) -> tuple[list, torch.Tensor, int, int]:
     return aggregated_tokens_list, images, patch_start_idx, frames_chunk_size
-
-
-def _x_pos(x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    return x, pos
 
 
 def _check_inference(module: nn.Module) -> None:
@@ -270,20 +275,20 @@ def _tokens_to_ranks(out: torch.Tensor, heads: tuple[int, ...], tokens: tuple[in
     return torch.cat(parts, dim=2).transpose(0, 1).reshape(B, n, -1)  # heads in order, as upstream's reshape
 
 
-def make_attention_wrapper(backend_name: str, fuse: bool):
+def make_attention_wrapper(policy: AttentionPolicy, fuse: bool):
     """``Attention.forward`` of a global block: Ulysses attention inside a call that communicates, else as below."""
 
     def attention_forward(wrapped: Any, attn: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         call = current()
         if call is None or not call.communicates:
             return wrapped(*args, **kwargs)
-        x, pos = _x_pos(*args, **kwargs)
+        x, pos = x_pos(*args, **kwargs)
         counts, rank = call.shard.counts, call.shard.rank
         per_frame = x.shape[1] // counts[rank]  # tokens per frame: x is (B, S_local * P, C)
         tokens = tuple(c * per_frame for c in counts)
         heads = split(attn.num_heads, len(counts))
         received = _heads_to_ranks(attn, x, pos, heads, tokens, call, fuse)
-        out = attend(*received.unbind(0), backend_name)
+        out = policy.attend(*received.unbind(0))
         del received  # this rank's heads over the whole sequence: not needed past the kernel
         return attn.proj_drop(attn.proj(_tokens_to_ranks(out, heads, tokens, call)))
 
@@ -304,7 +309,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
     if config.cuda_graphs:
         log.info("vggt_turbo sequence_parallel: calls that communicate run eagerly (cuda_graphs cannot capture them)")
     output = config.sequence_parallel_output
-    attention = make_attention_wrapper(kernel_name(config), config.fused_qk_norm_rope)
+    attention = make_attention_wrapper(AttentionPolicy.from_config(config), config.fused_qk_norm_rope)
     local = set(config.global_to_frame_layers)
     targets = [
         Target(agg, f"_process_{aggregator.aa_order[0]}_attention", first_step),

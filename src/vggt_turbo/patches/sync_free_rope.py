@@ -6,7 +6,7 @@ synchronisation in each of the 48 attention layers that stalls the CPU until the
 regime is host-bound). The aggregator already knows the largest position: patch positions are the grid indices
 plus one (special tokens sit at 0), so the table length is ``max(H, W) // patch_size + 1``. The patched
 aggregator publishes that length for the duration of its forward; the patched RoPE uses it and a table made by
-upstream's own ``_compute_frequency_components`` (``rope_table``).
+upstream's own ``_compute_frequency_components`` (``_rope_table.rope_table``).
 
 The table is computed in fp32 even under autocast. Upstream's ``einsum`` of positions and frequencies runs in
 bf16 under CUDA autocast (it is on autocast's lower-precision list), so upstream-autocast's angles are rounded to
@@ -25,23 +25,15 @@ sync included.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import weakref
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..autocast import autocast_dtype
 from ..config import TurboConfig
 from ..upstream import aggregator_of, members, rope_of
 from ._base import Patch, Target, Tier, aggregator_path, join
-
-# (the RoPE module, its table length) while a patched Aggregator.forward runs.
-_TABLE: contextvars.ContextVar[Optional[tuple[nn.Module, int]]] = contextvars.ContextVar(
-    "vggt_turbo_rope_table", default=None
-)
+from ._rope_table import published_table_length, rope_table, table_published
 
 
 def _images(images: torch.Tensor) -> torch.Tensor:
@@ -58,46 +50,6 @@ def table_length(aggregator: nn.Module, height: int, width: int) -> int:
     if aggregator.patch_start_idx == 0:  # no special tokens: positions are not shifted by one
         largest -= 1
     return largest + 1
-
-
-@contextlib.contextmanager
-def table_published(rope: nn.Module, length: int) -> Iterator[None]:
-    """Publish ``rope``'s table length for the duration of the block (to it and to other patches' readers)."""
-    token = _TABLE.set((rope, length))
-    try:
-        yield
-    finally:
-        _TABLE.reset(token)
-
-
-def published_table_length(rope: nn.Module) -> Optional[int]:
-    """The table length published for ``rope`` (by its patched aggregator's running forward), else None."""
-    published = _TABLE.get()
-    return published[1] if published is not None and published[0] is rope else None
-
-
-# Per RoPE module (weakly held): (dim, length, device, dtype) -> (cos, sin)
-_TABLES: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[torch.Tensor, torch.Tensor]]]" = weakref.WeakKeyDictionary()
-
-
-def rope_table(rope: nn.Module, dim: int, length: int, device: torch.device,
-               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upstream's ``rope._compute_frequency_components(dim, length, device, dtype)`` as upstream computes it outside
-    autocast, without reading or writing upstream's ``frequency_cache`` (see the module docstring)."""
-    key = (dim, length, device, dtype)
-    tables = _TABLES.setdefault(rope, {})
-    table = tables.get(key)
-    if table is None:
-        upstream_cache = rope.frequency_cache
-        rope.frequency_cache = {}
-        fp32 = torch.autocast(device.type, enabled=False) if autocast_dtype(device.type) else contextlib.nullcontext()
-        try:
-            with fp32:
-                table = rope._compute_frequency_components(dim, length, device, dtype)
-        finally:
-            rope.frequency_cache = upstream_cache
-        tables[key] = table
-    return table
 
 
 def aggregator_forward(wrapped: Any, aggregator: nn.Module, args: tuple, kwargs: dict) -> Any:

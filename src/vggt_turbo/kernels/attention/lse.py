@@ -1,4 +1,4 @@
-"""Attention that also returns each query's log-sum-exp, on torch's fused kernels.
+"""Attention that also returns each query's log-sum-exp, on torch's fused kernels, and its PyTorch reference.
 
 Why: attention over keys that come in parts (for ``kv_subsample``: keys shared by all queries, plus a few keys of
 each query's own) is exact when the parts' normalised outputs are merged with weights ``exp(lse_part)``, so no
@@ -9,17 +9,15 @@ torch's kernel entry points do (all return the natural log-sum-exp of the scaled
     CUDA    flash       _scaled_dot_product_flash_attention             fp16, bf16        (B, H, N)
     CUDA    efficient   _scaled_dot_product_efficient_attention         fp16, bf16, fp32  (B, H, N rounded up to 32)
     CPU     flash       _scaled_dot_product_flash_attention_for_cpu     all float         (B, H, N)
-    any     math        token-chunked matmul and softmax in fp32 (one chunk of queries' scores at a time)
+    any     math        ``reference``: token-chunked matmul and softmax in fp32 (one chunk of queries' scores at a time)
 
 Their signatures changed between torch releases (``efficient`` gained ``attn_bias`` and ``compute_log_sumexp``),
 so the optional arguments are passed by the names the installed op's schema declares. cuDNN's entry point
 (``_scaled_dot_product_cudnn_attention``) is not offered: in one earlier run on an H100 with torch 2.11 its
 log-sum-exp came back as NaN in bf16; ``benchmarks/attention_backends.py`` later measured it correct at the
 ``kv_subsample`` shapes of 100-200 frames (within 2e-6 of float64), but it has not been checked at every shape, so
-forcing ``sdpa_backend="cudnn"`` here still raises instead of risking wrong results.
-``"auto"`` picks flash (efficient on CUDA for fp32, or where flash refuses the call), else math; ``"fa4-first"``
-(``sdpa.kernel_name`` with the ``flash_attention_4`` flag on) first tries FlashAttention-4, which returns the
-log-sum-exp too (``kernels/flash_attention_4.py``); ``"fa4"`` forces it.
+``sdpa_backend="cudnn"`` refuses calls that need the log-sum-exp instead of risking wrong results.
+``reference`` is their PyTorch reference (the ``math`` backend): the same results in fp32, on any device.
 """
 
 from __future__ import annotations
@@ -28,8 +26,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..kernels import flash_attention_4 as fa4
-from .sdpa import FA4_FIRST
+from .backend import KernelRefused
 
 _OPS = {
     ("cuda", "flash"): "_scaled_dot_product_flash_attention",
@@ -45,37 +42,7 @@ _OPTIONS: dict[str, Any] = {
     "return_debug_mask": False,
 }
 _HALF = (torch.float16, torch.bfloat16)
-_MATH_SCORES = 2**26  # score entries per chunk of the math fallback (256 MiB in fp32)
-
-
-def attention_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend_name: str = "auto"
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``softmax(q kᵀ / sqrt(d)) v`` (q's dtype) and the log-sum-exp of each query's scaled scores (float32,
-    (B, H, N)), for (B, H, N, d) queries and (B, H, K, d) keys and values of one dtype.
-
-    ``backend_name`` is one of ``config.SDPA_BACKENDS``; a forced kernel that cannot run the call raises a
-    ``RuntimeError`` saying so.
-    """
-    if backend_name == "math":
-        return _math(q, k, v)
-    if backend_name == "fa4":
-        return fa4.forced(q, k, v, return_lse=True)
-    if backend_name == FA4_FIRST:
-        got = fa4.attention_or_none(q, k, v, return_lse=True)
-        if got is not None:
-            return got
-        backend_name = "auto"
-    if backend_name != "auto":
-        return _fused(q, k, v, backend_name)
-    if q.device.type == "cuda":
-        if q.dtype in _HALF:
-            try:
-                return _fused(q, k, v, "flash")
-            except RuntimeError:  # e.g. a GPU older than flash's (checked on the host, before any launch)
-                pass
-        return _fused(q, k, v, "efficient")
-    return _fused(q, k, v, "flash") if _op(q.device.type, "flash") is not None else _math(q, k, v)
+_MATH_SCORES = 2**26  # score entries per chunk of the math reference (256 MiB in fp32)
 
 
 def _op(device_type: str, name: str) -> Optional[Any]:
@@ -84,33 +51,38 @@ def _op(device_type: str, name: str) -> Optional[Any]:
     return getattr(torch.ops.aten, op_name, None) if op_name is not None else None
 
 
-def _fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def refusal(q: torch.Tensor, name: str) -> Optional[str]:
+    """Why the kernel ``name`` cannot return the log-sum-exp for ``q``, or None."""
+    if name == "math":
+        return None
+    if _op(q.device.type, name) is None:
+        return f"no {name!r} attention kernel returning the log-sum-exp on {q.device.type} in torch {torch.__version__}"
+    if name == "flash" and q.device.type == "cuda" and q.dtype not in _HALF:
+        return f"dtype {q.dtype} (fp16 or bf16 needed)"
+    return None
+
+
+def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax(q kᵀ / sqrt(d)) v`` (q's dtype) and the log-sum-exp of each query's scaled scores (float32,
+    (B, H, N)) on torch's kernel ``name``, for (B, H, N, d) queries and (B, H, K, d) keys and values of one dtype.
+    Call only after ``refusal`` returned None; ``KernelRefused`` when the kernel refuses the call."""
     op = _op(q.device.type, name)
-    if op is None:
-        raise RuntimeError(
-            f"vggt_turbo: no {name!r} attention kernel returning the log-sum-exp on {q.device.type} in torch "
-            f"{torch.__version__}; use sdpa_backend='auto'"
-        )
+    assert op is not None
     names = {arg.name for arg in op.default._schema.arguments}
     try:
         result = op(q, k, v, **{key: value for key, value in _OPTIONS.items() if key in names})
     except RuntimeError as err:
-        raise RuntimeError(
-            f"vggt_turbo: the {name!r} attention kernel cannot run q{tuple(q.shape)} {q.dtype} on {q.device} "
-            f"({err}); use sdpa_backend='auto'"
-        ) from err
+        raise KernelRefused(str(err)) from err
     out, lse = result[0], result[1]
     lse = lse.flatten(2)[..., : q.shape[-2]]  # efficient pads N to a multiple of 32
     if lse.shape != q.shape[:-1]:
-        raise RuntimeError(
-            f"vggt_turbo: the {name!r} kernel returned a log-sum-exp of shape {tuple(result[1].shape)} for "
-            f"q{tuple(q.shape)} (none computed?); use sdpa_backend='auto'"
-        )
+        raise KernelRefused(f"it returned a log-sum-exp of shape {tuple(result[1].shape)} (none computed?)")
     return out, lse.float()
 
 
-def _math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference computation in fp32, a chunk of queries at a time (autocast off: fp32 is meant)."""
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fused``'s PyTorch reference (``sdpa_backend="math"``): the computation in fp32, a chunk of queries at a
+    time (autocast off: fp32 is meant)."""
     B, H, N, d = q.shape
     rows = max(1, _MATH_SCORES // (B * H * k.shape[-2]))
     outs, lses = [], []
