@@ -5,16 +5,24 @@
 Reads only committed files (listed in ``SOURCES``), writes ``src/vggt_turbo/plan_constants.json`` (package data)
 and ``benchmarks/results/plan_check.md`` (predicted vs measured on runs not used for fitting). Runs on the CPU.
 
-What the data is (all measured 2026-11-24, 518x518, batch 1, bf16 autocast, torch 2.11):
-  - H100, ``latest.json``: upstream, exact, fast at 1/10/100/200 frames (offload_intermediates "auto": on from 32
-    frames): the FIT set.
-  - H100, ``2026-11-24-576aca9.json``: exact without offloading at 100/200 frames (FIT); fast at 800 frames
-    (HELD OUT, memory only: its one call was cold).
-  - H200, ``2026-11-24.json``: upstream and fast at 800 frames (HELD OUT); ``sequence_parallel.json`` one-GPU rows: exact
-    at 100 frames (FIT: the H200's one time ratio) and 400 frames (HELD OUT).
-"exact" there predates 2026-12-02, when the preset dropped ``bf16_weights``: those rows are today's
-``exact + bf16_weights`` and calibrate the variant ``exact_bf16``; today's ``exact`` is derived analytically from
-it (see ``derive_exact``) and marked not re-measured.
+What the data is (518x518, batch 1, bf16 autocast, torch 2.11):
+  - H100, ``latest.json`` (2026-11-24): upstream, exact, fast at 1/10/100/200 frames (offload_intermediates "auto":
+    on from 32 frames): FIT.
+  - H100, ``2026-11-24-576aca9.json`` (no warm-up: one cold call per row): exact without offloading at 100/200
+    frames, and exact and fast at 10 frames, the one eager 10-frame measurement of the presets (FIT); fast at 800
+    frames (HELD OUT, memory only).
+  - H200, ``2026-11-24.json``: upstream and fast at 800 frames (HELD OUT); ``sequence_parallel.json`` one-GPU rows:
+    exact at 100 frames (FIT) and 400 frames (HELD OUT).
+  - H200, ``2026-12-02-bf236ec.json`` and ``2026-12-02-7776b45.json``: upstream, today's exact, exact+bf16_weights
+    and fast at 1/10/32/100 frames, before and after the DPT heads' prefetch of offloaded chunks (7776b45): FIT,
+    but 7776b45 at 32 frames (the current code at a frame count of its own) is HELD OUT; 1-frame rows are left out
+    of the time fit as before (upstream's one-frame time differs by 60 % between the two runs).
+"exact" before 2026-12-02 had ``bf16_weights``: those rows are today's ``exact + bf16_weights`` and calibrate the
+variant ``exact_bf16``. Both parts of each run are used for memory: ``full`` (the peak, max of the two phases) and
+``aggregator`` (the peak up to the aggregator's end: its phase alone). The presets' rows at <= 16 frames with a
+warm-up replay a CUDA graph, whose private pool is not allocated memory: their peak is not a measurement of the
+working set and they are left out of the memory fit and check (their seconds are used). Rows measured before
+7776b45 are predicted without the prefetched chunk (``heads_prefetch_chunks`` 0), as the code then ran.
 """
 
 from __future__ import annotations
@@ -36,28 +44,32 @@ from vggt_turbo import planner  # noqa: E402
 log = logging.getLogger("plan_calibration")
 RESULTS = ROOT / "benchmarks" / "results"
 H100, H200 = RESULTS / "nvidia-h100-80gb-hbm3", RESULTS / "nvidia-h200"
-LATER = "H200 2026-12-02-bf236ec.json"  # measured after the fit: reported in a section of its own
 SOURCES = {
     "h100_latest": H100 / "latest.json",
     "h100_576aca9": H100 / "2026-11-24-576aca9.json",
     "h200_latest": H200 / "2026-11-24.json",  # the 800-frame run (latest.json has moved on since)
-    "h200_bf236ec": H200 / "2026-12-02-bf236ec.json",  # 1-100 frames, the exact preset without bf16_weights
+    "h200_bf236ec": H200 / "2026-12-02-bf236ec.json",  # today's exact (no bf16_weights), before the prefetch
+    "h200_7776b45": H200 / "2026-12-02-7776b45.json",  # the current code: heads prefetch offloaded chunks
     "h200_seq": H200 / "sequence_parallel.json",
 }
 GIB = 1024**3
 SIZE = 518
 OFFLOAD_AUTO_FRAMES = 32  # patches.offload_intermediates.OFFLOAD_AUTO_FRAMES (not imported: it imports torch)
+CUDA_GRAPH_MAX_FRAMES = 16  # TurboConfig.cuda_graph_max_frames: the presets replay a graph up to this length
+HELD_OUT_FRAMES_7776B45 = 32
 
 MODEL = {
     # VGGT at the pinned commit: aggregator.py (embed_dim 1024, patch 14, camera + 4 register tokens per frame,
     # the heads read layers 4, 11, 17, 23 of the 24 frame/global pairs, each 2*1024 channels), dpt_head.py (the
-    # DPT heads run on chunks of 8 frames), 6 fp32 values per output pixel (depth, its confidence, xyz, its
-    # confidence).
+    # DPT heads run on chunks of 8 frames, in fp32), 6 fp32 values per output pixel (depth, its confidence, xyz,
+    # its confidence). _head_inputs.py: with offloading, each DPT head prefetches one chunk ahead.
     "embed_dim": 1024, "patch_size": 14, "special_tokens": 5, "kept_layers": [4, 11, 17, 23],
-    "heads_chunk_frames": 8, "head_output_values": 6, "offload_auto_frames": OFFLOAD_AUTO_FRAMES,
+    "heads_chunk_frames": 8, "heads_element_bytes": 4, "heads_prefetch_chunks": 1, "head_output_values": 6,
+    "offload_auto_frames": OFFLOAD_AUTO_FRAMES,
     # The CUDA context and cuBLAS/cuDNN workspaces outside the caching allocator: an assumption, not measured here.
     "context_bytes": int(0.5 * GIB),
 }
+PRESETS = ("exact", "exact_bf16", "fast")
 
 
 @dataclass
@@ -67,46 +79,71 @@ class Row:
     variant: str  # planner variant
     offload: bool
     frames: int
-    seconds: Optional[float]
+    seconds: Optional[float]  # None: a cold call, or a part whose time is not modelled
     peak_gib: float  # above base
     base_gib: float
     reserved_gib: Optional[float]
     fit: bool
+    part: str = "full"  # "aggregator": the peak up to the aggregator's end (its phase alone)
+    prefetch: bool = False  # measured with the heads' prefetch of offloaded chunks (since 7776b45)
+    graph: bool = False  # a CUDA-graph replay: the allocated peak leaves out the graph's pool
 
     @property
     def total_gib(self) -> float:
         return self.base_gib + self.peak_gib
 
 
-def rows_of(path: Path) -> list[dict[str, Any]]:
-    return [r for r in json.loads(path.read_text())["rows"] if r.get("part", "full") == "full" and r.get("peak_gib") is not None]
+def rows_of(path: Path, parts: tuple[str, ...] = ("full",)) -> list[dict[str, Any]]:
+    return [r for r in json.loads(path.read_text())["rows"]
+            if r.get("part", "full") in parts and r.get("peak_gib") is not None]
+
+
+def replays_graph(variant: str, frames: int) -> bool:
+    """Whether a warm call of ``variant`` replays a CUDA graph (the bench's timed calls follow a warm-up)."""
+    return variant != "upstream" and frames <= CUDA_GRAPH_MAX_FRAMES
 
 
 def load() -> list[Row]:
     """The rows the fit and check use, each labelled with the planner's variant and whether it was offloaded."""
     out: list[Row] = []
+    both = ("full", "aggregator")
+
+    def auto(v: str, frames: int) -> bool:
+        return v != "upstream" and frames >= OFFLOAD_AUTO_FRAMES
+
     renamed = {"upstream": "upstream", "exact": "exact_bf16", "fast": "fast"}
-    for r in rows_of(SOURCES["h100_latest"]):
+    for r in rows_of(SOURCES["h100_latest"], both):
         if r["variant"] in renamed:
             v = renamed[r["variant"]]
-            out.append(Row("H100 latest.json", "H100", v, v != "upstream" and r["frames"] >= OFFLOAD_AUTO_FRAMES,
-                           r["frames"], r["seconds"], r["peak_gib"], r["base_gib"], r["reserved_gib"], True))
-    for r in rows_of(SOURCES["h100_576aca9"]):
+            out.append(Row("H100 latest.json", "H100", v, auto(v, r["frames"]), r["frames"],
+                           r["seconds"] if r["part"] == "full" else None, r["peak_gib"], r["base_gib"],
+                           r["reserved_gib"], True, r["part"], graph=replays_graph(v, r["frames"])))
+    for r in rows_of(SOURCES["h100_576aca9"], both):
         if r["variant"] == "exact-offload_intermediates":
-            out.append(Row("H100 576aca9", "H100", "exact_bf16", False, r["frames"], r["seconds"], r["peak_gib"],
-                           r["base_gib"], r["reserved_gib"], True))
-        if r["variant"] == "fast" and r["frames"] == 800:  # a single cold call: memory only
+            out.append(Row("H100 576aca9", "H100", "exact_bf16", False, r["frames"],
+                           r["seconds"] if r["part"] == "full" else None, r["peak_gib"], r["base_gib"],
+                           r["reserved_gib"], True, r["part"]))
+        if r["variant"] in ("exact", "fast") and r["frames"] == 10:  # eager (no warm-up): memory only
+            out.append(Row("H100 576aca9", "H100", renamed[r["variant"]], False, 10, None, r["peak_gib"],
+                           r["base_gib"], None, True, r["part"]))
+        if r["variant"] == "fast" and r["frames"] == 800 and r["part"] == "full":  # a single cold call
             out.append(Row("H100 576aca9", "H100", "fast", True, 800, None, r["peak_gib"], r["base_gib"],
                            r["reserved_gib"], False))
     for r in rows_of(SOURCES["h200_latest"]):
         out.append(Row("H200 latest.json", "H200", r["variant"], r["variant"] != "upstream", r["frames"], r["seconds"],
                        r["peak_gib"], r["base_gib"], r["reserved_gib"], False))
     h200_new = {"upstream": "upstream", "exact": "exact", "exact+bf16_weights": "exact_bf16", "fast": "fast"}
-    for r in rows_of(SOURCES["h200_bf236ec"]):  # HELD OUT: the first runs of today's exact (no bf16_weights)
-        if r["variant"] in h200_new and r["frames"] >= 10:
-            v = h200_new[r["variant"]]
-            out.append(Row(LATER, "H200", v, v != "upstream" and r["frames"] >= OFFLOAD_AUTO_FRAMES,
-                           r["frames"], r["seconds"], r["peak_gib"], r["base_gib"], r["reserved_gib"], False))
+    for name, prefetch in (("h200_bf236ec", False), ("h200_7776b45", True)):
+        label = "H200 " + SOURCES[name].name
+        for r in rows_of(SOURCES[name], both):
+            if r["variant"] not in h200_new:
+                continue
+            v, n = h200_new[r["variant"]], r["frames"]
+            timed = r["part"] == "full" and n >= 10
+            held = prefetch and n == HELD_OUT_FRAMES_7776B45
+            out.append(Row(label, "H200", v, auto(v, n), n, r["seconds"] if timed else None, r["peak_gib"],
+                           r["base_gib"], r["reserved_gib"], not held, r["part"], prefetch and auto(v, n),
+                           replays_graph(v, n)))
     for r in rows_of(SOURCES["h200_seq"]):
         if r.get("gpus") == 1:
             out.append(Row("H200 sequence_parallel.json (1 GPU)", "H200", "exact_bf16", True, r["frames"],
@@ -118,53 +155,51 @@ def constants_with(memory: dict[str, Any], weights_bytes: float, time: Optional[
     return {"model": dict(MODEL, weights_bytes=weights_bytes), "memory": memory, "time": time or {}}
 
 
-def activations(k: dict[str, Any], v: str, offload: bool, frames: int) -> float:
-    """Predicted peak above weights and inputs (what the bench's peak_gib measures), GiB."""
-    allocated, _ = planner.peak_bytes(v, offload, frames, SIZE, SIZE, 1, k)
-    base = k["model"]["weights_bytes"] + frames * 3 * SIZE * SIZE * 4
-    return (allocated - base) / GIB
+def as_measured(k: dict[str, Any], r: Row) -> dict[str, Any]:
+    """``k`` as the code that measured ``r`` ran: without the prefetched chunk before 7776b45."""
+    if r.prefetch:
+        return k
+    return dict(k, model=dict(k["model"], heads_prefetch_chunks=0))
 
 
-def fit_memory(rows: list[Row], v: str, kept_bytes: int, weights_bytes: float) -> dict[str, Any]:
-    """A0, a, H0, h for one variant: least squares on relative errors of the activations' peak over the FIT rows."""
-    fit = [r for r in rows if r.variant == v and r.fit]
+def predicted(k: dict[str, Any], r: Row) -> tuple[float, float]:
+    """(weights + inputs, the phase ``r`` measures: the larger one, or the aggregator's) in GiB."""
+    base, aggregator, heads = planner.phases(r.variant, r.offload, r.frames, SIZE, SIZE, 1, as_measured(k, r))
+    phase = aggregator if r.part == "aggregator" else max(aggregator, heads)
+    return base / GIB, phase / GIB
+
+
+def reserved_ratio(rows: list[Row], variants: tuple[str, ...]) -> float:
+    """Whether it fits is decided on reserved memory: the allocator's reserve over the allocated peak, the median
+    over the long runs (>= 100 frames) of the fit set, where the peak is what matters. The presets share one ratio
+    (the same allocator pattern; today's exact alone has two such runs, both offloaded). 576aca9's reserved memory
+    includes the pool its earlier variants left: not used."""
+    return float(np.median([r.reserved_gib / r.peak_gib for r in rows if r.variant in variants and r.fit
+                            and not r.graph and r.reserved_gib and r.frames >= 100 and r.part == "full"
+                            and r.source != "H100 576aca9"]))
+
+
+def fit_memory(rows: list[Row], v: str, kept_bytes: int, weights_bytes: float,
+               h: Optional[float] = None) -> dict[str, Any]:
+    """A0, a, H0 (and h unless given: the presets take upstream's) for one variant: least squares on relative
+    errors of the activations' peak over the FIT rows that measured the working set (no graph replays)."""
+    fit = [r for r in rows if r.variant == v and r.fit and not r.graph]
+    ratio = reserved_ratio(rows, PRESETS if v in PRESETS else (v,))
 
     def params(x: np.ndarray) -> dict[str, Any]:
-        return {"A0": x[0] * GIB, "a": x[1] * 1e3, "H0": x[2] * GIB, "h": x[3] * 1e3, "kept_element_bytes": kept_bytes,
-                "reserved_ratio": 1.0, "remeasured": True}
+        return {"A0": x[0] * GIB, "a": x[1] * 1e3, "H0": x[2] * GIB, "h": x[3] * 1e3 if h is None else h,
+                "kept_element_bytes": kept_bytes, "reserved_ratio": ratio, "remeasured": True}
 
     def residuals(x: np.ndarray) -> np.ndarray:
         k = constants_with({v: params(x)}, weights_bytes)
-        return np.array([activations(k, v, r.offload, r.frames) / r.peak_gib - 1 for r in fit])
+        return np.array([predicted(k, r)[1] / r.peak_gib - 1 for r in fit])
 
     # The max() of the two phases has kinks: start from several points and keep the best fit.
-    starts = [np.array([a0, a, 1.0, h]) for a0 in (0.5, 2.0) for a in (5.0, 20.0, 40.0) for h in (0.3, 1.0)]
+    starts = [np.array([a0, a, h0, hh]) for a0 in (0.5, 2.0) for a in (5.0, 20.0, 40.0) for h0 in (1.0, 3.0)
+              for hh in (0.3, 1.0)]
     result = min((least_squares(residuals, x0=x0, bounds=(0, np.inf)) for x0 in starts), key=lambda res: res.cost)
     out = params(result.x)
-    # Whether it fits is decided on reserved memory: the allocator's reserve over the allocated peak, measured on
-    # the long runs (>= 100 frames) of the fit set, where the peak is what matters.
-    # (latest.json only: 576aca9's reserved memory includes the pool its earlier variants left.)
-    ratios = [r.reserved_gib / r.peak_gib for r in fit if r.reserved_gib and r.frames >= 100
-              and r.source == "H100 latest.json"]
-    out["reserved_ratio"] = float(np.median(ratios)) if ratios else 1.3
-    out["fit_rows"] = [f"{r.source}: {r.frames} frames{' offload' if r.offload else ''}" for r in fit]
-    return out
-
-
-def derive_exact(exact_bf16: dict[str, Any], upstream: dict[str, Any]) -> dict[str, Any]:
-    """Today's ``exact`` (since 2026-12-02: upstream's fp32 residual stream under autocast, bf16 copies of the
-    aggregator's matmul weights cached between calls) from the measured ``exact + bf16_weights``.
-
-    Analytic changes: the kept layer outputs are fp32 (4 bytes, not 2); what a block keeps alive per token (``a``)
-    at most doubles (every residual-width tensor fp32 instead of bf16), and cannot exceed upstream's own (the same
-    fp32 stream without chunked MLP and patch embed): the smaller of the two bounds. The cached bf16 copies (1.7 GiB)
-    replace bf16_weights' copy of the same size: ``A0`` unchanged. The heads are unchanged (fp32 inputs in both).
-    """
-    out = dict(exact_bf16)
-    out.update(kept_element_bytes=4, a=min(2 * exact_bf16["a"], upstream["a"]), remeasured=False,
-               note="exact: constants derived from exact+bf16_weights runs of 2026-11-24 (fp32 kept outputs, at most "
-                    "2x activations per token); not yet re-measured since exact dropped bf16_weights on 2026-12-02",
-               fit_rows=[])
+    out["fit_rows"] = [f"{r.source}: {r.part} {r.frames} frames{' offload' if r.offload else ''}" for r in fit]
     return out
 
 
@@ -179,27 +214,39 @@ def fit_time(rows: list[Row], v: str) -> dict[str, float]:
     return {"c": float(c), "a": float(a), "b": float(b)}
 
 
+def exact_over_bf16(rows: list[Row]) -> float:
+    """Today's exact against exact+bf16_weights, timed in the same H200 processes (FIT rows): the median ratio.
+    Only the H200 runs have today's exact, and only up to 100 frames: its curve is exact_bf16's (fitted up to
+    200 frames on the H100) times this ratio rather than a curve of its own."""
+    timed = {(r.source, r.frames, r.variant): r.seconds for r in rows if r.fit and r.seconds and r.gpu == "H200"}
+    return float(np.median([t / timed[(src, n, "exact_bf16")] for (src, n, v), t in timed.items()
+                            if v == "exact" and (src, n, "exact_bf16") in timed]))
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rows = load()
-    small = [r for r in rows if r.gpu == "H100" and r.frames in (1, 10)]
+    small = [r for r in rows if r.gpu == "H100" and r.frames in (1, 10) and r.part == "full"]
     weights_bytes = float(np.median([r.base_gib * GIB - r.frames * 3 * SIZE * SIZE * 4 for r in small]))
-    memory = {v: fit_memory(rows, v, kb, weights_bytes)
-              for v, kb in (("upstream", 4), ("exact_bf16", 2), ("fast", 2))}
-    memory["exact"] = derive_exact(memory["exact_bf16"], memory["upstream"])
+    memory = {"upstream": fit_memory(rows, "upstream", 4, weights_bytes)}
+    h = memory["upstream"]["h"]
+    memory.update({v: fit_memory(rows, v, kb, weights_bytes, h) for v, kb in (("exact", 4), ("exact_bf16", 2),
+                                                                               ("fast", 2))})
 
     fits = {v: fit_time(rows, v) for v in ("upstream", "exact_bf16", "fast")}
-    fits["exact"] = dict(fits["exact_bf16"])  # not re-measured (see derive_exact)
+    ratio = exact_over_bf16(rows)
+    fits["exact"] = {key: value * ratio for key, value in fits["exact_bf16"].items()}
     ref_tokens = planner.tokens_per_frame(SIZE, SIZE, constants_with(memory, weights_bytes))
-    time = {"reference_tokens": ref_tokens, "fits": fits, "gpus": {"H100": 1.0}}
-    k = constants_with(memory, weights_bytes, time)
-    # H200: one ratio, from the one-GPU exact run at 100 frames; its other runs are held out.
-    anchor = next(r for r in rows if r.gpu == "H200" and r.fit)
-    time["gpus"]["H200"] = anchor.seconds / planner.seconds("exact_bf16", True, anchor.frames, SIZE, SIZE, 1, "H100", k)
+    time = {"reference_tokens": ref_tokens, "fits": fits, "gpus": {"H100": 1.0}, "exact_over_exact_bf16": ratio}
     # Offloading's cost: exact with vs without at 100 and 200 frames on the H100 (576aca9, same process).
     a576 = {(r["variant"], r["frames"]): r["seconds"] for r in rows_of(SOURCES["h100_576aca9"])}
     time["no_offload_factor"] = float(np.mean([a576[("exact-offload_intermediates", s)] / a576[("exact", s)]
                                                for s in (100, 200)]))
+    k = constants_with(memory, weights_bytes, time)
+    # H200: one ratio, the median of measured / H100-predicted over the H200's timed FIT rows of >= 10 frames.
+    h200 = [r for r in rows if r.gpu == "H200" and r.fit and r.seconds and r.frames >= 10]
+    time["gpus"]["H200"] = float(np.median(
+        [r.seconds / planner.seconds(r.variant, r.offload, r.frames, SIZE, SIZE, 1, "H100", k) for r in h200]))
     k["calibration"] = {
         "script": "benchmarks/plan_calibration.py", "sources": {n: str(p.relative_to(ROOT)) for n, p in SOURCES.items()},
         "image_size": f"{SIZE}x{SIZE}", "measured_at_518x392": False,
@@ -211,47 +258,57 @@ def main() -> None:
     log.info("wrote %s and %s", out.relative_to(ROOT), (RESULTS / "plan_check.md").relative_to(ROOT))
 
 
-def check(rows: list[Row], k: dict[str, Any]) -> str:
-    """The held-out table (and the fit's own residuals, for reference) as markdown."""
-    def line(r: Row) -> str:
-        allocated, reserved = planner.peak_bytes(r.variant, r.offload, r.frames, SIZE, SIZE, 1, k)
-        total_err = allocated / GIB / r.total_gib - 1
-        act = activations(k, r.variant, r.offload, r.frames)
-        act_err = act / r.peak_gib - 1
-        pred_t = planner.seconds(r.variant, r.offload, r.frames, SIZE, SIZE, 1, r.gpu, k)
-        t = (f"{pred_t:.2f} | {r.seconds:.2f} | {100 * (pred_t / r.seconds - 1):+.1f} %"
-             if r.seconds and pred_t else "- | - | -")
-        return (f"| {r.gpu} | {r.variant} | {'on' if r.offload else 'off'} | {r.frames} | {allocated / GIB:.2f} | "
-                f"{r.total_gib:.2f} | {100 * total_err:+.1f} % | {act:.2f} | {r.peak_gib:.2f} | {100 * act_err:+.1f} % | "
-                f"{t} | {r.source} |")
+HEAD = ("| GPU | variant | part | offload | prefetch | frames | peak GiB pred. | meas. | err | activations pred. | "
+        "meas. | err | s pred. | meas. | err | source |\n|" + "---|" * 16)
 
-    head = ("| GPU | variant | offload | frames | peak GiB pred. | meas. | err | activations pred. | meas. | err | "
-            "s pred. | meas. | err | source |\n|" + "---|" * 14)
-    since = [r for r in rows if r.source.startswith(LATER)]
-    held = [r for r in rows if not r.fit and r not in since]
+
+def line(r: Row, k: dict[str, Any]) -> str:
+    """One row of the check: predicted vs measured peak (total and activations alone) and seconds."""
+    base, phase = predicted(k, r)
+    if r.graph:  # the allocated peak leaves the graph's pool out: nothing to compare
+        memory = f"{base + phase:.2f} | {r.total_gib:.2f} | graph | {phase:.2f} | {r.peak_gib:.2f} | graph"
+    else:
+        memory = (f"{base + phase:.2f} | {r.total_gib:.2f} | {100 * ((base + phase) / r.total_gib - 1):+.1f} % | "
+                  f"{phase:.2f} | {r.peak_gib:.2f} | {100 * (phase / r.peak_gib - 1):+.1f} %")
+    pred_t = planner.seconds(r.variant, r.offload, r.frames, SIZE, SIZE, 1, r.gpu, k)
+    t = (f"{pred_t:.2f} | {r.seconds:.2f} | {100 * (pred_t / r.seconds - 1):+.1f} %"
+         if r.seconds and pred_t else "- | - | -")
+    prefetch = ("on" if r.prefetch else "off") if r.offload else "-"
+    return (f"| {r.gpu} | {r.variant} | {r.part} | {'on' if r.offload else 'off'} | {prefetch} | {r.frames} | "
+            f"{memory} | {t} | {r.source} |")
+
+
+def check(rows: list[Row], k: dict[str, Any]) -> str:
+    """The held-out table and the fit's own residuals as markdown."""
+    held = [r for r in rows if not r.fit]
     fitted = [r for r in rows if r.fit]
     return "\n".join([
         "# Planner check (generated by `benchmarks/plan_calibration.py`; do not edit)", "",
         "Peak = weights + inputs + activations (max_memory_allocated; the bench's base_gib + peak_gib); "
-        "activations = the bench's peak_gib alone. Targets: peak within 10 %, seconds within 15 %. "
-        "All runs at 518x518, batch 1, bf16 autocast, torch 2.11; `exact_bf16` = the exact preset before "
-        "2026-12-02 (with bf16_weights). H200 seconds = H100 fit x one ratio taken from the H200's exact run at "
-        "100 frames.", "",
-        "## Held out (not used for fitting)", "", head, *map(line, held), "",
-        f"## Checked since the fit: {LATER} (not refitted yet)", "",
-        "The first runs of today's `exact` (no bf16_weights) and of the others at 10, 32 and 100 frames on the H200. "
-        "They show where the constants miss: at 32 frames every preset's peak is under-predicted by 17-23 % (the "
-        "activations by 31-44 %), and exact's seconds by up to 24 % (this H200 had no FlashAttention-4, the H100 "
-        "runs the fit comes from had it). A refit that uses them is the next step; until then `reconstruct` still "
-        "answers an out-of-memory error with one line and leaves nothing partial.", "",
-        head, *map(line, since), "",
-        "## Fit set (residuals, for reference)", "", head, *map(line, fitted), "",
+        "activations = the bench's peak_gib alone. Part `full`: the forward's peak; `aggregator`: the peak up to the "
+        "aggregator's end (the planner's aggregator phase). Targets: peak within 10 %, seconds within 15 %. "
+        "All runs at 518x518, batch 1, bf16 autocast, torch 2.11; `exact_bf16` = today's exact + bf16_weights (the "
+        "exact preset before 2026-12-02); prefetch: whether the DPT heads prefetched the next offloaded chunk "
+        "(since 7776b45; rows before it are predicted without). Seconds: per-variant curves fitted on the H100 "
+        "(today's `exact`: exact_bf16's times the ratio between the two in the same H200 runs), H200 = the H100 "
+        "curve times one ratio fitted on the H200's rows of the fit set. The 2026-12-02 H200 runs had no "
+        "FlashAttention-4, the H100 runs and the sequence-parallel H200 run had it.", "",
+        "## Held out (not used for fitting)", "",
+        "Today's code (7776b45) at 32 frames, a frame count of its own (bf236ec's 32-frame rows, before the "
+        "prefetch, are in the fit), and the long runs: 400 and 800 frames.", "",
+        HEAD, *(line(r, k) for r in held), "",
+        "## Fit set (residuals, for reference)", "",
+        "`graph`: the presets' warm calls of <= 16 frames replay a CUDA graph; its pool is not allocated memory, so "
+        "these peaks are not the working set and are not fitted (their seconds are).", "",
+        HEAD, *(line(r, k) for r in fitted), "",
         "## Not measured yet", "",
-        "- Nothing at 518x392: the planner scales by tokens (activations) and pixels (heads) from 518x518.",
-        "- Today's `exact` (no bf16_weights since 2026-12-02): memory derived analytically from `exact_bf16`, "
-        "seconds taken from `exact_bf16`.",
+        "- Nothing at 518x392: the planner scales by tokens (activations) and pixels (heads) from 518x518 "
+        "(`benchmarks/plan_measure.sh` measures it).",
+        "- Today's `exact` only up to 100 frames (H200): its long-sequence memory is extrapolated from 32 and 100 "
+        "frames, its seconds are exact_bf16's curve times one ratio.",
+        "- The presets' heads below 8 frames: `h` (the DPT heads' working set per pixel) is upstream's.",
         "- No frame counts between 200 and 800 on the H100, none of 150/300/600 anywhere; `fast` and upstream "
-        "without offloading at > 200 frames only at 800.",
+        "without offloading at > 200 frames only at 800, and only before 7776b45.",
         "",
     ])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 
 from vggt_turbo import TurboConfig
 from vggt_turbo.bench import main
+from vggt_turbo.bench.meta import image_size_label, parse_image_size
 from vggt_turbo.bench.report import report_main
 from vggt_turbo.bench.variants import DISTRIBUTED_FIELDS, MODIFIER_FIELDS, flag_variants, select_variants
 from vggt_turbo.config import AUTO_FLAGS, PRESETS
@@ -60,6 +62,31 @@ def test_schema(sweep: Path) -> None:
         if r["variant"] == "upstream":
             assert r["speedup_vs_upstream"] == 1.0 and r["max_rel_err_vs_upstream"] == 0.0
             assert r["pose_rot_err_deg"] == (0.0 if r["part"] == "full" else None)
+
+
+@pytest.mark.parametrize("text, hw", [("518", (518, 518)), ("518x392", (392, 518)), ("518X392", (392, 518)),
+                                      (" 70 x 56 ", (56, 70)), ("518×392", (392, 518))])
+def test_image_size_is_a_side_or_width_by_height(text: str, hw: tuple[int, int]) -> None:
+    assert parse_image_size(text) == hw
+    assert image_size_label(hw) == (hw[0] if hw[0] == hw[1] else f"{hw[1]}x{hw[0]}")
+
+
+@pytest.mark.parametrize("text", ["", "518x", "x392", "518x392x3", "abc", "0", "500", "518x400", "-518"])
+def test_image_size_refuses_what_is_not_a_patch_grid(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_image_size(text)
+
+
+def test_non_square_frames(tmp_path: Path) -> None:
+    """``--image-size WxH`` runs frames of H rows and W columns, and says so in the meta and the report."""
+    assert bench(tmp_path, "--frames", "2", "--variants", "upstream,exact", "--image-size", "70x56",
+                 "--phases", "off") == 0
+    data = load(tmp_path / "cpu")
+    assert data["meta"]["image_size"] == "70x56" and data["meta"]["image_hw"] == [56, 70]
+    assert {(r["variant"], r["part"]) for r in data["rows"]} == {
+        (v, p) for v in ("upstream", "exact") for p in ("full", "aggregator")}
+    assert all("error" not in r for r in data["rows"])
+    assert "images 70×56" in (tmp_path / "cpu" / "latest.md").read_text()
 
 
 def test_errors(sweep: Path) -> None:

@@ -35,28 +35,51 @@ def test_tokens_per_frame_is_the_patch_grid_plus_five_special_tokens() -> None:
     assert planner.tokens_per_frame(392, 518) == 28 * 37 + 5
 
 
+def as_measured(prefetch: str) -> dict:
+    """The committed constants as the row's code ran: rows measured before the heads' prefetch say "off"."""
+    k = planner.constants()
+    return k if prefetch != "off" else dict(k, model=dict(k["model"], heads_prefetch_chunks=0))
+
+
 @pytest.mark.parametrize("section", ["Held out (not used for fitting)", "Fit set (residuals, for reference)"])
 def test_committed_table_is_what_the_committed_constants_predict(section: str) -> None:
     rows = check_rows(section)
     assert rows
-    for gpu, variant, offload, frames, peak, *_rest in rows:
-        allocated, _ = planner.peak_bytes(variant, offload == "on", int(frames), 518, 518)
-        assert allocated / planner.GIB == pytest.approx(float(peak), abs=0.006), (variant, frames)
-        spred = _rest[5]
+    for gpu, variant, part, offload, prefetch, frames, peak, *rest in rows:
+        base, aggregator, heads = planner.phases(variant, offload == "on", int(frames), 518, 518, 1,
+                                                 as_measured(prefetch))
+        phase = aggregator if part == "aggregator" else max(aggregator, heads)
+        assert (base + phase) / planner.GIB == pytest.approx(float(peak), abs=0.006), (variant, part, frames)
+        if part == "full" and prefetch != "off":
+            assert planner.peak_bytes(variant, offload == "on", int(frames), 518, 518)[0] == base + phase
+        spred = rest[5]
         if spred != "-":
             t = planner.seconds(variant, offload == "on", int(frames), 518, 518, 1, gpu)
             assert t == pytest.approx(float(spred), abs=0.006)
 
 
 def test_held_out_errors_within_targets() -> None:
-    """10 % on peak memory and 15 % on seconds; fast at 800 frames is the one known miss (+11 %, on the side of
-    'does not fit'), bounded here so that it cannot grow unnoticed."""
+    """10 % on the forward's peak memory and 15 % on seconds, on every held-out run."""
     rows = check_rows("Held out (not used for fitting)")
-    assert {r[1] for r in rows} >= {"upstream", "fast", "exact_bf16"}
-    for gpu, variant, offload, frames, peak, meas, err, *rest in rows:
-        assert abs(pct(err)) <= (12.0 if variant == "fast" else 10.0), (gpu, variant, frames, err)
+    assert {r[1] for r in rows} >= {"upstream", "exact", "fast", "exact_bf16"}
+    for gpu, variant, part, offload, prefetch, frames, peak, meas, err, *rest in rows:
+        if part == "full":
+            assert abs(pct(err)) <= 10.0, (gpu, variant, frames, err)
         if rest[5] != "-":
             assert abs(pct(rest[5])) <= 15.0, (gpu, variant, frames, rest[5])
+
+
+def test_offloading_prefetch_holds_one_more_chunk_in_the_heads_dtype() -> None:
+    """Since the heads prefetch offloaded chunks, a long offloaded call's heads phase holds two fp32 chunks of the
+    kept layers (8 frames, 4 layers, 2*1024 channels): bf16 storage does not halve them."""
+    k = planner.constants()
+    without = dict(k, model=dict(k["model"], heads_prefetch_chunks=0))
+    chunk = 8 * planner.tokens_per_frame(518, 518) * 4 * 2048 * 4
+    for variant in ("exact", "fast"):
+        heads = planner.phases(variant, True, 100, 518, 518, 1)[2]
+        assert heads - planner.phases(variant, True, 100, 518, 518, 1, without)[2] == chunk
+    # no next chunk to prefetch within one chunk of frames
+    assert planner.phases("fast", True, 8, 518, 518, 1)[2] == planner.phases("fast", True, 8, 518, 518, 1, without)[2]
 
 
 def test_max_frames_is_the_boundary_of_fits() -> None:
@@ -80,9 +103,10 @@ def test_seconds_only_where_calibrated() -> None:
     assert fast < slow
 
 
-def test_today_exact_is_marked_not_remeasured_and_needs_more_than_exact_bf16() -> None:
+def test_today_exact_is_measured_and_needs_more_than_exact_bf16() -> None:
+    """Today's exact keeps an fp32 residual stream and fp32 kept layers: more memory than with bf16_weights."""
     exact = vggt_turbo.plan(300, memory=80).estimate("exact", False)
-    assert not exact.remeasured and "not yet re-measured" in exact.note
+    assert exact.remeasured and not exact.note
     assert planner.peak_bytes("exact", False, 300, 392, 518)[0] > planner.peak_bytes("exact_bf16", False, 300, 392, 518)[0]
 
 

@@ -10,17 +10,24 @@ Peak GPU memory (bytes) of one forward, with T = B*S*P tokens and P = (H/14)(W/1
 
     weights (fp32)  + inputs (B*S*3*H*W*4)  + max(aggregator phase, heads phase)
     aggregator phase = A0 + kept + a*T
-    heads phase      = H0 + kept on the GPU + outputs + h * min(B*S, 8) * H * W
+    heads phase      = H0 + kept + fetched + outputs + h * min(B*S, 8) * H * W
 
 ``kept`` is the 4 layer outputs the heads read (2*1024 channels per token, fp32 where the residual stream is fp32,
-bf16 under ``bf16_weights``); with ``offload_intermediates`` they live in host memory and only the heads' chunk of
-8 frames comes back. ``outputs`` are the depth, point maps and confidences (6 fp32 values per pixel). ``a`` (what
-one block keeps alive per token), ``A0`` (cached bf16 weight copies, workspaces), ``h`` (a DPT head's working set
-per pixel of its chunk) and ``H0`` are fitted per variant. Whether a run fits compares the peak *reserved* memory
-(allocated peak times the variant's measured reserved/allocated ratio, plus the CUDA context) with the GPU's.
+bf16 under ``bf16_weights``). The DPT heads compute in fp32 and read 8 frames at a time: ``fetched`` is the fp32
+copy of that chunk which the heads' input wrappers make when the kept layers are not already fp32 on the GPU
+(bf16, or in host memory). With ``offload_intermediates`` the kept layers live in host memory (``kept`` = 0) and
+each DPT head also prefetches the next chunk while the current one computes, so two chunks are resident.
+``outputs`` are the depth, point maps and confidences (6 fp32 values per pixel). ``a`` (what one block keeps
+alive per token), ``A0`` (cached bf16 weight copies, workspaces), ``H0`` are fitted per variant; ``h`` (a DPT
+head's working set per pixel of its chunk) is fitted on upstream, the only runs with chunks of fewer than 8
+frames, and shared by the presets, which run the same fp32 heads. Whether a run fits compares the peak *reserved*
+memory (allocated peak times the variant's measured reserved/allocated ratio, plus the CUDA context) with the GPU's.
+Short calls of the presets replay a CUDA graph whose private pool holds the same working set: the estimate is that
+working set, pool or not.
 
 Seconds: ``c + a*F + b*F**2`` with F = T / 1374 (frames at 518x518), the square being global attention; fitted per
-variant on an H100 and scaled by one measured ratio for an H200; other GPUs are "not calibrated".
+variant on an H100 (today's ``exact``: the old bf16-weights preset's curve times the ratio measured between the two
+in the same H200 runs) and scaled by one measured ratio for an H200; other GPUs are "not calibrated".
 """
 
 from __future__ import annotations
@@ -128,26 +135,41 @@ def tokens_per_frame(height: int, width: int, k: Optional[dict[str, Any]] = None
     return (height // patch) * (width // patch) + model["special_tokens"]
 
 
-def peak_bytes(variant: str, offload: bool, frames: int, height: int, width: int, batch: int = 1,
-               k: Optional[dict[str, Any]] = None) -> tuple[float, float]:
-    """(peak allocated, peak reserved + context) in bytes for one forward; see the module docstring.
+def phases(variant: str, offload: bool, frames: int, height: int, width: int, batch: int = 1,
+           k: Optional[dict[str, Any]] = None) -> tuple[float, float, float]:
+    """(weights + inputs, aggregator phase, heads phase) in bytes; see the module docstring.
 
     ``k``: constants to use instead of the committed ones (the calibration script fits through this function, so
     the planner and its fit cannot disagree)."""
     k = k or constants()
     model, mem = k["model"], k["memory"][variant]
     n = batch * frames
-    tokens = n * tokens_per_frame(height, width, k)
-    kept_per_token = len(model["kept_layers"]) * 2 * model["embed_dim"] * mem["kept_element_bytes"]
+    per_frame = tokens_per_frame(height, width, k)
+    tokens = n * per_frame
+    values_per_token = len(model["kept_layers"]) * 2 * model["embed_dim"]
     chunk = min(n, model["heads_chunk_frames"])
-    kept = tokens * kept_per_token
-    kept_gpu = (chunk * tokens_per_frame(height, width, k) * kept_per_token) if offload else kept
+    heads_bytes = model["heads_element_bytes"]
+    kept = 0.0 if offload else tokens * values_per_token * mem["kept_element_bytes"]
+    chunks_fetched = 0
+    if offload:  # this chunk, and the next one while there is one
+        chunks_fetched = 1 + (model["heads_prefetch_chunks"] if n > chunk else 0)
+    elif mem["kept_element_bytes"] != heads_bytes:  # converted to the heads' dtype one chunk at a time
+        chunks_fetched = 1
+    fetched = chunks_fetched * chunk * per_frame * values_per_token * heads_bytes
     outputs = n * height * width * model["head_output_values"] * 4
-    aggregator = mem["A0"] + (0.0 if offload else kept) + mem["a"] * tokens
-    heads = mem["H0"] + kept_gpu + outputs + mem["h"] * chunk * height * width
+    aggregator = mem["A0"] + kept + mem["a"] * tokens
+    heads = mem["H0"] + kept + fetched + outputs + mem["h"] * chunk * height * width
     base = model["weights_bytes"] + n * 3 * height * width * 4
+    return base, aggregator, heads
+
+
+def peak_bytes(variant: str, offload: bool, frames: int, height: int, width: int, batch: int = 1,
+               k: Optional[dict[str, Any]] = None) -> tuple[float, float]:
+    """(peak allocated, peak reserved + context) in bytes for one forward; ``k`` as in ``phases``."""
+    k = k or constants()
+    base, aggregator, heads = phases(variant, offload, frames, height, width, batch, k)
     allocated = base + max(aggregator, heads)
-    reserved = base + max(aggregator, heads) * mem["reserved_ratio"] + model["context_bytes"]
+    reserved = base + max(aggregator, heads) * k["memory"][variant]["reserved_ratio"] + k["model"]["context_bytes"]
     return allocated, reserved
 
 

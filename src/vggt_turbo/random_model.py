@@ -14,7 +14,7 @@ tell a wrong patch from a right one.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Union
 
 import torch
 from torch import nn
@@ -78,7 +78,10 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def random_images(frames: int, size: int = SMALL_IMAGE, batch: int = 1, seed: int = 0) -> torch.Tensor:
-    """(batch, frames, 3, size, size) images in [0, 1]."""
+def random_images(frames: int, size: Union[int, tuple[int, int]] = SMALL_IMAGE, batch: int = 1,
+                  seed: int = 0) -> torch.Tensor:
+    """(batch, frames, 3, H, W) images in [0, 1]; ``size``: the side of square frames, or (H, W) for others
+    (upstream's loader gives 518 wide and a height that keeps the aspect: 518x392 for 4:3 photos)."""
+    height, width = (size, size) if isinstance(size, int) else size
     gen = torch.Generator().manual_seed(seed)
-    return torch.rand(batch, frames, 3, size, size, generator=gen)
+    return torch.rand(batch, frames, 3, height, width, generator=gen)

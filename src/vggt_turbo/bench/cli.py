@@ -20,7 +20,7 @@ import torch
 from .fidelity import find_examples
 from ..random_model import SMALL_IMAGE, build_vggt, random_images
 from . import precision
-from .meta import device_slug, make_meta
+from .meta import device_slug, make_meta, parse_image_size
 from .parallel import run_parallel
 from .report import (
     PLOT_VARIANTS,
@@ -172,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
             {"meta": {**meta, "runs": [run_summary(meta)]}, "rows": list(data["rows"]), "phases": list(data["phases"])}
         )
 
-    print(f"vggt-turbo bench: {meta['gpu']}, {args.size} model, {args.image_size}px, frames {frames}, "
+    print(f"vggt-turbo bench: {meta['gpu']}, {args.size} model, {meta['image_size']} px, frames {frames}, "
           f"variants {[v.name for v in variants]}, part {args.part}, {args.warmup} warm-up + {args.repeats} timed"
           + (f", phases at {at} frames" if at is not None else "") + f" -> {out_dir}", flush=True)
     build_start = time.perf_counter()
@@ -268,7 +268,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         f"'on' at {CUDA_PHASE_FRAMES} (CUDA) / {max(CPU_FRAMES)} (CPU); 'auto' (default) does that only when "
         "that count is in --frames, re-using the timed calls")
     add("--size", choices=("full", "small"), help="model size (default: full on CUDA, small on the CPU)")
-    add("--image-size", type=int, help=f"square image side (default {FULL_IMAGE} for full, {SMALL_IMAGE} for small)")
+    add("--image-size", type=parse_image_size, metavar="N|WxH", help=f"frame size: N for square frames or WxH, "
+        f"e.g. 518x392 (multiples of 14; default {FULL_IMAGE} for full, {SMALL_IMAGE} for small)")
     add("--device", help="torch device (default: cuda if available, else cpu)")
     add("--merge", action="store_true", help="merge into an existing <out>/<slug>/latest.json (same (variant, "
         "frames, part) rows replaced, others kept) instead of starting a new one")
@@ -303,7 +304,8 @@ def _device(args: argparse.Namespace) -> Optional[torch.device]:
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     args.size = args.size or ("full" if device.type == "cuda" else "small")
-    args.image_size = args.image_size or (FULL_IMAGE if args.size == "full" else SMALL_IMAGE)
+    side = FULL_IMAGE if args.size == "full" else SMALL_IMAGE
+    args.image_size = args.image_size or (side, side)
     return device
 
 
@@ -324,7 +326,7 @@ def run_precision_command(args: argparse.Namespace) -> int:
         print("error: --frames and --batches need at least one count each", file=sys.stderr)
         return 2
     examples = args.examples or find_examples()
-    size_hw = (392, 518) if args.size == "full" else (args.image_size, args.image_size)
+    size_hw = (392, 518) if args.size == "full" else args.image_size
     model = build_vggt(args.size, enable_track=True).to(device)
     rows, kinds = precision.run_precision(model, device, frames, batches, examples if args.size == "full" else None,
                                           size_hw=size_hw)

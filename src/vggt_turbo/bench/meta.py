@@ -17,6 +17,29 @@ import torch
 from ..upstream import PINNED_COMMIT
 
 
+PATCH = 14  # VGGT's patch size: image sides must be multiples of it
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """``--image-size``: ``N`` (square frames) or ``WxH`` (width first, as image sizes are written: ``518x392`` is
+    upstream's loader's frame for 4:3 photos), returned as (H, W), the order of the image tensors' last two axes."""
+    match = re.fullmatch(r"\s*(\d+)\s*(?:[x×]\s*(\d+)\s*)?", text.lower())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"image size {text!r}: N or WxH, e.g. 518 or 518x392")
+    width = int(match.group(1))
+    height = int(match.group(2) or width)
+    if width < PATCH or height < PATCH or width % PATCH or height % PATCH:
+        raise argparse.ArgumentTypeError(f"image size {text!r}: sides must be positive multiples of {PATCH}")
+    return height, width
+
+
+def image_size_label(hw: tuple[int, int]) -> Any:
+    """What the meta records as ``image_size``: the side for square frames (as every earlier run recorded it, so
+    their results still merge), ``"WxH"`` otherwise."""
+    height, width = hw
+    return width if height == width else f"{width}x{height}"
+
+
 def device_slug(device: torch.device, size: str) -> str:
     """``nvidia-h100-80gb-hbm3`` on that GPU, ``cpu`` on the CPU; ``-<size>`` added for a non-default size."""
     if device.type == "cuda":
@@ -81,7 +104,8 @@ def make_meta(args: argparse.Namespace, device: torch.device, started: datetime.
         "upstream_commit_source": source,
         "device": str(device),
         "size": args.size,
-        "image_size": args.image_size,
+        "image_size": image_size_label(args.image_size),
+        "image_hw": list(args.image_size),
         "batch": 1,
         "autocast": "bfloat16" if cuda else "none (float32)",
         "warmup": args.warmup,

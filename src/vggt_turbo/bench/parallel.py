@@ -239,7 +239,8 @@ def _sweep(args: argparse.Namespace, variants: list[Variant], frames_list: Optio
     cuda = device.type == "cuda"
     frames_list = frames_list or list(CUDA_FRAMES if cuda else CPU_FRAMES)
     args.size = args.size or ("full" if cuda else "small")
-    args.image_size = args.image_size or (FULL_IMAGE if args.size == "full" else SMALL_IMAGE)
+    side = FULL_IMAGE if args.size == "full" else SMALL_IMAGE
+    args.image_size = args.image_size or (side, side)
     args.part = "full"
     out_dir = Path(args.out) / device_slug(device, args.size)
     meta = {**make_meta(args, device, started), "gpus": ranks.world, "backend": dist.get_backend(),
@@ -248,7 +249,7 @@ def _sweep(args: argparse.Namespace, variants: list[Variant], frames_list: Optio
     rows = load_rows(out_dir) if args.merge and ranks.rank == 0 else []
     if ranks.rank == 0:
         print(f"vggt-turbo bench --sequence-parallel: {meta['gpu']} x {ranks.world}, {args.size} model, "
-              f"{args.image_size}px, frames {frames_list}, variants {[v.name for v in variants]} -> {out_dir}", flush=True)
+              f"{meta['image_size']} px, frames {frames_list}, variants {[v.name for v in variants]} -> {out_dir}", flush=True)
     t0 = time.perf_counter()
     model = build_vggt(args.size, seed=0, enable_track=False).to(device)
     log.info("rank %d: model built in %.1f s", ranks.rank, time.perf_counter() - t0)

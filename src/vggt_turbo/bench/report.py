@@ -187,6 +187,12 @@ def _pivot(rows: list[dict], part: str) -> tuple[list[int], list[str], dict[tupl
     return frames, variants, {(r["variant"], r["frames"]): r for r in sel}
 
 
+def _frame_size(meta: dict) -> str:
+    """W×H of the run's frames (``image_hw``; runs before it recorded the side of square frames only)."""
+    height, width = meta.get("image_hw") or (meta.get("image_size"),) * 2
+    return f"{width}×{height}"
+
+
 def markdown(data: dict) -> str:
     meta, rows, phases = data.get("meta", {}), data.get("rows", []), data.get("phases", [])
     exact = {r["variant"]: r.get("exact") for r in rows}
@@ -194,7 +200,7 @@ def markdown(data: dict) -> str:
     lines.append(
         f"torch {meta.get('torch')}, CUDA {meta.get('cuda')}, upstream vggt `{str(meta.get('upstream_commit'))[:12]}`, "
         f"vggt-turbo `{meta.get('vggt_turbo_commit')}`, {meta.get('date')}. Model: {meta.get('size')} "
-        f"({meta.get('weights', 'random init')}), images {meta.get('image_size')}×{meta.get('image_size')}, "
+        f"({meta.get('weights', 'random init')}), images {_frame_size(meta)}, "
         f"B={meta.get('batch', 1)}, autocast {meta.get('autocast')}. {_calls_text(meta)}, {meta.get('timer')}, all "
         "variants of a run in one process on the same weights and inputs."
     )
