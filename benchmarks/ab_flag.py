@@ -34,7 +34,7 @@ import vggt_turbo
 from vggt_turbo.bench.meta import turbo_commit, upstream_commit
 from vggt_turbo.config import TurboConfig
 from vggt_turbo.patches import switched_off
-from vggt_turbo.patches.cuda_graphs import graph_cache
+from vggt_turbo.patches.runtime.cuda_graphs import graph_cache
 from vggt_turbo.random_model import build_vggt, random_images
 
 log = logging.getLogger("ab_flag")

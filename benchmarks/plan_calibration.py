@@ -54,7 +54,7 @@ SOURCES = {
 }
 GIB = 1024**3
 SIZE = 518
-OFFLOAD_AUTO_FRAMES = 32  # patches.offload_intermediates.OFFLOAD_AUTO_FRAMES (not imported: it imports torch)
+OFFLOAD_AUTO_FRAMES = 32  # patches.runtime.offload_intermediates.OFFLOAD_AUTO_FRAMES (not imported: it imports torch)
 CUDA_GRAPH_MAX_FRAMES = 16  # TurboConfig.cuda_graph_max_frames: the presets replay a graph up to this length
 HELD_OUT_FRAMES_7776B45 = 32
 

@@ -44,7 +44,7 @@ from vggt_turbo.bench.fidelity import relative_error
 from vggt_turbo.kernels.attention import AttentionPolicy
 from vggt_turbo.kernels.qk_norm_rope import compute_dtype, qk_norm_rope, triton_covers, triton_installed
 from vggt_turbo.patches._rope_table import table_published
-from vggt_turbo.patches.sync_free_rope import rope_forward
+from vggt_turbo.patches.aggregator.sync_free_rope import rope_forward
 
 log = logging.getLogger("qk_norm_rope_bench")
 

@@ -11,7 +11,7 @@ import torch
 from helpers import assert_equal, only, run
 
 import vggt_turbo
-from vggt_turbo.patches import cached_casts
+from vggt_turbo.patches.aggregator import cached_casts
 
 CONFIG = only("cached_casts")
 

@@ -10,7 +10,8 @@ from helpers import assert_close, assert_unchanged, layer_outputs, only, patched
 
 import vggt_turbo
 from vggt_turbo import patching
-from vggt_turbo.patches import ALL_PATCHES, chunked_patch_embed
+from vggt_turbo.patches import ALL_PATCHES
+from vggt_turbo.patches.patch_embed import chunked_patch_embed
 from vggt_turbo.random_model import random_images
 
 FRAMES = 5  # above the chunk: slices of 2, 2 and 1 frames

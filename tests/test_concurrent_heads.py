@@ -10,7 +10,7 @@ import torch
 from helpers import NO_FLAGS, assert_equal, needs_cuda, only, run
 
 import vggt_turbo
-from vggt_turbo.patches import concurrent_heads as patch
+from vggt_turbo.patches.heads import concurrent_heads as patch
 from vggt_turbo.random_model import random_images
 
 

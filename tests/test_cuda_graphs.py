@@ -11,7 +11,7 @@ import torch
 from helpers import needs_cuda
 
 import vggt_turbo
-from vggt_turbo.patches import cuda_graphs
+from vggt_turbo.patches.runtime import cuda_graphs
 from vggt_turbo.random_model import build_vggt, random_images
 
 OUTPUTS = ("pose_enc", "depth", "depth_conf", "world_points", "world_points_conf")

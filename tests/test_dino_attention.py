@@ -13,7 +13,7 @@ from helpers import NO_FLAGS, assert_close, only
 import vggt_turbo
 from vggt_turbo.kernels import flash_attention_4 as fa4
 from vggt_turbo.kernels.attention import AttentionPolicy
-from vggt_turbo.patches import dino_attention as patch
+from vggt_turbo.patches.patch_embed import dino_attention as patch
 from vggt_turbo.random_model import random_images
 
 SIZE = 28

@@ -10,7 +10,7 @@ import torch
 from helpers import NO_FLAGS, assert_close, assert_equal, needs_cuda, only, run
 
 import vggt_turbo
-from vggt_turbo.patches import dpt_channels_last as patch
+from vggt_turbo.patches.heads import dpt_channels_last as patch
 from vggt_turbo.random_model import random_images
 
 

@@ -19,7 +19,7 @@ from helpers import NO_FLAGS, assert_equal, count_calls, needs_cuda_triton, need
 import vggt_turbo
 from vggt_turbo.kernels import conv_epilogue as ce
 from vggt_turbo.kernels import triton_installed
-from vggt_turbo.patches import fused_dpt_epilogue as patch
+from vggt_turbo.patches.heads import fused_dpt_epilogue as patch
 from vggt_turbo.random_model import random_images
 from vggt_turbo.upstream import DPT_HEADS, dpt_heads
 

@@ -18,7 +18,7 @@ from helpers import NO_FLAGS, assert_equal, needs_cuda_triton, needs_interpreter
 
 import vggt_turbo
 from vggt_turbo.kernels import bilinear as bl
-from vggt_turbo.patches import fused_dpt_upsample as patch
+from vggt_turbo.patches.heads import fused_dpt_upsample as patch
 from vggt_turbo.random_model import random_images
 
 

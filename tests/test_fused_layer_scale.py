@@ -16,7 +16,7 @@ from helpers import NO_FLAGS, assert_close, assert_equal, count_calls, needs_cud
 import vggt_turbo
 from vggt_turbo.kernels import scale_add as sa
 from vggt_turbo.kernels import triton_installed
-from vggt_turbo.patches import fused_layer_scale as patch
+from vggt_turbo.patches.aggregator import fused_layer_scale as patch
 
 
 # (rows, C, x dtype, branch dtype, gamma dtype): bf16 weights; upstream-autocast (fp32 stream, bf16 branch,

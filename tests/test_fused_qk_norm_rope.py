@@ -29,7 +29,8 @@ from vggt_turbo import IncompatibleUpstreamError
 from vggt_turbo.kernels import qk_norm_rope as kernel_module
 from vggt_turbo.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_reference, qk_norm_rope_triton
 from vggt_turbo.kernels.attention import AttentionPolicy
-from vggt_turbo.patches import _fused_qkv, fused_qk_norm_rope
+from vggt_turbo.patches import _fused_qkv
+from vggt_turbo.patches.aggregator import fused_qk_norm_rope
 from vggt_turbo.patches._rope_table import table_published
 from vggt_turbo.random_model import random_images
 

@@ -131,7 +131,7 @@ def test_exact_preset_under_bf16_autocast_never_syncs(cuda_inputs) -> None:
 
 
 def test_compile_matches_upstream_under_bf16(cuda_inputs) -> None:
-    from vggt_turbo.patches import compile_blocks
+    from vggt_turbo.patches.aggregator import compile_blocks
 
     model, images, query_points = cuda_inputs
     torch._dynamo.reset()

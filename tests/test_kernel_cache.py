@@ -15,7 +15,7 @@ import torch
 
 from vggt_turbo import kernels
 from vggt_turbo.app import kernel_cache
-from vggt_turbo.patches import compile_blocks
+from vggt_turbo.patches.aggregator import compile_blocks
 
 KERNELS = Path(kernels.__file__).parent
 

@@ -20,7 +20,7 @@ import vggt_turbo
 from vggt_turbo import TurboConfig
 from vggt_turbo.config import FAST_GLOBAL_TO_FRAME_LAYERS, FAST_KV_SUBSAMPLE
 from vggt_turbo.kernels.attention import AttentionPolicy
-from vggt_turbo.patches import kv_subsample
+from vggt_turbo.patches.approximate import kv_subsample
 from vggt_turbo.random_model import random_images
 
 DEPTH = 24
@@ -341,7 +341,7 @@ def test_gpu_kernels_return_the_log_sum_exp(backend: str, dtype: torch.dtype) ->
 def test_gpu_fast_preset_never_syncs_and_replays_as_a_cuda_graph(model, images) -> None:
     """bf16 autocast on CUDA: the fast preset's aggregator (after a warm-up call) synchronises with the host not
     once, and the whole model captured and replayed as a CUDA graph gives what it gives eagerly."""
-    from vggt_turbo.patches.cuda_graphs import graph_cache
+    from vggt_turbo.patches.runtime.cuda_graphs import graph_cache
 
     model, images = model.cuda(), images.cuda()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):

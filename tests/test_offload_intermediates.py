@@ -13,7 +13,8 @@ from helpers import NO_FLAGS, assert_close, assert_equal, count_calls, needs_cud
 
 import vggt_turbo
 from vggt_turbo import TurboConfig
-from vggt_turbo.patches import _head_inputs, offload_intermediates
+from vggt_turbo.patches import _head_inputs
+from vggt_turbo.patches.runtime import offload_intermediates
 from vggt_turbo.random_model import random_images
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from helpers import assert_close, assert_equal, count_calls, needs_cuda, only, run
 
 import vggt_turbo
-from vggt_turbo.patches import patch_embed_matmul as patch
+from vggt_turbo.patches.patch_embed import patch_embed_matmul as patch
 
 
 def test_product_equals_the_convolution_within_fp32_rounding() -> None:

@@ -18,8 +18,8 @@ PACKAGE = patches.__name__
 def patch_modules() -> dict[str, Path]:
     """Module name -> file of every module whose ``PATCH`` is in ``ALL_PATCHES``."""
     found = {}
-    for info in pkgutil.iter_modules(patches.__path__):
-        module = importlib.import_module(f"{PACKAGE}.{info.name}")
+    for info in pkgutil.walk_packages(patches.__path__, prefix=f"{PACKAGE}."):
+        module = importlib.import_module(info.name)
         if any(getattr(module, "PATCH", None) is p for p in ALL_PATCHES):
             found[module.__name__] = Path(module.__file__)
     return found

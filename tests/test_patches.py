@@ -15,7 +15,9 @@ from torch import nn
 from helpers import NO_FLAGS, assert_close, layer_outputs, only
 
 import vggt_turbo
-from vggt_turbo.patches import _rope_table, fused_frame_batching, global_to_frame
+from vggt_turbo.patches import _rope_table
+from vggt_turbo.patches.aggregator import fused_frame_batching
+from vggt_turbo.patches.approximate import global_to_frame
 from vggt_turbo.random_model import random_images
 
 DEPTH = 24  # layers of each kind in the small model, as in upstream's

@@ -38,8 +38,10 @@ from vggt_turbo import TurboConfig, describe
 from vggt_turbo.bench.parallel import multicast_problems
 from vggt_turbo.bench.parallel_report import max_frames
 from vggt_turbo.distributed import Shard, split
-from vggt_turbo.patches import _token_slices, chunked_patch_embed, offload_intermediates
-from vggt_turbo.patches import sequence_parallel as sp
+from vggt_turbo.patches import _token_slices
+from vggt_turbo.patches.patch_embed import chunked_patch_embed
+from vggt_turbo.patches.runtime import offload_intermediates
+from vggt_turbo.patches.runtime import sequence_parallel as sp
 from vggt_turbo.random_model import build_vggt, random_images
 
 ROOT = Path(__file__).resolve().parents[1]

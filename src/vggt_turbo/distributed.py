@@ -78,7 +78,7 @@ class Shard:
     @property
     def distributed(self) -> bool:
         """Every rank holds at least one frame. Otherwise (fewer frames than ranks) the whole sequence runs on
-        every rank: see ``patches.sequence_parallel``."""
+        every rank: see ``patches.runtime.sequence_parallel``."""
         return min(self.counts) > 0
 
 

@@ -1,34 +1,37 @@
-"""One module per optimization. ``ALL_PATCHES`` is the order in which wrappers are stacked (last = outermost)."""
+"""One module per optimization, grouped by where it acts: ``aggregator/`` (the frame and global blocks),
+``patch_embed/``, ``heads/``, ``runtime/`` (the whole forward: graphs, offloading, sequence parallelism, NVTX) and
+``approximate/`` (the approximations). Modules starting with ``_`` are shared helpers, not patches. ``ALL_PATCHES``
+is the order in which wrappers are stacked (last = outermost)."""
 
 from typing import Mapping
 
 from ..config import TurboConfig
 from . import _rules
 from ._base import Patch, Target, Tier
-from .bf16_weights import PATCH as BF16_WEIGHTS
-from .cached_casts import PATCH as CACHED_CASTS
-from .cached_positions import PATCH as CACHED_POSITIONS
-from .chunked_mlp import PATCH as CHUNKED_MLP
-from .chunked_patch_embed import PATCH as CHUNKED_PATCH_EMBED
-from .compile_blocks import PATCH as COMPILE
-from .concurrent_heads import PATCH as CONCURRENT_HEADS
-from .cuda_graphs import PATCH as CUDA_GRAPHS
-from .dino_attention import PATCH as DINO_ATTENTION
-from .dpt_channels_last import PATCH as DPT_CHANNELS_LAST
-from .fused_dpt_epilogue import PATCH as FUSED_DPT_EPILOGUE
-from .fused_dpt_upsample import PATCH as FUSED_DPT_UPSAMPLE
-from .fused_frame_batching import PATCH as FUSED_FRAME_BATCHING
-from .fused_layer_scale import PATCH as FUSED_LAYER_SCALE
-from .fused_qk_norm_rope import PATCH as FUSED_QK_NORM_ROPE
-from .global_to_frame import PATCH as GLOBAL_TO_FRAME
-from .kv_subsample import PATCH as KV_SUBSAMPLE
-from .nvtx_ranges import PATCH as NVTX
-from .offload_intermediates import PATCH as OFFLOAD_INTERMEDIATES
-from .patch_embed_matmul import PATCH as PATCH_EMBED_MATMUL
-from .sdpa import PATCH as SDPA
-from .sequence_parallel import PATCH as SEQUENCE_PARALLEL
-from .single_key_attention import PATCH as SINGLE_KEY_ATTENTION
-from .sync_free_rope import PATCH as SYNC_FREE_ROPE
+from .aggregator.bf16_weights import PATCH as BF16_WEIGHTS
+from .aggregator.cached_casts import PATCH as CACHED_CASTS
+from .aggregator.cached_positions import PATCH as CACHED_POSITIONS
+from .aggregator.chunked_mlp import PATCH as CHUNKED_MLP
+from .patch_embed.chunked_patch_embed import PATCH as CHUNKED_PATCH_EMBED
+from .aggregator.compile_blocks import PATCH as COMPILE
+from .heads.concurrent_heads import PATCH as CONCURRENT_HEADS
+from .runtime.cuda_graphs import PATCH as CUDA_GRAPHS
+from .patch_embed.dino_attention import PATCH as DINO_ATTENTION
+from .heads.dpt_channels_last import PATCH as DPT_CHANNELS_LAST
+from .heads.fused_dpt_epilogue import PATCH as FUSED_DPT_EPILOGUE
+from .heads.fused_dpt_upsample import PATCH as FUSED_DPT_UPSAMPLE
+from .aggregator.fused_frame_batching import PATCH as FUSED_FRAME_BATCHING
+from .aggregator.fused_layer_scale import PATCH as FUSED_LAYER_SCALE
+from .aggregator.fused_qk_norm_rope import PATCH as FUSED_QK_NORM_ROPE
+from .approximate.global_to_frame import PATCH as GLOBAL_TO_FRAME
+from .approximate.kv_subsample import PATCH as KV_SUBSAMPLE
+from .runtime.nvtx_ranges import PATCH as NVTX
+from .runtime.offload_intermediates import PATCH as OFFLOAD_INTERMEDIATES
+from .patch_embed.patch_embed_matmul import PATCH as PATCH_EMBED_MATMUL
+from .aggregator.sdpa import PATCH as SDPA
+from .runtime.sequence_parallel import PATCH as SEQUENCE_PARALLEL
+from .heads.single_key_attention import PATCH as SINGLE_KEY_ATTENTION
+from .aggregator.sync_free_rope import PATCH as SYNC_FREE_ROPE
 
 ALL_PATCHES: tuple[Patch, ...] = (
     PATCH_EMBED_MATMUL,  # innermost on the patch projection: the wrappers of a "conv" patch embed run around it

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..autocast import autocast_dtype
-from ..config import TurboConfig
-from ..upstream import aggregator_of, members
-from ._base import Patch, Target, Tier, aggregator_path, join
+from ...autocast import autocast_dtype
+from ...config import TurboConfig
+from ...upstream import aggregator_of, members
+from .._base import Patch, Target, Tier, aggregator_path, join
 
 
 def _x(x: torch.Tensor) -> torch.Tensor:

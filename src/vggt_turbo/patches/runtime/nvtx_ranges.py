@@ -14,9 +14,9 @@ from typing import Any
 
 from torch import nn
 
-from ..config import TurboConfig
-from ..upstream import AGGREGATOR_LAYOUT, Requirement, aggregator_of
-from ._base import Patch, Target, Tier, aggregator_path, join
+from ...config import TurboConfig
+from ...upstream import AGGREGATOR_LAYOUT, Requirement, aggregator_of
+from .._base import Patch, Target, Tier, aggregator_path, join
 
 DOMAIN = "vggt_turbo"
 HEADS = ("camera_head", "depth_head", "point_head", "track_head")

@@ -33,11 +33,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import TurboConfig
-from ..kernels.attention import AttentionPolicy
-from ..upstream import AGGREGATOR_LAYOUT, ATTENTION_MEMBERS, aggregator_of, members, rope_of, x_pos
-from ._base import Patch, Target, Tier, aggregator_path, join
-from ._fused_qkv import fits, fused_qkv
+from ...config import TurboConfig
+from ...kernels.attention import AttentionPolicy
+from ...upstream import AGGREGATOR_LAYOUT, ATTENTION_MEMBERS, aggregator_of, members, rope_of, x_pos
+from .._base import Patch, Target, Tier, aggregator_path, join
+from .._fused_qkv import fits, fused_qkv
 
 
 def make_wrapper(policy: AttentionPolicy):

@@ -29,11 +29,11 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from ..autocast import autocast_dtype
-from ..config import TurboConfig
-from ..upstream import Requirement, aggregator_of
-from ._base import Patch, Target, Tier, aggregator_path
-from ._shadow import Shadow
+from ...autocast import autocast_dtype
+from ...config import TurboConfig
+from ...upstream import Requirement, aggregator_of
+from .._base import Patch, Target, Tier, aggregator_path
+from .._shadow import Shadow
 
 MATMUL_MODULES = (nn.Linear, nn.Conv2d)  # what autocast casts for: linear and conv2d run in its lower precision
 HALF_DTYPES = (torch.bfloat16, torch.float16)

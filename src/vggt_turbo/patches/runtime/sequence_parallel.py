@@ -66,9 +66,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..autocast import autocast_dtype
-from ..config import TurboConfig
-from ..distributed import (
+from ...autocast import autocast_dtype
+from ...config import TurboConfig
+from ...distributed import (
     Call,
     Group,
     Shard,
@@ -81,8 +81,8 @@ from ..distributed import (
     split,
     world_size,
 )
-from ..kernels.attention import AttentionPolicy
-from ..upstream import (
+from ...kernels.attention import AttentionPolicy
+from ...upstream import (
     AGGREGATOR_LAYOUT,
     AGGREGATOR_STEPS,
     ATTENTION_MEMBERS,
@@ -91,10 +91,10 @@ from ..upstream import (
     members,
     x_pos,
 )
-from ._base import Patch, Target, Tier, aggregator_path, join
-from ._blocks import step_args
-from ._fused_qkv import fits, fused_qkv
-from ._head_inputs import first_param, head_of
+from .._base import Patch, Target, Tier, aggregator_path, join
+from .._blocks import step_args
+from .._fused_qkv import fits, fused_qkv
+from .._head_inputs import first_param, head_of
 
 log = logging.getLogger(__name__)
 

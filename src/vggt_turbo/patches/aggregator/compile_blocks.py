@@ -23,10 +23,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..config import TurboConfig
-from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, first_block, members, x_pos
-from ._base import Patch, Target, Tier, aggregator_path, join
-from . import _token_slices
+from ...config import TurboConfig
+from ...upstream import AGGREGATOR_LAYOUT, aggregator_of, first_block, members, x_pos
+from .._base import Patch, Target, Tier, aggregator_path, join
+from .. import _token_slices
 
 OPTIONS: dict[str, Any] = {"dynamic": False}
 

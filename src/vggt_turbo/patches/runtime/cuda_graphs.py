@@ -44,10 +44,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..config import TurboConfig
-from ..distributed import communicating
-from ..upstream import Requirement, aggregator_of, looks_like_vggt
-from ._base import Patch, Target, Tier
+from ...config import TurboConfig
+from ...distributed import communicating
+from ...upstream import Requirement, aggregator_of, looks_like_vggt
+from .._base import Patch, Target, Tier
 
 log = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..config import TurboConfig
-from ..upstream import AGGREGATOR_LAYOUT, AGGREGATOR_STEPS, aggregator_of, members, upstream_module
-from ._base import Patch, Target, Tier, aggregator_path
-from ._store import STORE
+from ...config import TurboConfig
+from ...upstream import AGGREGATOR_LAYOUT, AGGREGATOR_STEPS, aggregator_of, members, upstream_module
+from .._base import Patch, Target, Tier, aggregator_path
+from .._store import STORE
 
 _MAX_CACHED_SHAPES = 8
 

@@ -35,12 +35,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..autocast import autocast_dtype
-from ..config import TurboConfig
-from ..upstream import Requirement, aggregator_of, looks_like_vggt
-from ._base import Patch, Target, Tier, aggregator_path, join
-from ._head_inputs import HEAD_INPUT_REQUIREMENTS, head_input_targets
-from ._shadow import Shadow
+from ...autocast import autocast_dtype
+from ...config import TurboConfig
+from ...upstream import Requirement, aggregator_of, looks_like_vggt
+from .._base import Patch, Target, Tier, aggregator_path, join
+from .._head_inputs import HEAD_INPUT_REQUIREMENTS, head_input_targets
+from .._shadow import Shadow
 
 # True while a patched aggregator runs in bf16: tells its patch_embed to take bf16 input.
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("vggt_turbo_bf16_active", default=False)

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import TurboConfig
-from ..upstream import dpt_heads, first_dpt_head, members
-from ._base import Patch, Target, Tier
+from ...config import TurboConfig
+from ...upstream import dpt_heads, first_dpt_head, members
+from .._base import Patch, Target, Tier
 
 
 def channels_last_view(x: torch.Tensor) -> torch.Tensor:

@@ -54,12 +54,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..autocast import autocast_dtype
-from ..config import TurboConfig
-from ..kernels.attention import AttentionPolicy
-from ..upstream import AGGREGATOR_LAYOUT, ATTENTION_MEMBERS, aggregator_of, members, x_pos
-from ._base import Patch, Target, Tier, aggregator_path, join
-from ._fused_qkv import fits, fused_qkv
+from ...autocast import autocast_dtype
+from ...config import TurboConfig
+from ...kernels.attention import AttentionPolicy
+from ...upstream import AGGREGATOR_LAYOUT, ATTENTION_MEMBERS, aggregator_of, members, x_pos
+from .._base import Patch, Target, Tier, aggregator_path, join
+from .._fused_qkv import fits, fused_qkv
 
 
 @dataclass(frozen=True)

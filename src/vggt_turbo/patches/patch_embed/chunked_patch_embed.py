@@ -27,9 +27,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..config import TurboConfig
-from ..upstream import Requirement, aggregator_of
-from ._base import Patch, Target, Tier, aggregator_path, join
+from ...config import TurboConfig
+from ...upstream import Requirement, aggregator_of
+from .._base import Patch, Target, Tier, aggregator_path, join
 
 CHUNK_FRAMES = 16
 

@@ -25,10 +25,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..config import TurboConfig
-from ..kernels.attention import AttentionPolicy
-from ..upstream import ATTENTION_PARTS, aggregator_of, dino_blocks, members
-from ._base import Patch, Target, Tier, aggregator_path, join
+from ...config import TurboConfig
+from ...kernels.attention import AttentionPolicy
+from ...upstream import ATTENTION_PARTS, aggregator_of, dino_blocks, members
+from .._base import Patch, Target, Tier, aggregator_path, join
 
 
 def _x(x: torch.Tensor, attn_bias: Any = None, pos: Any = None) -> tuple[torch.Tensor, Any, Any]:

@@ -27,10 +27,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..config import TurboConfig
-from ..distributed import communicating
-from ..upstream import looks_like_vggt, members
-from ._base import Patch, Target, Tier
+from ...config import TurboConfig
+from ...distributed import communicating
+from ...upstream import looks_like_vggt, members
+from .._base import Patch, Target, Tier
 
 MAX_FRAMES = 1  # the largest call (B*S frames) whose heads run concurrently (see above: memory)
 HEADS = ("camera_head", "depth_head", "point_head")

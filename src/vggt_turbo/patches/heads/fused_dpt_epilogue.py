@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..autocast import autocast_dtype
-from ..config import TurboConfig
-from ..kernels.conv_epilogue import KERNEL_DTYPES, conv_epilogue_
-from ..upstream import dpt_heads, members
-from ._base import Patch, Target, Tier
+from ...autocast import autocast_dtype
+from ...config import TurboConfig
+from ...kernels.conv_epilogue import KERNEL_DTYPES, conv_epilogue_
+from ...upstream import dpt_heads, members
+from .._base import Patch, Target, Tier
 
 CONVS = (nn.Conv2d, nn.ConvTranspose2d)
 

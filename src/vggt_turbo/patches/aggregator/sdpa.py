@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import TurboConfig
-from ..kernels.attention import AttentionPolicy
-from ..upstream import AGGREGATOR_LAYOUT, ATTENTION_MEMBERS, aggregator_of, x_pos
-from ._base import Patch, Target, Tier, aggregator_path, join
+from ...config import TurboConfig
+from ...kernels.attention import AttentionPolicy
+from ...upstream import AGGREGATOR_LAYOUT, ATTENTION_MEMBERS, aggregator_of, x_pos
+from .._base import Patch, Target, Tier, aggregator_path, join
 
 
 def make_wrapper(policy: AttentionPolicy):

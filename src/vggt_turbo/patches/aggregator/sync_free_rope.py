@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import TurboConfig
-from ..upstream import aggregator_of, members, rope_of
-from ._base import Patch, Target, Tier, aggregator_path, join
-from ._rope_table import published_table_length, rope_table, table_published
+from ...config import TurboConfig
+from ...upstream import aggregator_of, members, rope_of
+from .._base import Patch, Target, Tier, aggregator_path, join
+from .._rope_table import published_table_length, rope_table, table_published
 
 
 def _images(images: torch.Tensor) -> torch.Tensor:

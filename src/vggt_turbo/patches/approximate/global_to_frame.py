@@ -15,10 +15,10 @@ from typing import Any
 
 from torch import nn
 
-from ..config import TurboConfig
-from ..upstream import AGGREGATOR_LAYOUT, Requirement, aggregator_of
-from ._base import Patch, Target, Tier, aggregator_path
-from ._blocks import run_blocks, step_args
+from ...config import TurboConfig
+from ...upstream import AGGREGATOR_LAYOUT, Requirement, aggregator_of
+from .._base import Patch, Target, Tier, aggregator_path
+from .._blocks import run_blocks, step_args
 
 
 def make_wrapper(layers: frozenset[int]):

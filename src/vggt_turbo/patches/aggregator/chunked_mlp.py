@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import TurboConfig
-from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, first_block, members, x_pos
-from . import _token_slices
-from ._base import Patch, Target, Tier, aggregator_path, join
+from ...config import TurboConfig
+from ...upstream import AGGREGATOR_LAYOUT, aggregator_of, first_block, members, x_pos
+from .. import _token_slices
+from .._base import Patch, Target, Tier, aggregator_path, join
 
 
 def block_forward(wrapped: Any, block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:

@@ -35,12 +35,12 @@ import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
-from ..config import TurboConfig
-from ..autocast import autocast_dtype
-from ..kernels.scale_add import scale_add, scale_add_norm
-from ..upstream import AGGREGATOR_LAYOUT, aggregator_of, dino_blocks, first_block, members
-from . import _token_slices
-from ._base import Patch, Target, Tier, aggregator_path, join
+from ...config import TurboConfig
+from ...autocast import autocast_dtype
+from ...kernels.scale_add import scale_add, scale_add_norm
+from ...upstream import AGGREGATOR_LAYOUT, aggregator_of, dino_blocks, first_block, members
+from .. import _token_slices
+from .._base import Patch, Target, Tier, aggregator_path, join
 
 
 def _x_pos(x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

@@ -29,11 +29,11 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ..config import TurboConfig
-from ..kernels.bilinear import SeparableMap, bilinear
-from ..upstream import dpt_heads, first_dpt_head, members
-from ._base import Patch, Target, Tier
-from ._head_inputs import _dpt_args
+from ...config import TurboConfig
+from ...kernels.bilinear import SeparableMap, bilinear
+from ...upstream import dpt_heads, first_dpt_head, members
+from .._base import Patch, Target, Tier
+from .._head_inputs import _dpt_args
 
 MAX_CACHED = 32  # embeddings kept per head: 5 per input resolution (4 levels + the output), tens of MB in all
 INT_MAX = 1610612736  # upstream custom_interpolate's limit on output elements per call

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import TurboConfig
-from ..upstream import looks_like_vggt, members
-from ._base import Patch, Target, Tier, join
+from ...config import TurboConfig
+from ...upstream import looks_like_vggt, members
+from .._base import Patch, Target, Tier, join
 
 
 def _x_pos(x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

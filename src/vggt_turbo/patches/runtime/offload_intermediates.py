@@ -36,11 +36,11 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from ..config import AUTO, TurboConfig
-from ..upstream import Requirement, aggregator_of, looks_like_vggt
-from ._base import Patch, Target, Tier, aggregator_path
-from ._head_inputs import HEAD_INPUT_REQUIREMENTS, SideStream, head_input_targets
-from ._store import STORE
+from ...config import AUTO, TurboConfig
+from ...upstream import Requirement, aggregator_of, looks_like_vggt
+from .._base import Patch, Target, Tier, aggregator_path
+from .._head_inputs import HEAD_INPUT_REQUIREMENTS, SideStream, head_input_targets
+from .._store import STORE
 
 log = logging.getLogger(__name__)
 
