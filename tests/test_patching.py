@@ -391,6 +391,10 @@ def test_describe_reports_config_and_targets(model) -> None:
     assert len(d.targets["sdpa"]) == 48
     assert "global_to_frame_layers" not in d.targets
     assert "(exact)" in str(d) and "APPROXIMATE" not in str(d) and "sdpa [exact]" in str(d)
+    block = d.stacks["aggregator.frame_blocks.0.forward"]  # outermost first, as ALL_PATCHES stacks them
+    assert block == ["nvtx", "compile", "fused_layer_scale", "chunked_mlp"]
+    assert d.stacks["aggregator.frame_blocks.0.attn.forward"][-1] == "sdpa"  # innermost: the others call it
+    assert "  aggregator.frame_blocks.N.forward: " + " > ".join(block) in str(d)
     d.targets.clear()
     assert describe(model).targets, "describe() returned the live state, not a copy"
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -81,6 +82,16 @@ class Description:
     def exact(self) -> bool:
         return self.tier is Tier.EXACT
 
+    @property
+    def stacks(self) -> dict[str, list[str]]:
+        """Each wrapped method (``module.path.attr``) -> the patches wrapping it, in call order (outermost first)."""
+        order = [p.name for p in reversed(ALL_PATCHES)]  # ALL_PATCHES stacks the last outermost
+        stacks: dict[str, list[str]] = {}
+        for name in sorted(self.targets, key=order.index):
+            for path in self.targets[name]:
+                stacks.setdefault(path, []).append(name)
+        return stacks
+
     def __str__(self) -> str:
         if self.config is None:
             return "vggt_turbo: not applied (upstream behaviour)"
@@ -90,6 +101,14 @@ class Description:
         for name, paths in self.targets.items():
             shown = ", ".join(paths[:3]) + (f", ... ({len(paths)} in all)" if len(paths) > 3 else "")
             lines.append(f"  {name} [{tiers[name].label}]: {shown}")
+        lines.append("wrapper stacks, outermost first (N: every number with the same stack):")
+        groups: dict[str, dict[str, tuple[str, ...]]] = {}
+        for path, names in self.stacks.items():
+            groups.setdefault(re.sub(r"\d+", "N", path), {})[path] = tuple(names)
+        for pattern, members in groups.items():
+            same = len(set(members.values())) == 1
+            shown = {pattern: next(iter(members.values()))} if same else members
+            lines += [f"  {path}: {' > '.join(names)}" for path, names in shown.items()]
         return "\n".join(lines)
 
 
