@@ -4,7 +4,10 @@
   pixel of its track at the depth VGGT predicted there.
 - nerfstudio (transforms.json): its OpenGL camera-to-world matrices convert back to predictions.npz's cameras;
   the convention itself is checked on a synthetic camera with a known pose.
-- preview.png: rendered, not blank, labelled RANDOM WEIGHTS.
+- COLMAP text: every number reads back as exactly the model's double.
+- preview.png: rendered, not blank, labelled RANDOM WEIGHTS; its points land where matplotlib projects them,
+  the nearest on top, at most ``preview.MAX_POINTS`` of them.
+- images_to_uint8: contiguous, the same values as the plain formula.
 - --export: validated, and only what is asked for is written.
 """
 
@@ -18,7 +21,7 @@ import pytest
 from PIL import Image
 
 from test_reconstruct import EXAMPLES, SMALL, assert_user_error, cam_from_world, needs_examples, run_cli
-from vggt_turbo.app import export
+from vggt_turbo.app import export, preview
 from vggt_turbo.app.export_nerfstudio import camera_to_world_opengl, transforms
 from vggt_turbo.random_model import SMALL_IMAGE
 
@@ -99,6 +102,39 @@ def test_colmap_points_have_the_colour_of_their_pixel(full: dict) -> None:
         assert rec.points3D[p.point3D_id].color.tolist() == pixels[row, col].tolist()
         checked += 1
     assert checked > 0
+
+
+def test_colmap_text_reads_back_as_exactly_the_models_numbers(tmp_path: Path) -> None:
+    """The text model is written column-wise with ``%r`` (and tracks as pixel + ".5"): parsed as doubles, every
+    point, track and camera is bit-equal to the model the binary model is written from."""
+    rng = np.random.default_rng(0)
+    count, height, width = 3, 6, 8
+    extrinsics = np.tile(np.eye(4)[:3], (count, 1, 1)) + 0.01 * rng.standard_normal((count, 3, 4))
+    intrinsics = np.tile(np.array([[9.0, 0, 4], [0, 9.5, 3], [0, 0, 1]]), (count, 1, 1))
+    depth = rng.uniform(1.0, 3.0, (count, height, width, 1)).astype(np.float32)
+    colors = rng.integers(0, 256, (count, height, width, 3), dtype=np.uint8)
+    model = export.colmap_model(extrinsics, intrinsics, depth, rng.random((count, height, width)), colors,
+                                ["a.png", "b.png", "c.png"], width, height, 50.0)
+    export.write_colmap(tmp_path, model, ["a note"])
+
+    points = np.loadtxt(tmp_path / "points3D.txt")
+    assert points.shape == (len(model.xyz), 10)
+    np.testing.assert_array_equal(points[:, 1:4], model.xyz)
+    np.testing.assert_array_equal(points[:, 4:7], model.rgb)
+    np.testing.assert_array_equal(points[:, 8:], np.stack([model.point_frames + 1, model.point2d_idx], axis=1))
+    lines = [line for line in (tmp_path / "images.txt").read_text().splitlines() if not line.startswith("#")]
+    assert len(lines) == 2 * count
+    for i, (pose, observed) in enumerate(zip(lines[::2], lines[1::2])):
+        fields = pose.split()
+        np.testing.assert_array_equal([float(v) for v in fields[1:8]],
+                                      [*model.quaternions[i], *model.cam_from_world[i, :, 3]])
+        seen = model.observations(i)
+        track = np.array(observed.split(), dtype=float).reshape(-1, 3)
+        np.testing.assert_array_equal(track[:, :2], model.points2d[seen])
+        np.testing.assert_array_equal(track[:, 2], np.arange(seen.start, seen.stop) + 1)
+    cameras = np.loadtxt(tmp_path / "cameras.txt", usecols=(0, 2, 3, 4, 5, 6, 7))
+    np.testing.assert_array_equal(cameras[:, 3:], model.params)
+    np.testing.assert_array_equal(cameras[:, 1:3], np.tile([width, height], (count, 1)))
 
 
 # --------------------------------------------------------------------------------------------- nerfstudio
@@ -182,6 +218,74 @@ def test_preview_png_is_a_labelled_picture(full: dict) -> None:
     top = pixels[: height // 20]
     assert ((top[..., 0] > 200) & (top[..., 1] < 80) & (top[..., 2] < 80)).sum() > 500
     assert len(np.unique(pixels[height // 2:].reshape(-1, 3), axis=0)) > 1000
+
+
+def _render_splat(xyz: np.ndarray, rgb: np.ndarray, elevation: float, azimuth: float) -> tuple[np.ndarray, np.ndarray]:
+    """(canvas RGBA, where matplotlib's own scatter puts each point in it as (row, col)) for ``preview._Splat``
+    alone in a 3-D axes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4, 4), dpi=100)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot(projection="3d")
+    reference = ax.scatter(*xyz.T, s=0, depthshade=False)  # invisible: only its projected positions are used
+    ax.add_artist(preview._Splat(xyz, rgb))
+    for set_limits in (ax.set_xlim, ax.set_ylim, ax.set_zlim):
+        set_limits(-1, 1)
+    ax.view_init(elev=elevation, azim=azimuth)
+    ax.set_axis_off()
+    canvas.draw()
+    pixels = np.asarray(canvas.buffer_rgba())
+    x, y = ax.transData.transform(reference.get_offsets()).T
+    return pixels, np.stack([len(pixels) - 1 - np.floor(y), np.floor(x)], axis=1).astype(int)
+
+
+@pytest.mark.parametrize("elevation, azimuth", [(elevation, azimuth) for _, elevation, azimuth in preview.VIEWS])
+def test_preview_points_land_where_matplotlib_projects_them(elevation: float, azimuth: float) -> None:
+    xyz = np.random.default_rng(1).uniform(-0.9, 0.9, (40, 3))
+    pixels, where = _render_splat(xyz, np.tile(np.uint8([255, 0, 0]), (len(xyz), 1)), elevation, azimuth)
+    at = pixels[where[:, 0], where[:, 1]]
+    assert ((at[:, 0] == 255) & (at[:, 1] == 0) & (at[:, 2] == 0)).all()
+    assert ((pixels[..., 0] == 255) & (pixels[..., 1] == 0)).sum() <= len(xyz)  # one pixel each, nothing else
+
+
+def test_preview_nearest_point_wins_its_pixel() -> None:
+    """Seen from straight above, points one above the other fall on one pixel: the highest one's colour shows."""
+    xyz = np.array([[0.0, 0.0, -0.5], [0.0, 0.0, 0.5], [0.0, 0.0, 0.0]])
+    rgb = np.uint8([[0, 0, 255], [255, 0, 0], [0, 255, 0]])
+    pixels, where = _render_splat(xyz, rgb, 90.0, -90.0)
+    assert (where == where[0]).all()
+    assert pixels[where[0, 0], where[0, 1], :3].tolist() == [255, 0, 0]
+
+
+def test_preview_draws_at_most_max_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    drawn: list[int] = []
+
+    class Counting(preview._Splat):
+        def __init__(self, xyz: np.ndarray, rgb: np.ndarray) -> None:
+            drawn.append(len(xyz))
+            super().__init__(xyz, rgb)
+
+    monkeypatch.setattr(preview, "_Splat", Counting)
+    monkeypatch.setattr(preview, "MAX_POINTS", 500)
+    rng = np.random.default_rng(0)
+    xyz, rgb = rng.standard_normal((2000, 3)), rng.integers(0, 256, (2000, 3), dtype=np.uint8)
+    extrinsics = np.tile(np.eye(4)[:3], (2, 1, 1))
+    intrinsics = np.tile(np.array([[20.0, 0, 8], [0, 20, 6], [0, 0, 1]]), (2, 1, 1))
+    frames = rng.integers(0, 256, (2, 12, 16, 3), dtype=np.uint8)
+    preview.render_preview(tmp_path / "p.png", xyz, rgb, extrinsics, intrinsics, frames, np.ones((2, 12, 16, 1)),
+                           ["a.png", "b.png"])
+    assert drawn == [500] * len(preview.VIEWS)
+    assert Image.open(tmp_path / "p.png").size == (1200, 1100)
+
+
+def test_images_to_uint8_is_contiguous_and_rounds_like_the_plain_formula() -> None:
+    images = np.random.default_rng(0).uniform(-0.2, 1.2, (2, 3, 5, 7)).astype(np.float32)
+    colors = export.images_to_uint8(images)
+    assert colors.flags.c_contiguous and colors.dtype == np.uint8
+    expected = (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8).transpose(0, 2, 3, 1)
+    np.testing.assert_array_equal(colors, expected)
 
 
 @needs_examples

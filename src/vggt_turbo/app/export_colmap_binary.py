@@ -36,7 +36,7 @@ def write_colmap_binary(folder: Path, model: ColmapModel) -> None:
         for image_id, params in zip(ids, model.params.tolist()):
             f.write(struct.pack("<iiQQ4d", image_id, PINHOLE, model.width, model.height, *params))
 
-    point_ids = np.arange(1, len(model.xyz) + 1)
+    point_ids, points2d_all = np.arange(1, len(model.xyz) + 1), model.points2d
     quats = model.quaternions
     with open(folder / "images.bin", "wb") as f:
         f.write(struct.pack("<Q", len(ids)))
@@ -46,7 +46,7 @@ def write_colmap_binary(folder: Path, model: ColmapModel) -> None:
             f.write(name.encode("utf-8") + b"\0")
             seen = model.observations(i)
             points2d = np.empty(seen.stop - seen.start, dtype=_POINT2D)
-            points2d["x"], points2d["y"] = model.points2d[seen, 0], model.points2d[seen, 1]
+            points2d["x"], points2d["y"] = points2d_all[seen, 0], points2d_all[seen, 1]
             points2d["point3d_id"] = point_ids[seen]
             f.write(struct.pack("<Q", len(points2d)))
             f.write(points2d.tobytes())

@@ -245,38 +245,44 @@ def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarr
     """Write every output into a staging folder that replaces ``--out`` only once all are written.
 
     The writers are independent of one another, so they run side by side on a thread per core (PNG and zlib
-    encoding, file writes and much of numpy release the GIL); only what they share (the confident points, the
-    COLMAP model) is computed first, and report.json, which counts what the others wrote, comes last. The first
-    failure (or Ctrl-C) cancels what has not started and, through ``staged_directory``, leaves nothing behind.
+    encoding, file writes and much of numpy release the GIL); each frame of images/ is a job of its own, so the
+    frames are encoded several at a time. What the writers share (the confident points, the COLMAP model) is
+    computed on the pool too, the two side by side and beside predictions.npz, which needs neither; report.json,
+    which counts what the others wrote, comes last. The first failure (or Ctrl-C) cancels what has not started
+    and, through ``staged_directory``, leaves nothing behind.
     """
     options, names = result.options, result.image_names
     start = time.perf_counter()
     notes = [RANDOM_WEIGHTS_NOTE] if result.random_weights else []
-    steps = 5 + len(formats)  # predictions.npz, images/, sparse/, preview.png, report.json, then one per format
+    steps = len(names) + 4 + len(formats)  # each frame, predictions.npz, sparse/, preview.png, report.json, formats
     with _bar("export", steps, "step", options.quiet) as bar, export.staged_directory(options.out, options.force) as stage, \
             ThreadPoolExecutor(max_workers=inputs.workers(), thread_name_prefix="vggt-turbo-export") as pool:
         jobs: dict[Future[None], str] = {}
         try:
+            points = pool.submit(export.confident_points, predictions["world_points"],
+                                 predictions["world_points_conf"], colors, options.conf_percentile)
+            colmap = pool.submit(
+                export.colmap_model, predictions["extrinsics"], predictions["intrinsics"], predictions["depth"],
+                predictions["depth_conf"], colors, names, result.width, result.height, options.conf_percentile,
+            )
             arrays = dict(predictions, image_names=np.array(names), input_names=np.array(result.input_names),
                           weights=np.array(result.weights),
                           random_weights=np.array(result.random_weights))
             jobs[pool.submit(export.write_npz, stage / "predictions.npz", arrays)] = "predictions.npz"
-            jobs[pool.submit(export.write_images, stage / "images", colors, names)] = "images/"
 
-            xyz, rgb, result.conf_threshold = export.confident_points(
-                predictions["world_points"], predictions["world_points_conf"], colors, options.conf_percentile
-            )
+            xyz, rgb, result.conf_threshold = points.result()
             result.points = len(xyz)
+            # The preview, the longest job, before the frames: the pool takes jobs in the order they come.
+            jobs[pool.submit(render_preview, stage / "preview.png", xyz, rgb, predictions["extrinsics"],
+                             predictions["intrinsics"], colors, predictions["depth"], names, notes)] = "preview.png"
             if "ply" in formats:
                 ply = export.write_ply
                 jobs[pool.submit(ply, stage / "points.ply", xyz, rgb, [*notes, f"weights: {result.weights}"])] = "points.ply"
-            jobs[pool.submit(render_preview, stage / "preview.png", xyz, rgb, predictions["extrinsics"],
-                             predictions["intrinsics"], colors, predictions["depth"], names, notes)] = "preview.png"
+            (stage / "images").mkdir()
+            for rgb_frame, name in zip(colors, names):
+                jobs[pool.submit(export.write_image, stage / "images" / name, rgb_frame)] = "images/"
 
-            model = export.colmap_model(
-                predictions["extrinsics"], predictions["intrinsics"], predictions["depth"], predictions["depth_conf"],
-                colors, names, result.width, result.height, options.conf_percentile,
-            )
+            model = colmap.result()
             result.colmap_points, result.colmap_skipped = len(model.xyz), model.skipped
             jobs[pool.submit(export.write_colmap, stage / "sparse", model, notes)] = "sparse/"
             if "colmap" in formats:
