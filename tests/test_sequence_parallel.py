@@ -50,6 +50,8 @@ TOL = 1e-5  # relative, fp32 on the CPU
 BF16_TOL = 1e-3
 DEPTH = 24  # global layers of the small model
 EXACT = TurboConfig.preset("exact")
+# offloading forced on (concurrent_heads, a 1-frame patch, does not run with it: patches refuse the pair)
+OFFLOAD = EXACT.replace(offload_intermediates=True, concurrent_heads=False)
 SWAPPED = EXACT.replace(global_to_frame_layers=(0, 1, 2, 3, 4))
 EVERY_FLAG = EXACT.replace(sdpa=True, sdpa_backend="math", fused_frame_batching=True, nvtx=True)
 
@@ -77,8 +79,8 @@ CASES = {
     "S5-B1-older-layout": Case(5, 1, EXACT, older_layout=True),
     "S5-B2-aggregator": Case(5, 2, EXACT, root="aggregator"),
     "S5-B1-aggregator-sharded": Case(5, 1, EXACT, root="aggregator", output="sharded"),
-    "S5-B2-offload": Case(5, 2, EXACT.replace(offload_intermediates=True), offload=True),
-    "S5-B1-offload-sharded": Case(5, 1, EXACT.replace(offload_intermediates=True), output="sharded", offload=True),
+    "S5-B2-offload": Case(5, 2, OFFLOAD, offload=True),
+    "S5-B1-offload-sharded": Case(5, 1, OFFLOAD, output="sharded", offload=True),
 }
 
 
@@ -392,7 +394,8 @@ def test_unverified_combination_refused(model, one_rank) -> None:
 
 def test_offload_intermediates_applies_under_sequence_parallel(model, one_rank) -> None:
     for value in (True, "auto"):
-        vggt_turbo.apply_optimizations(model, offload_intermediates=value, sequence_parallel=True)
+        vggt_turbo.apply_optimizations(model, offload_intermediates=value, concurrent_heads=value is not True,
+                                       sequence_parallel=True)
         assert "offload_intermediates" in describe(model).targets
 
 
@@ -451,7 +454,7 @@ def _on_gpus(rank: int, out_dir: str) -> None:
     images = random_images(5).to(device)
     results = {}
     for name, autocast, config in (("fp32", False, EXACT), ("bf16", True, EXACT),
-                                   ("bf16-offload", True, EXACT.replace(offload_intermediates=True))):
+                                   ("bf16-offload", True, OFFLOAD)):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             expected = run(_patched(base, config), images)
             out = run(_patched(base, config.replace(sequence_parallel=True)), images)
