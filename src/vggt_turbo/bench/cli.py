@@ -24,7 +24,6 @@ from .meta import device_slug, make_meta, parse_image_size
 from .parallel import run_parallel
 from .report import (
     PLOT_VARIANTS,
-    UPSTREAM,
     finalize,
     fmt_err,
     fmt_seconds,
@@ -38,7 +37,7 @@ from .report import (
     write_report,
 )
 from .sweep import Budget, Bench
-from .variants import Variant, select_variants
+from .variants import select_variants
 
 log = logging.getLogger(__name__)
 

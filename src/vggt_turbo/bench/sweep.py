@@ -19,9 +19,7 @@ from torch import nn
 from .fidelity import fp32_reference_mode, fresh_upstream_caches
 from ..patching import apply_optimizations, revert_optimizations
 from .measure import (
-    AGG_OUTPUT_KEY,
     GIB,
-    OUTPUT_KEYS,
     AggregatorProbe,
     Clock,
     Memory,

@@ -77,5 +77,16 @@ def aggregator_path(root: nn.Module) -> str:
     return "aggregator" if aggregator_of(root) is not root else ""
 
 
+def aggregator_blocks(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(path, block)`` of every frame block, then every global block, of ``root``'s Aggregator: the targets of
+    the patches that wrap each block (or its attention)."""
+    agg, path = aggregator_of(root), aggregator_path(root)
+    return [
+        (join(path, kind, str(i)), block)
+        for kind in ("frame_blocks", "global_blocks")
+        for i, block in enumerate(getattr(agg, kind))
+    ]
+
+
 def join(*parts: str) -> str:
     return ".".join(p for p in parts if p)

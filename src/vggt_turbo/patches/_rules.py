@@ -61,10 +61,11 @@ def check(config: TurboConfig, patches: Iterable[Patch]) -> None:
     """``ValueError``, naming the call that works, when ``config`` breaks a rule: a flag on without a flag it needs,
     a patch that conflicts with the config, or a patch not verified under ``sequence_parallel`` together with it."""
     patches = list(patches)
-    for flag, needs in requirements(patches).items():
+    needs_of = requirements(patches)
+    for flag, needs in needs_of.items():
         missing = [n for n in needs if not _is_on(config, n)]
         if _is_on(config, flag) and missing:
-            dependents = {flag} | {f for f, n in requirements(patches).items() if set(n) & set(missing) and _is_on(config, f)}
+            dependents = {flag} | {f for f, n in needs_of.items() if set(n) & set(missing) and _is_on(config, f)}
             raise ValueError(
                 f"TurboConfig.{flag}={getattr(config, flag)!r} needs {missing} on as well: turn "
                 f"{' and '.join(missing)} on, or switch off what needs it too: {_call(dependents | set(missing))}"

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from ...config import TurboConfig
-from ...upstream import AGGREGATOR_LAYOUT, aggregator_of, first_block, members, x_pos
+from ...upstream import AGGREGATOR_LAYOUT, first_block, members, x_pos
 from .. import _token_slices
-from .._base import Patch, Target, Tier, aggregator_path, join
+from .._base import Patch, Target, Tier, aggregator_blocks
 
 
 def block_forward(wrapped: Any, block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -45,13 +45,7 @@ def block_forward(wrapped: Any, block: nn.Module, args: tuple, kwargs: dict) -> 
 
 
 def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
-    agg = aggregator_of(root)
-    path = aggregator_path(root)
-    return [
-        Target(join(path, kind, str(i)), "forward", block_forward)
-        for kind in ("frame_blocks", "global_blocks")
-        for i in range(len(getattr(agg, kind)))
-    ]
+    return [Target(path, "forward", block_forward) for path, _ in aggregator_blocks(root)]
 
 
 PATCH = Patch(

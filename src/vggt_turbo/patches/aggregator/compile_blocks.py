@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from ...config import TurboConfig
-from ...upstream import AGGREGATOR_LAYOUT, aggregator_of, first_block, members, x_pos
-from .._base import Patch, Target, Tier, aggregator_path, join
+from ...upstream import AGGREGATOR_LAYOUT, first_block, members, x_pos
+from .._base import Patch, Target, Tier, aggregator_blocks
 from .. import _token_slices
 
 OPTIONS: dict[str, Any] = {"dynamic": False}
@@ -52,14 +52,8 @@ def make_wrapper(slice_long: bool):
 
 
 def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
-    agg = aggregator_of(root)
-    path = aggregator_path(root)
     wrapper = make_wrapper(config.chunked_mlp)
-    return [
-        Target(join(path, kind, str(i)), "forward", wrapper)
-        for kind in ("frame_blocks", "global_blocks")
-        for i in range(len(getattr(agg, kind)))
-    ]
+    return [Target(path, "forward", wrapper) for path, _ in aggregator_blocks(root)]
 
 
 PATCH = Patch(

@@ -38,13 +38,9 @@ from torch.nn.modules import module as torch_module
 from ...config import TurboConfig
 from ...autocast import autocast_dtype
 from ...kernels.scale_add import scale_add, scale_add_norm
-from ...upstream import AGGREGATOR_LAYOUT, aggregator_of, dino_blocks, first_block, members
+from ...upstream import AGGREGATOR_LAYOUT, aggregator_of, dino_blocks, first_block, members, x_pos
 from .. import _token_slices
-from .._base import Patch, Target, Tier, aggregator_path, join
-
-
-def _x_pos(x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    return x, pos
+from .._base import Patch, Target, Tier, aggregator_blocks, aggregator_path, join
 
 
 def _x_or_x_list(x_or_x_list: Any) -> tuple[Any, None]:
@@ -212,13 +208,9 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
     handoff = _Handoff()
     following = _successors(_aggregator_order(agg))
     targets = [
-        Target(
-            join(path, kind, str(i)),
-            "forward",
-            make_wrapper(_x_pos, config.fused_add_norm, handoff, following.get(id(block)), config.chunked_mlp),
-        )
-        for kind in ("frame_blocks", "global_blocks")
-        for i, block in enumerate(getattr(agg, kind))
+        Target(block_path, "forward",
+               make_wrapper(x_pos, config.fused_add_norm, handoff, following.get(id(block)), config.chunked_mlp))
+        for block_path, block in aggregator_blocks(root)
     ]
     dino = dino_blocks(root)
     following = _successors(dino)

@@ -35,8 +35,8 @@ from torch import nn
 
 from ...config import TurboConfig
 from ...kernels.attention import AttentionPolicy
-from ...upstream import AGGREGATOR_LAYOUT, ATTENTION_MEMBERS, aggregator_of, members, rope_of, x_pos
-from .._base import Patch, Target, Tier, aggregator_path, join
+from ...upstream import AGGREGATOR_LAYOUT, ATTENTION_MEMBERS, members, rope_of, x_pos
+from .._base import Patch, Target, Tier, aggregator_blocks, join
 from .._fused_qkv import fits, fused_qkv
 
 
@@ -56,15 +56,8 @@ def make_wrapper(policy: AttentionPolicy):
 
 
 def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
-    agg = aggregator_path(root)
-    aggregator = aggregator_of(root)
     wrapper = make_wrapper(AttentionPolicy.from_config(config))
-    return [
-        Target(join(agg, kind, str(i), "attn"), "forward", wrapper)
-        for kind in ("frame_blocks", "global_blocks")
-        for i, block in enumerate(getattr(aggregator, kind))
-        if fits(block.attn)
-    ]
+    return [Target(join(path, "attn"), "forward", wrapper) for path, block in aggregator_blocks(root) if fits(block.attn)]
 
 
 PATCH = Patch(

@@ -24,8 +24,8 @@ from torch import nn
 
 from ...config import TurboConfig
 from ...kernels.attention import AttentionPolicy
-from ...upstream import AGGREGATOR_LAYOUT, ATTENTION_MEMBERS, aggregator_of, x_pos
-from .._base import Patch, Target, Tier, aggregator_path, join
+from ...upstream import AGGREGATOR_LAYOUT, ATTENTION_MEMBERS, x_pos
+from .._base import Patch, Target, Tier, aggregator_blocks, join
 
 
 def make_wrapper(policy: AttentionPolicy):
@@ -49,14 +49,8 @@ def make_wrapper(policy: AttentionPolicy):
 
 
 def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
-    agg = aggregator_path(root)
     wrapper = make_wrapper(AttentionPolicy.from_config(config))  # ValueError now for a backend this torch lacks
-    aggregator = aggregator_of(root)
-    return [
-        Target(join(agg, kind, str(i), "attn"), "forward", wrapper)
-        for kind in ("frame_blocks", "global_blocks")
-        for i in range(len(getattr(aggregator, kind)))
-    ]
+    return [Target(join(path, "attn"), "forward", wrapper) for path, _ in aggregator_blocks(root)]
 
 
 PATCH = Patch(

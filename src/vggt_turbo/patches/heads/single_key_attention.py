@@ -31,16 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import TurboConfig
-from ...upstream import looks_like_vggt, members
+from ...upstream import looks_like_vggt, members, x_pos
 from .._base import Patch, Target, Tier, join
 
 
-def _x_pos(x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    return x, pos
-
-
 def attention_forward(wrapped: Any, attn: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-    x, _ = _x_pos(*args, **kwargs)
+    x, _ = x_pos(*args, **kwargs)
     if attn.training or torch.is_grad_enabled() or not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != 1:
         return wrapped(*args, **kwargs)
     C = x.shape[-1]
