@@ -5,7 +5,7 @@
 Reads only committed files (listed in ``SOURCES``), writes ``src/vggt_turbo/plan_constants.json`` (package data)
 and ``benchmarks/results/plan_check.md`` (predicted vs measured on runs not used for fitting). Runs on the CPU.
 
-What the data is (518x518, batch 1, bf16 autocast, torch 2.11):
+What the data is (518x518 unless said, batch 1, bf16 autocast, torch 2.11):
   - H100, ``latest.json`` (2026-11-24): upstream, exact, fast at 1/10/100/200 frames (offload_intermediates "auto":
     on from 32 frames): FIT.
   - H100, ``2026-11-24-576aca9.json`` (no warm-up: one cold call per row): exact without offloading at 100/200
@@ -17,6 +17,9 @@ What the data is (518x518, batch 1, bf16 autocast, torch 2.11):
     and fast at 1/10/32/100 frames, before and after the DPT heads' prefetch of offloaded chunks (7776b45): FIT,
     but 7776b45 at 32 frames (the current code at a frame count of its own) is HELD OUT; 1-frame rows are left out
     of the time fit as before (upstream's one-frame time differs by 60 % between the two runs).
+  - H200, ``2026-12-02-21cabca-518x392.json`` (``plan_measure.sh 1``): upstream, exact with and without offloading
+    and fast at 1/10/32/100/200 frames at 518x392: memory HELD OUT (memory is fitted at 518x518 only), seconds
+    FIT but at 100 frames (HELD OUT). Seconds are fitted per GPU kind, in 518x518 frames' tokens.
 "exact" before 2026-12-02 had ``bf16_weights``: those rows are today's ``exact + bf16_weights`` and calibrate the
 variant ``exact_bf16``. Both parts of each run are used for memory: ``full`` (the peak, max of the two phases) and
 ``aggregator`` (the peak up to the aggregator's end: its phase alone). The presets' rows at <= 16 frames with a
@@ -51,6 +54,7 @@ SOURCES = {
     "h200_bf236ec": H200 / "2026-12-02-bf236ec.json",  # today's exact (no bf16_weights), before the prefetch
     "h200_7776b45": H200 / "2026-12-02-7776b45.json",  # the current code: heads prefetch offloaded chunks
     "h200_seq": H200 / "sequence_parallel.json",
+    "h200_21cabca_392": H200 / "2026-12-02-21cabca-518x392.json",  # 518x392 (plan_measure.sh 1): HELD OUT
 }
 GIB = 1024**3
 SIZE = 518
@@ -87,6 +91,14 @@ class Row:
     part: str = "full"  # "aggregator": the peak up to the aggregator's end (its phase alone)
     prefetch: bool = False  # measured with the heads' prefetch of offloaded chunks (since 7776b45)
     graph: bool = False  # a CUDA-graph replay: the allocated peak leaves out the graph's pool
+    height: int = SIZE
+    width: int = SIZE
+    time_fit: Optional[bool] = None  # whether its seconds are fitted (None: as ``fit``)
+    fa4: bool = False  # timed with FlashAttention-4 on a GPU whose curves were fitted without it
+
+    @property
+    def fits_time(self) -> bool:
+        return self.fit if self.time_fit is None else self.time_fit
 
     @property
     def total_gib(self) -> float:
@@ -129,9 +141,9 @@ def load() -> list[Row]:
         if r["variant"] == "fast" and r["frames"] == 800 and r["part"] == "full":  # a single cold call
             out.append(Row("H100 576aca9", "H100", "fast", True, 800, None, r["peak_gib"], r["base_gib"],
                            r["reserved_gib"], False))
-    for r in rows_of(SOURCES["h200_latest"]):
+    for r in rows_of(SOURCES["h200_latest"]):  # 800 frames: memory held out, seconds fitted (the long end)
         out.append(Row("H200 latest.json", "H200", r["variant"], r["variant"] != "upstream", r["frames"], r["seconds"],
-                       r["peak_gib"], r["base_gib"], r["reserved_gib"], False))
+                       r["peak_gib"], r["base_gib"], r["reserved_gib"], False, time_fit=True))
     h200_new = {"upstream": "upstream", "exact": "exact", "exact+bf16_weights": "exact_bf16", "fast": "fast"}
     for name, prefetch in (("h200_bf236ec", False), ("h200_7776b45", True)):
         label = "H200 " + SOURCES[name].name
@@ -144,10 +156,22 @@ def load() -> list[Row]:
             out.append(Row(label, "H200", v, auto(v, n), n, r["seconds"] if timed else None, r["peak_gib"],
                            r["base_gib"], r["reserved_gib"], not held, r["part"], prefetch and auto(v, n),
                            replays_graph(v, n)))
+    # 518x392 (today's code, 21cabca): memory held out (a check of the planner's scaling by tokens and pixels);
+    # seconds fitted but for 100 frames, held out.
+    label = "H200 " + SOURCES["h200_21cabca_392"].name
+    offloads = {"upstream": False, "exact": None, "exact-offload_intermediates": False, "fast": None}
+    for r in rows_of(SOURCES["h200_21cabca_392"], both):
+        v, n = r["variant"].split("-")[0], r["frames"]
+        offload = auto(v, n) if offloads[r["variant"]] is None else False
+        timed = r["part"] == "full" and n >= 10
+        out.append(Row(label, "H200", v, offload, n, r["seconds"] if timed else None, r["peak_gib"], r["base_gib"],
+                       r["reserved_gib"], False, r["part"], offload, replays_graph(v, n), 392, 518, n != 100))
     for r in rows_of(SOURCES["h200_seq"]):
         if r.get("gpus") == 1:
+            # With FlashAttention-4, unlike the other H200 runs: its seconds are not fitted.
             out.append(Row("H200 sequence_parallel.json (1 GPU)", "H200", "exact_bf16", True, r["frames"],
-                           r["seconds"], r["peak_gib"], r["base_gib"], None, r["frames"] == 100))
+                           r["seconds"], r["peak_gib"], r["base_gib"], None, r["frames"] == 100, time_fit=False,
+                           fa4=True))
     return out
 
 
@@ -164,7 +188,7 @@ def as_measured(k: dict[str, Any], r: Row) -> dict[str, Any]:
 
 def predicted(k: dict[str, Any], r: Row) -> tuple[float, float]:
     """(weights + inputs, the phase ``r`` measures: the larger one, or the aggregator's) in GiB."""
-    base, aggregator, heads = planner.phases(r.variant, r.offload, r.frames, SIZE, SIZE, 1, as_measured(k, r))
+    base, aggregator, heads = planner.phases(r.variant, r.offload, r.frames, r.height, r.width, 1, as_measured(k, r))
     phase = aggregator if r.part == "aggregator" else max(aggregator, heads)
     return base / GIB, phase / GIB
 
@@ -203,11 +227,12 @@ def fit_memory(rows: list[Row], v: str, kept_bytes: int, weights_bytes: float,
     return out
 
 
-def fit_time(rows: list[Row], v: str) -> dict[str, float]:
-    """c + a*F + b*F**2 (F = frames at 518x518) by non-negative least squares on relative errors, H100 FIT rows."""
-    fit = [r for r in rows if r.variant == v and r.fit and r.gpu == "H100" and r.seconds and r.offload == (
+def fit_time(rows: list[Row], v: str, gpu: str, ref_tokens: int) -> dict[str, float]:
+    """c + a*F + b*F**2 (F = frames in 518x518 frames' tokens) by non-negative least squares on relative errors,
+    over one GPU's timed fit rows (each GPU its own curve: the H100 runs had FlashAttention-4, the H200's not)."""
+    fit = [r for r in rows if r.variant == v and r.fits_time and r.gpu == gpu and r.seconds and r.offload == (
         v != "upstream" and r.frames >= OFFLOAD_AUTO_FRAMES)]
-    f = np.array([r.frames for r in fit], float)
+    f = np.array([r.frames * planner.tokens_per_frame(r.height, r.width) / ref_tokens for r in fit], float)
     t = np.array([r.seconds for r in fit], float)
     design = np.stack([np.ones_like(f), f, f * f], axis=1) / t[:, None]
     c, a, b = lsq_linear(design, np.ones_like(t), bounds=(0, np.inf)).x
@@ -216,8 +241,7 @@ def fit_time(rows: list[Row], v: str) -> dict[str, float]:
 
 def exact_over_bf16(rows: list[Row]) -> float:
     """Today's exact against exact+bf16_weights, timed in the same H200 processes (FIT rows): the median ratio.
-    Only the H200 runs have today's exact, and only up to 100 frames: its curve is exact_bf16's (fitted up to
-    200 frames on the H100) times this ratio rather than a curve of its own."""
+    Only the H200 runs have today's exact: on the H100 its curve is exact_bf16's times this ratio."""
     timed = {(r.source, r.frames, r.variant): r.seconds for r in rows if r.fit and r.seconds and r.gpu == "H200"}
     return float(np.median([t / timed[(src, n, "exact_bf16")] for (src, n, v), t in timed.items()
                             if v == "exact" and (src, n, "exact_bf16") in timed]))
@@ -233,23 +257,20 @@ def main() -> None:
     memory.update({v: fit_memory(rows, v, kb, weights_bytes, h) for v, kb in (("exact", 4), ("exact_bf16", 2),
                                                                                ("fast", 2))})
 
-    fits = {v: fit_time(rows, v) for v in ("upstream", "exact_bf16", "fast")}
-    ratio = exact_over_bf16(rows)
-    fits["exact"] = {key: value * ratio for key, value in fits["exact_bf16"].items()}
     ref_tokens = planner.tokens_per_frame(SIZE, SIZE, constants_with(memory, weights_bytes))
-    time = {"reference_tokens": ref_tokens, "fits": fits, "gpus": {"H100": 1.0}, "exact_over_exact_bf16": ratio}
+    h100 = {v: fit_time(rows, v, "H100", ref_tokens) for v in ("upstream", "exact_bf16", "fast")}
+    ratio = exact_over_bf16(rows)
+    h100["exact"] = {key: value * ratio for key, value in h100["exact_bf16"].items()}
+    h200 = {v: fit_time(rows, v, "H200", ref_tokens) for v in ("upstream", "exact", "exact_bf16", "fast")}
+    time = {"reference_tokens": ref_tokens, "fits": {"H100": h100, "H200": h200}, "exact_over_exact_bf16": ratio}
     # Offloading's cost: exact with vs without at 100 and 200 frames on the H100 (576aca9, same process).
     a576 = {(r["variant"], r["frames"]): r["seconds"] for r in rows_of(SOURCES["h100_576aca9"])}
     time["no_offload_factor"] = float(np.mean([a576[("exact-offload_intermediates", s)] / a576[("exact", s)]
                                                for s in (100, 200)]))
     k = constants_with(memory, weights_bytes, time)
-    # H200: one ratio, the median of measured / H100-predicted over the H200's timed FIT rows of >= 10 frames.
-    h200 = [r for r in rows if r.gpu == "H200" and r.fit and r.seconds and r.frames >= 10]
-    time["gpus"]["H200"] = float(np.median(
-        [r.seconds / planner.seconds(r.variant, r.offload, r.frames, SIZE, SIZE, 1, "H100", k) for r in h200]))
     k["calibration"] = {
         "script": "benchmarks/plan_calibration.py", "sources": {n: str(p.relative_to(ROOT)) for n, p in SOURCES.items()},
-        "image_size": f"{SIZE}x{SIZE}", "measured_at_518x392": False,
+        "image_size": f"{SIZE}x{SIZE} (memory); {SIZE}x{SIZE} and 518x392 (H200 seconds)",
         "note": "seconds are warm calls (median of the bench's repeats); a first call adds kernel autotuning",
     }
     out = ROOT / "src" / "vggt_turbo" / "plan_constants.json"
@@ -258,8 +279,8 @@ def main() -> None:
     log.info("wrote %s and %s", out.relative_to(ROOT), (RESULTS / "plan_check.md").relative_to(ROOT))
 
 
-HEAD = ("| GPU | variant | part | offload | prefetch | frames | peak GiB pred. | meas. | err | activations pred. | "
-        "meas. | err | s pred. | meas. | err | source |\n|" + "---|" * 16)
+HEAD = ("| GPU | variant | part | offload | prefetch | frames | size | peak GiB pred. | meas. | err | "
+        "activations pred. | meas. | err | s pred. | meas. | err | source |\n|" + "---|" * 17)
 
 
 def line(r: Row, k: dict[str, Any]) -> str:
@@ -270,12 +291,12 @@ def line(r: Row, k: dict[str, Any]) -> str:
     else:
         memory = (f"{base + phase:.2f} | {r.total_gib:.2f} | {100 * ((base + phase) / r.total_gib - 1):+.1f} % | "
                   f"{phase:.2f} | {r.peak_gib:.2f} | {100 * (phase / r.peak_gib - 1):+.1f} %")
-    pred_t = planner.seconds(r.variant, r.offload, r.frames, SIZE, SIZE, 1, r.gpu, k)
-    t = (f"{pred_t:.2f} | {r.seconds:.2f} | {100 * (pred_t / r.seconds - 1):+.1f} %"
+    pred_t = planner.seconds(r.variant, r.offload, r.frames, r.height, r.width, 1, r.gpu, k)
+    t = (f"{pred_t:.2f} | {r.seconds:.2f} | {100 * (pred_t / r.seconds - 1):+.1f} %{' (fit)' if r.fits_time else ' (FA4)' if r.fa4 else ''}"
          if r.seconds and pred_t else "- | - | -")
     prefetch = ("on" if r.prefetch else "off") if r.offload else "-"
     return (f"| {r.gpu} | {r.variant} | {r.part} | {'on' if r.offload else 'off'} | {prefetch} | {r.frames} | "
-            f"{memory} | {t} | {r.source} |")
+            f"{r.width}x{r.height} | {memory} | {t} | {r.source} |")
 
 
 def check(rows: list[Row], k: dict[str, Any]) -> str:
@@ -287,25 +308,26 @@ def check(rows: list[Row], k: dict[str, Any]) -> str:
         "Peak = weights + inputs + activations (max_memory_allocated; the bench's base_gib + peak_gib); "
         "activations = the bench's peak_gib alone. Part `full`: the forward's peak; `aggregator`: the peak up to the "
         "aggregator's end (the planner's aggregator phase). Targets: peak within 10 %, seconds within 15 %. "
-        "All runs at 518x518, batch 1, bf16 autocast, torch 2.11; `exact_bf16` = today's exact + bf16_weights (the "
-        "exact preset before 2026-12-02); prefetch: whether the DPT heads prefetched the next offloaded chunk "
-        "(since 7776b45; rows before it are predicted without). Seconds: per-variant curves fitted on the H100 "
-        "(today's `exact`: exact_bf16's times the ratio between the two in the same H200 runs), H200 = the H100 "
-        "curve times one ratio fitted on the H200's rows of the fit set. The 2026-12-02 H200 runs had no "
-        "FlashAttention-4, the H100 runs and the sequence-parallel H200 run had it.", "",
+        "Batch 1, bf16 autocast, torch 2.11; `exact_bf16` = today's exact + bf16_weights (the exact preset before "
+        "2026-12-02); prefetch: whether the DPT heads prefetched the next offloaded chunk (since 7776b45; rows "
+        "before it are predicted without). Memory is fitted on 518x518 runs only. Seconds: per-variant curves per "
+        "GPU kind in 518x518 frames' tokens, fitted on that GPU's timed rows marked `(fit)` (the H100's today's "
+        "`exact`: exact_bf16's curve times the ratio between the two in the same H200 runs). The 2026-12-02 H200 "
+        "runs had no FlashAttention-4, the H100 runs and the sequence-parallel H200 run had it: its seconds, "
+        "marked `(FA4)`, are neither fitted nor a target (the H200 curves are torch's attention kernels).", "",
         "## Held out (not used for fitting)", "",
         "Today's code (7776b45) at 32 frames, a frame count of its own (bf236ec's 32-frame rows, before the "
-        "prefetch, are in the fit), and the long runs: 400 and 800 frames.", "",
+        "prefetch, are in the fit); the long runs: 400 and 800 frames; every 518x392 row's memory (21cabca, "
+        "`benchmarks/plan_measure.sh 1`) and its seconds at 100 frames (the others are marked `(fit)`).", "",
         HEAD, *(line(r, k) for r in held), "",
         "## Fit set (residuals, for reference)", "",
         "`graph`: the presets' warm calls of <= 16 frames replay a CUDA graph; its pool is not allocated memory, so "
         "these peaks are not the working set and are not fitted (their seconds are).", "",
         HEAD, *(line(r, k) for r in fitted), "",
         "## Not measured yet", "",
-        "- Nothing at 518x392: the planner scales by tokens (activations) and pixels (heads) from 518x518 "
-        "(`benchmarks/plan_measure.sh` measures it).",
-        "- Today's `exact` only up to 100 frames (H200): its long-sequence memory is extrapolated from 32 and 100 "
-        "frames, its seconds are exact_bf16's curve times one ratio.",
+        "- 518x392 beyond 200 frames (`benchmarks/plan_measure.sh 2`: 400 and 800 frames).",
+        "- Today's `exact` beyond 200 frames (H200); on the H100 not at all (its seconds there are exact_bf16's "
+        "curve times one ratio).",
         "- The presets' heads below 8 frames: `h` (the DPT heads' working set per pixel) is upstream's.",
         "- No frame counts between 200 and 800 on the H100, none of 150/300/600 anywhere; `fast` and upstream "
         "without offloading at > 200 frames only at 800, and only before 7776b45.",

