@@ -185,6 +185,20 @@ def device_slug(device: str) -> str:
     return "cpu"
 
 
+def run_meta(device: str) -> dict[str, Any]:
+    """What the numbers hold for: the GPU (or CPU), torch, upstream's and this tree's commits, the date."""
+    import datetime
+
+    import torch
+
+    from vggt_turbo.bench.meta import turbo_commit, upstream_commit
+
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
+    return {"gpu": name, "torch": torch.__version__, "upstream_commit": upstream_commit()[0],
+            "vggt_turbo_commit": turbo_commit(), "date": datetime.date.today().isoformat(), "argv": sys.argv[1:]}
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.upstream_child:
@@ -192,8 +206,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         return {}
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     counts = [int(x) for x in args.frames.split(",")]
-    results: dict[str, Any] = {"device": device_slug(args.device), "size": args.size, "preset": args.preset,
-                               "host": platform.node(), "cpus": os.cpu_count(), "rows": []}
+    results: dict[str, Any] = {"meta": run_meta(args.device), "device": device_slug(args.device), "size": args.size,
+                               "preset": args.preset, "host": platform.node(), "cpus": os.cpu_count(), "rows": []}
     with tempfile.TemporaryDirectory(prefix="reconstruct-bench-") as tmp:
         workdir = Path(tmp)
         source = source_images(args.images, workdir)

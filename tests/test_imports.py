@@ -66,3 +66,19 @@ def test_the_library_never_imports_the_application_or_the_bench() -> None:
 def test_the_configuration_does_not_import_the_collectives() -> None:
     """``config`` recognises a process group through ``process_group``; ``distributed`` is the patches' business."""
     assert not {n for n in imported_names(PACKAGE / "config.py") if n.startswith("vggt_turbo.distributed")}
+
+
+def test_reconstruct_before_inference_does_not_load_torchs_compiler() -> None:
+    """What reconstruct does before the first forward (its checks, the meta-device skeleton that a checkpoint is
+    assigned to) must not import ``torch._dynamo`` (seconds, through torchvision's ops or torch's Python references
+    of ``normal_`` on meta tensors): a one-shot command would pay it for nothing."""
+    code = ("import json, sys\n"
+            "from vggt_turbo.app import reconstruct, weights\n"
+            "reconstruct._check_upstream()\n"
+            "skeleton = weights.plan(None, True, 'small').skeleton\n"
+            "assert all(p.is_meta for p in skeleton.parameters())\n"
+            "print(json.dumps(sorted(sys.modules)))")
+    loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                           check=True).stdout))
+    assert "vggt.models.vggt" in loaded  # the checks did import upstream's model
+    assert not loaded & {"torch._dynamo", "torchvision", "vggt.utils.load_fn"}

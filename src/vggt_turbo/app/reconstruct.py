@@ -227,12 +227,14 @@ def reconstruct(options: ReconstructOptions) -> Result:
 
 
 def _check_upstream() -> None:
-    """Upstream VGGT must import (model, pose decoding, image loader) before anything else is done."""
+    """Upstream VGGT must import (model, pose decoding) before anything else is done.
+
+    Upstream's image loader is not imported: the frames go through ``inputs.preprocess`` (its steps, tested bit
+    for bit against it), and importing it would import torchvision, whose ``ops`` import torch's compiler stack:
+    seconds of a one-shot run for nothing."""
     try:
         import vggt.models.vggt  # noqa: F401
         import vggt.utils.pose_enc  # noqa: F401
-
-        inputs.upstream_loader()
     except ImportError as exc:
         raise UserError(
             f"upstream VGGT is not installed or incomplete ({exc}): pip install --no-deps -r "

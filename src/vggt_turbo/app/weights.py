@@ -22,10 +22,11 @@ import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .errors import UserError
 from ..random_model import Size, build_vggt
@@ -155,9 +156,29 @@ def _parameters_on_meta() -> Iterator[None]:
 
     nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
     try:
-        yield
+        with _SkipMetaFills():
+            yield
     finally:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+class _SkipMetaFills(TorchFunctionMode):
+    """Upstream's initialisers' in-place fills of meta parameters, skipped: they have no values to compute, and
+    some (``normal_``, ``erfinv_``, ``clamp_``) run torch's Python reference on the meta device, whose first call
+    imports torch's compiler stack (``torch._dynamo``: seconds of a one-shot command). Only value fills are
+    skipped; shape-changing in-place methods and ``requires_grad_`` run as usual."""
+
+    FILLS = frozenset({"normal_", "uniform_", "erfinv_", "exponential_", "log_normal_", "cauchy_", "geometric_",
+                       "bernoulli_", "random_", "fill_", "zero_", "mul_", "add_", "sub_", "div_", "clamp_",
+                       "clamp_min_", "clamp_max_", "copy_"})
+
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple = (),
+                           kwargs: Optional[dict] = None) -> Any:
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")  # torch.nn.init's fills pass it as tensor=
+        if getattr(func, "__name__", None) in self.FILLS and isinstance(target, torch.Tensor) and target.is_meta:
+            return target
+        return func(*args, **kwargs)
 
 
 def _skeleton(size: Size, enable_track: bool) -> nn.Module:
