@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import logging
 import os
 import sys
@@ -233,8 +234,8 @@ def _check_upstream() -> None:
     for bit against it), and importing it would import torchvision, whose ``ops`` import torch's compiler stack:
     seconds of a one-shot run for nothing."""
     try:
-        import vggt.models.vggt  # noqa: F401
-        import vggt.utils.pose_enc  # noqa: F401
+        for module in ("vggt.models.vggt", "vggt.utils.pose_enc"):
+            importlib.import_module(module)
     except ImportError as exc:
         raise UserError(
             f"upstream VGGT is not installed or incomplete ({exc}): pip install --no-deps -r "
