@@ -3,20 +3,22 @@
 The functions here do no printing and show no progress: they return lists or yield one item at a time, so the
 command can wrap them in progress bars, and raise ``UserError`` for anything the user can fix.
 
-Images are preprocessed by upstream's own ``vggt.utils.load_fn.load_and_preprocess_images`` (resize to 518 px
-wide, crop or pad, divisible by 14), so the model sees exactly what upstream's demos feed it. That loader imports
-torchvision for ``transforms.ToTensor`` alone. Where torchvision cannot be imported — PyPI's Linux wheels are CUDA
-builds that fail beside a CPU-only torch, whose matching CPU wheels live on PyTorch's own index — upstream's
-loader is imported with a stand-in ``ToTensor`` doing the same documented conversion (RGB uint8 HWC to float CHW
-in [0, 1]); the stand-in is visible to that module only (see ``upstream_loader``).
+The model sees exactly what upstream's demos feed it: ``preprocess`` applies the steps of upstream's
+``vggt.utils.load_fn.load_and_preprocess_images`` (resize to 518 px wide, crop or pad, divisible by 14) to each
+opened image, and the tests hold it to that loader's tensors bit for bit. The loader itself (``upstream_loader``:
+the tests' and the reconstruct benchmark's reference, never imported by ``reconstruct``) imports torchvision for
+``transforms.ToTensor`` alone. Where torchvision cannot be imported — PyPI's Linux wheels are CUDA builds that fail
+beside a CPU-only torch, whose matching CPU wheels live on PyTorch's own index — it is imported with a stand-in
+``ToTensor`` doing the same documented conversion (RGB uint8 HWC to float CHW in [0, 1]); the stand-in is visible
+to that module only.
 
 Upstream's loader turns every file into RGB with ``convert("RGB")`` (RGBA composited on white first). That is
 right for 8-bit RGB, RGBA, grey and opaque palette images, and wrong for others: 16-bit grey is clipped to almost
 white, grey or palette images with transparency lose it instead of going onto white, and EXIF rotation is
-ignored. Such files are converted here to the 8-bit RGB image a viewer shows (``as_viewed``) and handed to
-upstream's loader as lossless PNGs; every other file reaches it untouched, so ordinary images give upstream's
-tensors bit for bit. Images upstream's arithmetic cannot resize sensibly (too small, extreme aspect ratio) are
-refused by ``image_problem`` before any model work.
+ignored. Such files are converted here to the 8-bit RGB image a viewer shows (``as_viewed``) before upstream's
+steps; every other file reaches them untouched, so ordinary images give upstream's tensors bit for bit. Images
+upstream's arithmetic cannot resize sensibly (too small, extreme aspect ratio) are refused by ``image_problem``
+before any model work.
 
 Loading is parallel and decodes each file once (``load_folder``, ``load_frames``): a thread per core opens,
 checks and preprocesses one image (PIL's decoders and resampling, and torch's conversion, release the GIL), and
