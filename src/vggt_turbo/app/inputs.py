@@ -5,7 +5,8 @@ command can wrap them in progress bars, and raise ``UserError`` for anything the
 
 The model sees exactly what upstream's demos feed it: ``preprocess`` applies the steps of upstream's
 ``vggt.utils.load_fn.load_and_preprocess_images`` (resize to 518 px wide, crop or pad, divisible by 14) to each
-opened image, and the tests hold it to that loader's tensors bit for bit. The loader itself (``upstream_loader``:
+opened image, and the tests hold it to that loader's tensors bit for bit (example images, odd sizes, crop and
+pad, mixed shapes). The loader itself (``upstream_loader``:
 the tests' and the reconstruct benchmark's reference, never imported by ``reconstruct``) imports torchvision for
 ``transforms.ToTensor`` alone. Where torchvision cannot be imported — PyPI's Linux wheels are CUDA builds that fail
 beside a CPU-only torch, whose matching CPU wheels live on PyTorch's own index — it is imported with a stand-in
@@ -22,9 +23,7 @@ before any model work.
 
 Loading is parallel and decodes each file once (``load_folder``, ``load_frames``): a thread per core opens,
 checks and preprocesses one image (PIL's decoders and resampling, and torch's conversion, release the GIL), and
-video frames go from the decoder to the preprocessing as arrays, never through files. The preprocessing is
-``preprocess``, upstream's per-image steps applied to an open image; the tests hold it to upstream's tensors bit
-for bit (example images, odd sizes, crop and pad, mixed shapes).
+video frames go from the decoder to the preprocessing as arrays, never through files.
 """
 
 from __future__ import annotations
