@@ -5,6 +5,10 @@ by structure: each patch lists the upstream methods it replaces or calls, with t
 attributes it reads. ``check`` compares them with the *installed* classes of the instance being patched and raises
 ``IncompatibleUpstreamError`` naming the symbol and what differs. Nothing is patched when any check fails.
 
+A method whose arguments a patch's wrapper reads is declared once, as a ``Method`` (``AGGREGATOR_FORWARD``,
+``ATTENTION_FORWARD``, ...): the same declaration is the patch's requirement and binds the wrapper's ``args`` and
+``kwargs`` to upstream's parameter names, so an upstream rename is one line to change here.
+
 Tested against the pinned commit ``PINNED_COMMIT`` and against the older layout of 2025-10 (``44b3afbd``), whose
 ``Aggregator`` keeps all 24 intermediates instead of the four the heads read; both satisfy the contract.
 """
@@ -13,10 +17,9 @@ from __future__ import annotations
 
 import inspect
 import types
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Optional
 
-import torch
 from torch import nn
 
 PINNED_COMMIT = "a288dd0f14786c93483e45524328726ab7b1b4ce"
@@ -69,6 +72,44 @@ class Requirement:
             )
 
 
+@dataclass(frozen=True)
+class Method:
+    """One upstream method whose arguments a patch's wrapper reads: its ``requirement`` (checked as any other) and
+    ``bind``, called as ``bind(*args, **kwargs)`` with the wrapper's arguments, which returns them as a tuple in
+    ``params`` order, ``defaults`` filled in for those not passed (upstream's defaults).
+
+    ``bind`` is a plain function made once from the declared names, as dataclasses make ``__init__``, so that it
+    costs what a hand-written one does: wrappers run it on every call (an attention forward about a hundred times
+    per model call), where binding through ``inspect`` would be many times slower.
+    """
+
+    owner: str
+    name: str
+    locate: Callable[[nn.Module], Optional[object]]
+    params: tuple[str, ...]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    bind: Callable[..., tuple] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.defaults) - set(self.params))
+        if unknown:
+            raise ValueError(f"{self.owner}.{self.name} has no parameters {unknown} to default")
+        signature = ", ".join(f"{p}=defaults[{p!r}]" if p in self.defaults else p for p in self.params)
+        namespace: dict[str, Any] = {"defaults": self.defaults}
+        exec(f"def bind({signature}):\n    return ({', '.join(self.params)},)", namespace)
+        bind = namespace["bind"]
+        bind.__qualname__ = f"{self.owner}.{self.name}"  # a wrong call's TypeError names upstream's method
+        object.__setattr__(self, "bind", bind)
+
+    @property
+    def requirement(self) -> Requirement:
+        return self.requirement_at(self.locate)
+
+    def requirement_at(self, locate: Callable[[nn.Module], Optional[object]]) -> Requirement:
+        """The requirement checked on another instance of the owner class (e.g. the camera head's attention)."""
+        return Requirement(self.owner, self.name, locate, self.params)
+
+
 def aggregator_of(root: nn.Module) -> nn.Module:
     """The Aggregator of a VGGT, or the module itself when it is an Aggregator."""
     return root.aggregator if hasattr(root, "aggregator") else root
@@ -97,12 +138,42 @@ def first_attention(root: nn.Module) -> Optional[nn.Module]:
     return block.attn if block is not None else None
 
 
+def first_dino_block(root: nn.Module) -> Optional[nn.Module]:
+    blocks = dino_blocks(root)
+    return blocks[0] if blocks else None
+
+
+def first_dino_attention(root: nn.Module) -> Optional[nn.Module]:
+    block = first_dino_block(root)
+    return block.attn if block is not None else None
+
+
+def patch_embed_projection(root: nn.Module) -> Optional[nn.Module]:
+    """Upstream's ``PatchEmbed``: the projection in front of the DINOv2 blocks, or the aggregator's patch embed
+    itself when it is that (``"conv"``)."""
+    embed = aggregator_of(root).patch_embed
+    for candidate in (embed, getattr(embed, "patch_embed", None)):
+        if type(candidate).__name__ == "PatchEmbed":
+            return candidate
+    return None
+
+
 def rope_of(root: nn.Module) -> Optional[nn.Module]:
     return getattr(aggregator_of(root), "rope", None)
 
 
 def looks_like_vggt(model: object) -> bool:
     return isinstance(model, nn.Module) and hasattr(model, "aggregator") and looks_like_aggregator(model.aggregator)
+
+
+def vggt_of(root: nn.Module) -> Optional[nn.Module]:
+    """The root when it is a whole VGGT (None for an Aggregator patched alone)."""
+    return root if looks_like_vggt(root) else None
+
+
+def head_of(name: str) -> Callable[[nn.Module], Optional[nn.Module]]:
+    """A ``locate`` for one of a VGGT's heads (None when patching an Aggregator alone or the head is off)."""
+    return lambda root: getattr(root, name, None) if looks_like_vggt(root) else None
 
 
 DPT_HEADS = ("depth_head", "point_head", "track_head.feature_extractor")  # paths of VGGT's DPT heads
@@ -129,6 +200,14 @@ def first_dpt_head(root: nn.Module) -> Optional[nn.Module]:
     return heads[0][1] if heads else None
 
 
+def first_residual_unit(root: nn.Module) -> Optional[nn.Module]:
+    for _, head in dpt_heads(root):
+        for module in head.modules():
+            if type(module).__name__ == "ResidualConvUnit":
+                return module
+    return None
+
+
 def looks_like_aggregator(model: object) -> bool:
     return isinstance(model, nn.Module) and all(
         hasattr(model, name) for name in ("frame_blocks", "global_blocks", "patch_embed", "aa_order")
@@ -149,13 +228,42 @@ def members(
     return tuple(Requirement(owner, name, locate, params) for name, params in specs)
 
 
-# Requirements shared by several patches.
-# Aggregator members (name, parameters) of patches that re-run its forward loop step by step.
-AGGREGATOR_STEPS = (
-    ("forward", ("images",)),
-    ("_process_frame_attention", ("tokens", "B", "S", "P", "C", "frame_idx", "pos")),
-    ("_process_global_attention", ("tokens", "B", "S", "P", "C", "global_idx", "pos")),
+# The upstream methods whose arguments the patches' wrappers read (``Method``), with upstream's defaults.
+AGGREGATOR_FORWARD = Method("Aggregator", "forward", aggregator_of, ("images",))
+FRAME_STEP = Method(
+    "Aggregator", "_process_frame_attention", aggregator_of, ("tokens", "B", "S", "P", "C", "frame_idx", "pos"),
+    {"pos": None},
 )
+GLOBAL_STEP = Method(
+    "Aggregator", "_process_global_attention", aggregator_of, ("tokens", "B", "S", "P", "C", "global_idx", "pos"),
+    {"pos": None},
+)
+VGGT_FORWARD = Method("VGGT", "forward", vggt_of, ("images", "query_points"), {"query_points": None})
+BLOCK_FORWARD = Method("Block", "forward", first_block, ("x", "pos"), {"pos": None})
+ATTENTION_FORWARD = Method("Attention", "forward", first_attention, ("x", "pos"), {"pos": None})
+ROPE_FORWARD = Method("RotaryPositionEmbedding2D", "forward", rope_of, ("tokens", "positions"))
+PATCH_EMBED_FORWARD = Method("PatchEmbed", "forward", patch_embed_projection, ("x",))
+DINO_BLOCK_FORWARD = Method("NestedTensorBlock", "forward", first_dino_block, ("x_or_x_list",))
+DINO_ATTENTION_FORWARD = Method(
+    "MemEffAttention", "forward", first_dino_attention, ("x", "attn_bias", "pos"), {"attn_bias": None, "pos": None}
+)
+CAMERA_HEAD_FORWARD = Method(
+    "CameraHead", "forward", head_of("camera_head"), ("aggregated_tokens_list", "num_iterations"), {"num_iterations": 4}
+)
+DPT_FORWARD = Method(
+    "DPTHead", "forward", head_of("depth_head"),
+    ("aggregated_tokens_list", "images", "patch_start_idx", "frames_chunk_size"), {"frames_chunk_size": 8},
+)
+DPT_FORWARD_IMPL = Method(
+    "DPTHead", "_forward_impl", head_of("depth_head"),
+    ("aggregated_tokens_list", "images", "patch_start_idx", "frames_start_idx", "frames_end_idx"),
+    {"frames_start_idx": None, "frames_end_idx": None},
+)
+RESIDUAL_UNIT_FORWARD = Method("ResidualConvUnit", "forward", first_residual_unit, ("x",))
+
+# Requirements shared by several patches.
+# The Aggregator methods of patches that re-run its forward loop step by step.
+AGGREGATOR_STEPS = tuple(m.requirement for m in (AGGREGATOR_FORWARD, FRAME_STEP, GLOBAL_STEP))
 AGGREGATOR_LAYOUT = (
     Requirement("Aggregator", "frame_blocks", aggregator_of),
     Requirement("Aggregator", "global_blocks", aggregator_of),
@@ -175,10 +283,4 @@ ATTENTION_PARTS = (
     ("num_heads", None),
     ("head_dim", None),
 )
-ATTENTION_MEMBERS = members("Attention", first_attention, ("forward", ("x", "pos")), *ATTENTION_PARTS)
-
-
-def x_pos(x: torch.Tensor, pos: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Bind the arguments of upstream's ``Attention.forward(x, pos=None)`` (``Block.forward`` has the same), for the
-    patches' wrappers, which receive them as ``args`` and ``kwargs``."""
-    return x, pos
+ATTENTION_MEMBERS = (ATTENTION_FORWARD.requirement, *members("Attention", first_attention, *ATTENTION_PARTS))

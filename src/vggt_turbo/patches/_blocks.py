@@ -9,13 +9,6 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-def step_args(
-    tokens: torch.Tensor, B: int, S: int, P: int, C: int, idx: int, pos: Optional[torch.Tensor] = None
-) -> tuple[torch.Tensor, int, int, int, int, int, Optional[torch.Tensor]]:
-    """Bind the arguments of upstream's ``_process_{frame,global}_attention(tokens, B, S, P, C, idx, pos=None)``."""
-    return tokens, B, S, P, C, idx, pos
-
-
 def run_blocks(
     aggregator: nn.Module,
     blocks: nn.ModuleList,

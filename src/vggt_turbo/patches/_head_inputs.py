@@ -16,13 +16,14 @@ its stream waits for the copy. Anything else is fetched as without prefetching.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from ..upstream import Requirement, looks_like_vggt
+from ..upstream import CAMERA_HEAD_FORWARD, DPT_FORWARD_IMPL, Requirement, head_of
 from ._base import Target
+from ._streams import Streams
 
 
 def first_param(module: nn.Module) -> torch.Tensor:
@@ -34,48 +35,14 @@ def _fits(t: torch.Tensor, like: torch.Tensor) -> bool:
     return t.dtype == like.dtype and t.device == like.device
 
 
-def _camera_args(aggregated_tokens_list: list, num_iterations: int = 4) -> tuple[list, int]:
-    return aggregated_tokens_list, num_iterations
-
-
 def camera_head_forward(wrapped: Any, head: nn.Module, args: tuple, kwargs: dict) -> Any:
     """The camera head reads only token 0 of each frame of the last layer: convert that slice alone."""
-    tokens, num_iterations = _camera_args(*args, **kwargs)
+    tokens, num_iterations = CAMERA_HEAD_FORWARD.bind(*args, **kwargs)
     like = first_param(head)
     if _fits(tokens[-1], like):
         return wrapped(*args, **kwargs)
     last = tokens[-1][:, :, :1].to(device=like.device, dtype=like.dtype, non_blocking=True)
     return wrapped([*tokens[:-1], last], num_iterations)
-
-
-def _dpt_args(
-    aggregated_tokens_list: list,
-    images: torch.Tensor,
-    patch_start_idx: int,
-    frames_start_idx: Optional[int] = None,
-    frames_end_idx: Optional[int] = None,
-) -> tuple[list, torch.Tensor, int, Optional[int], Optional[int]]:
-    return aggregated_tokens_list, images, patch_start_idx, frames_start_idx, frames_end_idx
-
-
-class SideStream:
-    """One CUDA stream per device for a patched model's transfers (made on first use), ordered after the work
-    queued on the current stream whenever a transfer is issued."""
-
-    def __init__(self) -> None:
-        self._streams: dict[torch.device, torch.cuda.Stream] = {}
-
-    def after_current(self, device: torch.device) -> torch.cuda.Stream:
-        stream = self._streams.get(device)
-        if stream is None:
-            stream = self._streams[device] = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        return stream
-
-    def synchronize(self, device: torch.device) -> None:
-        stream = self._streams.get(device)
-        if stream is not None:
-            stream.synchronize()
 
 
 class _Prefetched:
@@ -100,7 +67,7 @@ def _fetch(sources: list[torch.Tensor], like: torch.Tensor) -> list[torch.Tensor
     return [t.to(device=like.device, dtype=like.dtype, non_blocking=True) for t in sources]
 
 
-def _prefetch_next(side: SideStream, slot: _Prefetched, tokens: list, layers: list[int], like: torch.Tensor,
+def _prefetch_next(side: Streams, slot: _Prefetched, tokens: list, layers: list[int], like: torch.Tensor,
                    start: int, end: int) -> None:
     """Start copying the chunk after ``[start, end)`` (same length, clipped to the sequence), if there is one.
     The buffers are allocated on the current stream (whose queued work may still use the memory they reuse), so the
@@ -121,14 +88,14 @@ def _prefetch_next(side: SideStream, slot: _Prefetched, tokens: list, layers: li
     slot.put((tuple(id(tokens[i]) for i in layers), following), buffers, done)
 
 
-def make_dpt_forward_impl(prefetch: Optional[SideStream] = None):
+def make_dpt_forward_impl(prefetch: Optional[Streams] = None):
     """The ``DPTHead._forward_impl`` wrapper of one head: convert only the layers the head reads, only for the frames
     of this chunk (the chunk's frames are then passed as the whole sequence: upstream's ``_forward_impl`` uses
     ``images`` for its shape only); with ``prefetch``, host-resident layers' next chunk is copied ahead."""
     slot = _Prefetched()
 
     def dpt_forward_impl(wrapped: Any, head: nn.Module, args: tuple, kwargs: dict) -> Any:
-        tokens, images, patch_start_idx, start, end = _dpt_args(*args, **kwargs)
+        tokens, images, patch_start_idx, start, end = DPT_FORWARD_IMPL.bind(*args, **kwargs)
         like = first_param(head)
         layers = sorted(set(head.intermediate_layer_idx))
         if all(_fits(tokens[i], like) for i in layers):
@@ -150,7 +117,7 @@ def make_dpt_forward_impl(prefetch: Optional[SideStream] = None):
     return dpt_forward_impl
 
 
-def head_input_targets(root: nn.Module, prefetch: Optional[SideStream] = None) -> list[Target]:
+def head_input_targets(root: nn.Module, prefetch: Optional[Streams] = None) -> list[Target]:
     """The wrappers for every head ``root`` (a VGGT) has (each DPT head its own, with its own prefetch slot)."""
     targets = []
     if getattr(root, "camera_head", None) is not None:
@@ -163,18 +130,8 @@ def head_input_targets(root: nn.Module, prefetch: Optional[SideStream] = None) -
     return targets
 
 
-def head_of(name: str) -> Callable[[nn.Module], Optional[nn.Module]]:
-    """A ``locate`` for one of a VGGT's heads (None when patching an Aggregator alone or the head is off)."""
-    return lambda root: getattr(root, name, None) if looks_like_vggt(root) else None
-
-
 HEAD_INPUT_REQUIREMENTS = (
-    Requirement("CameraHead", "forward", head_of("camera_head"), ("aggregated_tokens_list", "num_iterations")),
-    Requirement(
-        "DPTHead",
-        "_forward_impl",
-        head_of("depth_head"),
-        ("aggregated_tokens_list", "images", "patch_start_idx", "frames_start_idx", "frames_end_idx"),
-    ),
+    CAMERA_HEAD_FORWARD.requirement,
+    DPT_FORWARD_IMPL.requirement,
     Requirement("DPTHead", "intermediate_layer_idx", head_of("depth_head")),
 )

@@ -37,7 +37,7 @@ from torch import nn
 
 from ...autocast import autocast_dtype
 from ...config import TurboConfig
-from ...upstream import Requirement, aggregator_of, looks_like_vggt
+from ...upstream import AGGREGATOR_FORWARD, Requirement, aggregator_of, looks_like_vggt
 from .._base import Patch, Target, Tier, aggregator_path, join
 from .._head_inputs import HEAD_INPUT_REQUIREMENTS, head_input_targets
 from .._shadow import Shadow
@@ -46,16 +46,12 @@ from .._shadow import Shadow
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("vggt_turbo_bf16_active", default=False)
 
 
-def _images(images: torch.Tensor) -> torch.Tensor:
-    return images
-
-
 def make_aggregator_wrapper(upcast_outputs: bool):
     """The ``Aggregator.forward`` wrapper; ``upcast_outputs``: return fp32 intermediates (no patched heads)."""
     shadows: "weakref.WeakKeyDictionary[nn.Module, Shadow]" = weakref.WeakKeyDictionary()
 
     def aggregator_forward(wrapped: Any, agg: nn.Module, args: tuple, kwargs: dict) -> Any:
-        device_type = _images(*args, **kwargs).device.type
+        device_type = AGGREGATOR_FORWARD.bind(*args, **kwargs)[0].device.type
         first = next(agg.parameters(), None)
         if (
             agg.training
@@ -110,7 +106,7 @@ PATCH = Patch(
         "bf16 (rounds more than autocast)"
     ),
     requirements=(
-        Requirement("Aggregator", "forward", aggregator_of, ("images",)),
+        AGGREGATOR_FORWARD.requirement,
         Requirement("Aggregator", "patch_embed", aggregator_of),
     )
     + HEAD_INPUT_REQUIREMENTS,

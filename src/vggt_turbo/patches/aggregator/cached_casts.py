@@ -31,7 +31,7 @@ from torch import nn
 
 from ...autocast import autocast_dtype
 from ...config import TurboConfig
-from ...upstream import Requirement, aggregator_of
+from ...upstream import AGGREGATOR_FORWARD
 from .._base import Patch, Target, Tier, aggregator_path
 from .._shadow import Shadow
 
@@ -50,16 +50,12 @@ def matmul_parameters(module: nn.Module) -> Iterator[nn.Parameter]:
                     yield p
 
 
-def _images(images: torch.Tensor) -> torch.Tensor:
-    return images
-
-
 def make_wrapper():
     """The ``Aggregator.forward`` wrapper; its copies are per aggregator instance (weakly held, dropped on revert)."""
     shadows: "weakref.WeakKeyDictionary[nn.Module, Shadow]" = weakref.WeakKeyDictionary()
 
     def aggregator_forward(wrapped: Any, agg: nn.Module, args: tuple, kwargs: dict) -> Any:
-        dtype = autocast_dtype(_images(*args, **kwargs).device.type)
+        dtype = autocast_dtype(AGGREGATOR_FORWARD.bind(*args, **kwargs)[0].device.type)
         if agg.training or torch.is_grad_enabled() or dtype not in HALF_DTYPES:
             return wrapped(*args, **kwargs)
         shadow = shadows.get(agg)
@@ -88,7 +84,7 @@ PATCH = Patch(
         "autocast's bf16 copies of the aggregator's linear and convolution weights kept between calls instead"
         " of cast again in every forward (bit for bit; the copies stay allocated)"
     ),
-    requirements=(Requirement("Aggregator", "forward", aggregator_of, ("images",)),),
+    requirements=(AGGREGATOR_FORWARD.requirement,),
     enabled=lambda c: c.cached_casts,
     targets=_targets,
 )

@@ -24,15 +24,11 @@ import torch
 from torch import nn
 
 from ...config import TurboConfig
-from ...upstream import AGGREGATOR_LAYOUT, AGGREGATOR_STEPS, aggregator_of, members, upstream_module
+from ...upstream import AGGREGATOR_FORWARD, AGGREGATOR_LAYOUT, AGGREGATOR_STEPS, aggregator_of, members, upstream_module
 from .._base import Patch, Target, Tier, aggregator_path
 from .._store import STORE
 
 _MAX_CACHED_SHAPES = 8
-
-
-def _images(images: torch.Tensor) -> torch.Tensor:
-    return images
 
 
 class PositionCache:
@@ -68,7 +64,7 @@ def make_wrapper():
         if cache is None:
             cache = caches[agg] = PositionCache()
         # Built inside the call expression: no local of this frame keeps the first tokens alive during the loop.
-        return _alternate(agg, *_embed(agg, _images(*args, **kwargs), cache)), agg.patch_start_idx
+        return _alternate(agg, *_embed(agg, AGGREGATOR_FORWARD.bind(*args, **kwargs)[0], cache)), agg.patch_start_idx
 
     return aggregator_forward
 
@@ -126,10 +122,10 @@ PATCH = Patch(
     sequence_parallel=True,
     summary="RoPE positions built once per shape on the GPU; input-stage tensors freed early",
     requirements=AGGREGATOR_LAYOUT
+    + AGGREGATOR_STEPS
     + members(
         "Aggregator",
         aggregator_of,
-        *AGGREGATOR_STEPS,
         ("aa_block_num", None),
         ("patch_start_idx", None),
         ("patch_size", None),

@@ -21,13 +21,13 @@ import torch
 from torch import nn
 
 from ...config import TurboConfig
-from ...upstream import AGGREGATOR_LAYOUT, first_block, members, x_pos
+from ...upstream import AGGREGATOR_LAYOUT, BLOCK_FORWARD, first_block, members
 from .. import _token_slices
 from .._base import Patch, Target, Tier, aggregator_blocks
 
 
 def block_forward(wrapped: Any, block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-    x, pos = x_pos(*args, **kwargs)
+    x, pos = BLOCK_FORWARD.bind(*args, **kwargs)
     tokens = x.numel() // x.shape[-1]
     if block.training or torch.is_grad_enabled() or not _token_slices.is_long(tokens):
         return wrapped(*args, **kwargs)
@@ -54,10 +54,10 @@ PATCH = Patch(
     sequence_parallel=True,
     summary="the blocks' MLP over 32,768-token slices (long sequences)",
     requirements=AGGREGATOR_LAYOUT
+    + (BLOCK_FORWARD.requirement,)
     + members(
         "Block",
         first_block,
-        ("forward", ("x", "pos")),
         ("norm1", None),
         ("attn", None),
         ("ls1", None),

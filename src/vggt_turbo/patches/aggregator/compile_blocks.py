@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ...config import TurboConfig
-from ...upstream import AGGREGATOR_LAYOUT, first_block, members, x_pos
+from ...upstream import AGGREGATOR_LAYOUT, BLOCK_FORWARD
 from .._base import Patch, Target, Tier, aggregator_blocks
 from .. import _token_slices
 
@@ -42,7 +42,7 @@ def make_wrapper(slice_long: bool):
     run in slices (``_token_slices``) run ``wrapped``."""
 
     def block_forward(wrapped: Any, block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-        x, pos = x_pos(*args, **kwargs)
+        x, pos = BLOCK_FORWARD.bind(*args, **kwargs)
         long = slice_long and _token_slices.is_long(x.numel() // x.shape[-1])
         if not x.is_cuda or block.training or torch.is_grad_enabled() or long:
             return wrapped(*args, **kwargs)
@@ -60,7 +60,7 @@ PATCH = Patch(
     name="compile",
     tier=Tier.EXACT,
     summary="`torch.compile` of upstream's `Block.forward` (first call per shape compiles)",
-    requirements=AGGREGATOR_LAYOUT + members("Block", first_block, ("forward", ("x", "pos"))),
+    requirements=AGGREGATOR_LAYOUT + (BLOCK_FORWARD.requirement,),
     enabled=lambda c: c.compile,
     targets=_targets,
 )

@@ -17,15 +17,15 @@ from typing import Any
 from torch import nn
 
 from ...config import TurboConfig
-from ...upstream import AGGREGATOR_LAYOUT, Requirement, aggregator_of
+from ...upstream import AGGREGATOR_LAYOUT, FRAME_STEP
 from .._base import Patch, Target, Tier, aggregator_path
-from .._blocks import run_blocks, step_args
+from .._blocks import run_blocks
 
 
 def process_frame_attention(wrapped: Any, aggregator: nn.Module, args: tuple, kwargs: dict) -> Any:
     if aggregator.training:
         return wrapped(*args, **kwargs)
-    tokens, B, S, P, C, idx, pos = step_args(*args, **kwargs)
+    tokens, B, S, P, C, idx, pos = FRAME_STEP.bind(*args, **kwargs)
     return run_blocks(aggregator, aggregator.frame_blocks, tokens, B, S, P, C, idx, pos, frame_layout=lambda i: True)
 
 
@@ -38,12 +38,7 @@ PATCH = Patch(
     tier=Tier.EXACT,
     sequence_parallel=True,
     summary="the frame-attention step as one call over all B·S frames (upstream already batches)",
-    requirements=AGGREGATOR_LAYOUT
-    + (
-        Requirement(
-            "Aggregator", "_process_frame_attention", aggregator_of, ("tokens", "B", "S", "P", "C", "frame_idx", "pos")
-        ),
-    ),
+    requirements=AGGREGATOR_LAYOUT + (FRAME_STEP.requirement,),
     enabled=lambda c: c.fused_frame_batching,
     targets=_targets,
 )

@@ -29,7 +29,7 @@ as under ``chunked_mlp`` alone.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -38,13 +38,19 @@ from torch.nn.modules import module as torch_module
 from ...config import TurboConfig
 from ...autocast import autocast_dtype
 from ...kernels.scale_add import scale_add, scale_add_norm
-from ...upstream import AGGREGATOR_LAYOUT, aggregator_of, dino_blocks, first_block, members, x_pos
+from ...upstream import (
+    AGGREGATOR_LAYOUT,
+    BLOCK_FORWARD,
+    DINO_BLOCK_FORWARD,
+    Method,
+    aggregator_of,
+    dino_blocks,
+    first_block,
+    first_dino_block,
+    members,
+)
 from .. import _token_slices
 from .._base import Patch, Target, Tier, aggregator_blocks, aggregator_path, join
-
-
-def _x_or_x_list(x_or_x_list: Any) -> tuple[Any, None]:
-    return x_or_x_list, None
 
 
 def _gamma(layer_scale: nn.Module) -> Optional[torch.Tensor]:
@@ -107,19 +113,20 @@ def _hooked(*blocks: nn.Module) -> bool:
 
 
 def make_wrapper(
-    bind: Callable[..., tuple[Any, Optional[torch.Tensor]]],
+    forward: Method,
     fuse_norm: bool,
     handoff: _Handoff,
     successor: Optional[nn.Module] = None,
     slice_long: bool = False,
 ):
-    """The forward wrapper of one block (``bind`` names its arguments). ``fuse_norm`` (``fused_add_norm``): each
-    sum and the norm after it in one pass where ``_fusable_norm``: ``norm2`` inside the block, and ``successor``'s
-    ``norm1`` (the block that runs next, if any), handed over through ``handoff``. ``slice_long``
-    (``chunked_mlp``): a long sequence's MLP runs over row slices (``_token_slices``)."""
+    """The wrapper of one block's ``forward`` (``BLOCK_FORWARD`` or ``DINO_BLOCK_FORWARD``). ``fuse_norm``
+    (``fused_add_norm``): each sum and the norm after it in one pass where ``_fusable_norm``: ``norm2`` inside the
+    block, and ``successor``'s ``norm1`` (the block that runs next, if any), handed over through ``handoff``.
+    ``slice_long`` (``chunked_mlp``): a long sequence's MLP runs over row slices (``_token_slices``)."""
 
     def block_forward(wrapped: Any, block: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-        x, pos = bind(*args, **kwargs)
+        bound = forward.bind(*args, **kwargs)  # (x, pos), or a DINOv2 block's (x_or_x_list,)
+        x, pos = bound[0], bound[1] if len(bound) > 1 else None
         gamma1, gamma2 = _gamma(block.ls1), _gamma(block.ls2)
         if block.training or torch.is_grad_enabled() or not isinstance(x, torch.Tensor) or gamma1 is None or gamma2 is None:
             return wrapped(*args, **kwargs)
@@ -208,8 +215,11 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
     handoff = _Handoff()
     following = _successors(_aggregator_order(agg))
     targets = [
-        Target(block_path, "forward",
-               make_wrapper(x_pos, config.fused_add_norm, handoff, following.get(id(block)), config.chunked_mlp))
+        Target(
+            block_path,
+            "forward",
+            make_wrapper(BLOCK_FORWARD, config.fused_add_norm, handoff, following.get(id(block)), config.chunked_mlp),
+        )
         for block_path, block in aggregator_blocks(root)
     ]
     dino = dino_blocks(root)
@@ -218,15 +228,10 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
         Target(
             join(path, "patch_embed", "blocks", str(i)),
             "forward",
-            make_wrapper(_x_or_x_list, config.fused_add_norm, handoff, following.get(id(block))),
+            make_wrapper(DINO_BLOCK_FORWARD, config.fused_add_norm, handoff, following.get(id(block))),
         )
         for i, block in enumerate(dino)
     ]
-
-
-def _first_dino_block(root: nn.Module) -> Optional[nn.Module]:
-    blocks = dino_blocks(root)
-    return blocks[0] if blocks else first_block(root)  # no DINO blocks: nothing more to check
 
 
 BLOCK_MEMBERS = (("norm1", None), ("attn", None), ("ls1", None), ("norm2", None), ("mlp", None), ("ls2", None))
@@ -245,8 +250,10 @@ PATCH = Patch(
     },
     requirements=AGGREGATOR_LAYOUT
     + members("Aggregator", aggregator_of, ("aa_block_num", None))
-    + members("Block", first_block, ("forward", ("x", "pos")), *BLOCK_MEMBERS)
-    + members("NestedTensorBlock", _first_dino_block, *BLOCK_MEMBERS),
+    + (BLOCK_FORWARD.requirement,)
+    + members("Block", first_block, *BLOCK_MEMBERS)
+    + (DINO_BLOCK_FORWARD.requirement,)
+    + members("NestedTensorBlock", first_dino_block, *BLOCK_MEMBERS),
     enabled=lambda c: c.fused_layer_scale,
     targets=_targets,
 )

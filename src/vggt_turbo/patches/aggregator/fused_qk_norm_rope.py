@@ -35,7 +35,7 @@ from torch import nn
 
 from ...config import TurboConfig
 from ...kernels.attention import AttentionPolicy
-from ...upstream import AGGREGATOR_LAYOUT, ATTENTION_MEMBERS, members, rope_of, x_pos
+from ...upstream import AGGREGATOR_LAYOUT, ATTENTION_FORWARD, ATTENTION_MEMBERS, members, rope_of
 from .._base import Patch, Target, Tier, aggregator_blocks, join
 from .._fused_qkv import fits, fused_qkv
 
@@ -44,7 +44,7 @@ def make_wrapper(policy: AttentionPolicy):
     """The ``Attention.forward`` wrapper, computing attention as ``policy`` picks its kernel."""
 
     def attention_forward(wrapped: Any, attn: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-        x, pos = x_pos(*args, **kwargs)
+        x, pos = ATTENTION_FORWARD.bind(*args, **kwargs)
         qkv = fused_qkv(attn, x, pos)
         if qkv is None:
             return wrapped(*args, **kwargs)

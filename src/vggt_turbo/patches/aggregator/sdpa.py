@@ -24,7 +24,7 @@ from torch import nn
 
 from ...config import TurboConfig
 from ...kernels.attention import AttentionPolicy
-from ...upstream import AGGREGATOR_LAYOUT, ATTENTION_MEMBERS, x_pos
+from ...upstream import AGGREGATOR_LAYOUT, ATTENTION_FORWARD, ATTENTION_MEMBERS
 from .._base import Patch, Target, Tier, aggregator_blocks, join
 
 
@@ -34,7 +34,7 @@ def make_wrapper(policy: AttentionPolicy):
     def attention_forward(wrapped: Any, attn: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
         if attn.training:
             return wrapped(*args, **kwargs)
-        x, pos = x_pos(*args, **kwargs)
+        x, pos = ATTENTION_FORWARD.bind(*args, **kwargs)
         B, N, C = x.shape
         qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)

@@ -31,17 +31,9 @@ import torch
 from torch import nn
 
 from ...config import TurboConfig
-from ...upstream import aggregator_of, members, rope_of
+from ...upstream import AGGREGATOR_FORWARD, ROPE_FORWARD, aggregator_of, members, rope_of
 from .._base import Patch, Target, Tier, aggregator_path, join
 from .._rope_table import published_table_length, rope_table, table_published
-
-
-def _images(images: torch.Tensor) -> torch.Tensor:
-    return images
-
-
-def _tokens_positions(tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return tokens, positions
 
 
 def table_length(aggregator: nn.Module, height: int, width: int) -> int:
@@ -53,7 +45,7 @@ def table_length(aggregator: nn.Module, height: int, width: int) -> int:
 
 
 def aggregator_forward(wrapped: Any, aggregator: nn.Module, args: tuple, kwargs: dict) -> Any:
-    images = _images(*args, **kwargs)
+    images = AGGREGATOR_FORWARD.bind(*args, **kwargs)[0]
     with table_published(aggregator.rope, table_length(aggregator, images.shape[-2], images.shape[-1])):
         return wrapped(*args, **kwargs)
 
@@ -62,7 +54,7 @@ def rope_forward(wrapped: Any, rope: nn.Module, args: tuple, kwargs: dict) -> to
     length = published_table_length(rope)
     if length is None:
         return wrapped(*args, **kwargs)
-    tokens, positions = _tokens_positions(*args, **kwargs)
+    tokens, positions = ROPE_FORWARD.bind(*args, **kwargs)
     half = tokens.size(-1) // 2
     cos, sin = rope_table(rope, half, length, tokens.device, tokens.dtype)
     vertical, horizontal = tokens.chunk(2, dim=-1)
@@ -83,17 +75,12 @@ PATCH = Patch(
     tier=Tier.EXACT,
     sequence_parallel=True,
     summary="RoPE without upstream's `int(positions.max())` device-to-host sync in each attention layer",
-    requirements=members(
-        "Aggregator",
-        aggregator_of,
-        ("forward", ("images",)),
-        ("patch_size", None),
-        ("patch_start_idx", None),
-    )
+    requirements=(AGGREGATOR_FORWARD.requirement,)
+    + members("Aggregator", aggregator_of, ("patch_size", None), ("patch_start_idx", None))
+    + (ROPE_FORWARD.requirement,)
     + members(
         "RotaryPositionEmbedding2D",
         rope_of,
-        ("forward", ("tokens", "positions")),
         ("_compute_frequency_components", ("dim", "seq_len", "device", "dtype")),
         ("_apply_1d_rope", ("tokens", "positions", "cos_comp", "sin_comp")),
         ("frequency_cache", None),

@@ -16,16 +16,16 @@ from typing import Any
 from torch import nn
 
 from ...config import TurboConfig
-from ...upstream import AGGREGATOR_LAYOUT, Requirement, aggregator_of
+from ...upstream import AGGREGATOR_LAYOUT, GLOBAL_STEP, Requirement, aggregator_of
 from .._base import Patch, Target, Tier, aggregator_path
-from .._blocks import run_blocks, step_args
+from .._blocks import run_blocks
 
 
 def make_wrapper(layers: frozenset[int]):
     """The ``_process_global_attention`` wrapper that runs ``layers`` on the frame layout."""
 
     def process_global_attention(wrapped: Any, aggregator: nn.Module, args: tuple, kwargs: dict) -> Any:
-        tokens, B, S, P, C, idx, pos = step_args(*args, **kwargs)
+        tokens, B, S, P, C, idx, pos = GLOBAL_STEP.bind(*args, **kwargs)
         if layers.isdisjoint(range(idx, idx + aggregator.aa_block_size)):
             return wrapped(*args, **kwargs)
         return run_blocks(aggregator, aggregator.global_blocks, tokens, B, S, P, C, idx, pos, frame_layout=layers.__contains__)
@@ -48,12 +48,7 @@ PATCH = Patch(
     sequence_parallel=True,
     summary="the listed global layers run as frame attention",
     requirements=AGGREGATOR_LAYOUT
-    + (
-        Requirement("Aggregator", "use_reentrant", aggregator_of),
-        Requirement(
-            "Aggregator", "_process_global_attention", aggregator_of, ("tokens", "B", "S", "P", "C", "global_idx", "pos")
-        ),
-    ),
+    + (Requirement("Aggregator", "use_reentrant", aggregator_of), GLOBAL_STEP.requirement),
     enabled=lambda c: bool(c.global_to_frame_layers),
     targets=_targets,
 )

@@ -57,7 +57,14 @@ from torch import nn
 from ...autocast import autocast_dtype
 from ...config import TurboConfig
 from ...kernels.attention import AttentionPolicy
-from ...upstream import AGGREGATOR_LAYOUT, ATTENTION_MEMBERS, aggregator_of, members, x_pos
+from ...upstream import (
+    AGGREGATOR_FORWARD,
+    AGGREGATOR_LAYOUT,
+    ATTENTION_FORWARD,
+    ATTENTION_MEMBERS,
+    aggregator_of,
+    members,
+)
 from .._base import Patch, Target, Tier, aggregator_path, join
 from .._fused_qkv import fits, fused_qkv
 
@@ -113,12 +120,8 @@ class _Grid:
 _GRID: contextvars.ContextVar[Optional[_Grid]] = contextvars.ContextVar("vggt_turbo_kv_grid", default=None)
 
 
-def _images(images: torch.Tensor) -> torch.Tensor:
-    return images
-
-
 def aggregator_forward(wrapped: Any, aggregator: nn.Module, args: tuple, kwargs: dict) -> Any:
-    images = _images(*args, **kwargs)
+    images = AGGREGATOR_FORWARD.bind(*args, **kwargs)[0]
     size = aggregator.patch_size
     token = _GRID.set(_Grid(aggregator, images.shape[-2] // size, images.shape[-1] // size))
     try:
@@ -202,7 +205,7 @@ def make_wrapper(stride: int, policy: AttentionPolicy, fused: bool = False):
         grid = _GRID.get()
         if attn.training or grid is None or not any(b.attn is attn for b in grid.aggregator.global_blocks):
             return wrapped(*args, **kwargs)
-        x, pos = x_pos(*args, **kwargs)
+        x, pos = ATTENTION_FORWARD.bind(*args, **kwargs)
         B, N, C = x.shape
         tokens = grid.kept(N, stride, x.device)
         if not tokens.dropped:
@@ -246,7 +249,8 @@ PATCH = Patch(
     # the aggregator layout and the Attention parts that sdpa's forward reads too, and the grid's geometry
     requirements=AGGREGATOR_LAYOUT
     + ATTENTION_MEMBERS
-    + members("Aggregator", aggregator_of, ("forward", ("images",)), ("patch_size", None), ("patch_start_idx", None)),
+    + (AGGREGATOR_FORWARD.requirement,)
+    + members("Aggregator", aggregator_of, ("patch_size", None), ("patch_start_idx", None)),
     enabled=lambda c: c.kv_subsample > 1,
     targets=_targets,
 )

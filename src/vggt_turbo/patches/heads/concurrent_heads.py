@@ -29,8 +29,9 @@ from torch import nn
 
 from ...config import TurboConfig
 from ...distributed import communicating
-from ...upstream import looks_like_vggt, members
+from ...upstream import VGGT_FORWARD, looks_like_vggt, members, vggt_of
 from .._base import Patch, Target, Tier
+from .._streams import Streams
 
 MAX_FRAMES = 1  # the largest call (B*S frames) whose heads run concurrently (see above: memory)
 HEADS = ("camera_head", "depth_head", "point_head")
@@ -43,23 +44,10 @@ HEADS = ("camera_head", "depth_head", "point_head")
 PRIORITY = {"camera_head": -1}  # lower is higher; 0 is the default (and lowest) priority
 
 
-class _Streams:
-    """One side stream per device and head, made on first use; one set per patched model."""
-
-    def __init__(self) -> None:
-        self._streams: dict[tuple[torch.device, str], torch.cuda.Stream] = {}
-
-    def get(self, device: torch.device, head: str) -> torch.cuda.Stream:
-        key = (device, head)
-        if key not in self._streams:
-            self._streams[key] = torch.cuda.Stream(device=device, priority=PRIORITY.get(head, 0))
-        return self._streams[key]
-
-
 class _Fork:
     """The heads of one ``VGGT.forward`` call: each on its own stream, all joined back to ``origin``."""
 
-    def __init__(self, origin: torch.cuda.Stream, device: torch.device, streams: _Streams) -> None:
+    def __init__(self, origin: torch.cuda.Stream, device: torch.device, streams: Streams) -> None:
         self.origin = origin
         self.device = device
         self.streams = streams
@@ -83,20 +71,16 @@ class _Fork:
 _FORK: contextvars.ContextVar[Optional[_Fork]] = contextvars.ContextVar("vggt_turbo_heads_fork", default=None)
 
 
-def _images(images: torch.Tensor, query_points: Any = None) -> torch.Tensor:
-    return images
-
-
 def _frames(images: torch.Tensor) -> int:
     """B*S of upstream's input: (B, S, 3, H, W), or (S, 3, H, W) which it unsqueezes."""
     return images.shape[0] * images.shape[1] if images.dim() == 5 else images.shape[0]
 
 
-def make_model_forward(streams: _Streams):
+def make_model_forward(streams: Streams):
     """The ``VGGT.forward`` wrapper: forks the heads of a short call onto ``streams`` (the model's own)."""
 
     def model_forward(wrapped: Any, model: nn.Module, args: tuple, kwargs: dict) -> Any:
-        images = _images(*args, **kwargs)
+        images, _ = VGGT_FORWARD.bind(*args, **kwargs)
         if (
             not isinstance(images, torch.Tensor)
             or not images.is_cuda
@@ -132,11 +116,8 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
     if not looks_like_vggt(root):
         return []
     heads = [h for h in HEADS if getattr(root, h, None) is not None]
-    return [Target("", "forward", make_model_forward(_Streams()))] + [Target(h, "forward", make_head_forward(h)) for h in heads]
-
-
-def _root(root: nn.Module) -> Optional[nn.Module]:
-    return root if looks_like_vggt(root) else None
+    forward = make_model_forward(Streams(PRIORITY))
+    return [Target("", "forward", forward)] + [Target(h, "forward", make_head_forward(h)) for h in heads]
 
 
 PATCH = Patch(
@@ -144,10 +125,8 @@ PATCH = Patch(
     tier=Tier.EXACT,
     sequence_parallel=True,  # inactive in a call that exchanges tensors between ranks
     summary="camera, depth and point heads on CUDA streams of their own (1 frame)",
-    requirements=members(
-        "VGGT", _root, ("forward", ("images", "query_points")), ("camera_head", None), ("depth_head", None),
-        ("point_head", None),
-    ),
+    requirements=(VGGT_FORWARD.requirement,)
+    + members("VGGT", vggt_of, ("camera_head", None), ("depth_head", None), ("point_head", None)),
     enabled=lambda c: c.concurrent_heads,
     targets=_targets,
     conflicts=lambda c: (

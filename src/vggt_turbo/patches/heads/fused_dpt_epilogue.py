@@ -32,7 +32,7 @@ from torch import nn
 from ...autocast import autocast_dtype
 from ...config import TurboConfig
 from ...kernels.conv_epilogue import KERNEL_DTYPES, conv_epilogue_
-from ...upstream import dpt_heads, members
+from ...upstream import RESIDUAL_UNIT_FORWARD, dpt_heads, first_residual_unit, members
 from .._base import Patch, Target, Tier
 
 CONVS = (nn.Conv2d, nn.ConvTranspose2d)
@@ -95,14 +95,10 @@ def _unit_fusable(unit: nn.Module) -> bool:
     )
 
 
-def _x(x: Any) -> Any:
-    return x
-
-
 def unit_forward(wrapped: Any, unit: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
     """``ResidualConvUnit.forward``: ``conv2(relu(conv1(relu(x)) + b1)) + b2 + x`` in upstream's order, where
     upstream's ``nn.ReLU(inplace=True)`` has turned ``x`` into ``relu(x)`` by the time it is added."""
-    x = _x(*args, **kwargs)
+    x = RESIDUAL_UNIT_FORWARD.bind(*args, **kwargs)[0]
     if _runs_upstream(unit, x) or not _unit_fusable(unit):
         return wrapped(*args, **kwargs)
     out = unit.activation(x)  # upstream's own ReLU module: in place (modifying x) when upstream's is
@@ -138,23 +134,15 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
     return targets
 
 
-def _first_unit(root: nn.Module) -> Optional[nn.Module]:
-    for _, head in dpt_heads(root):
-        for module in head.modules():
-            if _is_unit(module):
-                return module
-    return None
-
-
 PATCH = Patch(
     name="fused_dpt_epilogue",
     tier=Tier.EXACT,
     sequence_parallel=True,  # the heads' convolutions, on each rank's own frames
     summary="in the DPT heads, each convolution's bias with the ReLU or residual add after it, in one pass",
-    requirements=members(
+    requirements=(RESIDUAL_UNIT_FORWARD.requirement,)
+    + members(
         "ResidualConvUnit",
-        _first_unit,
-        ("forward", ("x",)),
+        first_residual_unit,
         ("conv1", None),
         ("conv2", None),
         ("activation", None),

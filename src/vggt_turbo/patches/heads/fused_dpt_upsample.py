@@ -31,9 +31,8 @@ from torch import nn
 
 from ...config import TurboConfig
 from ...kernels.bilinear import SeparableMap, bilinear
-from ...upstream import dpt_heads, first_dpt_head, members
+from ...upstream import DPT_FORWARD_IMPL, dpt_heads, first_dpt_head, members
 from .._base import Patch, Target, Tier
-from .._head_inputs import _dpt_args
 
 MAX_CACHED = 32  # embeddings kept per head: 5 per input resolution (4 levels + the output), tens of MB in all
 INT_MAX = 1610612736  # upstream custom_interpolate's limit on output elements per call
@@ -113,7 +112,7 @@ def make_dpt_forward_impl(head: nn.Module) -> Callable[..., Any]:
     def dpt_forward_impl(wrapped: Any, head: nn.Module, args: tuple, kwargs: dict) -> Any:
         if _unchanged(head):
             return wrapped(*args, **kwargs)
-        tokens, images, patch_start_idx, start, end = _dpt_args(*args, **kwargs)
+        tokens, images, patch_start_idx, start, end = DPT_FORWARD_IMPL.bind(*args, **kwargs)
         chunk = start is not None and end is not None
         B, S, _, H, W = images[:, start:end].shape if chunk else images.shape
         patch_h, patch_w = H // head.patch_size, W // head.patch_size
@@ -183,10 +182,10 @@ def _first_fusion_block(root: nn.Module) -> Optional[nn.Module]:
 
 
 REQUIREMENTS = (
+    DPT_FORWARD_IMPL.requirement_at(first_dpt_head),  # any DPT head: this patch replaces every one's
     *members(
         "DPTHead",
         first_dpt_head,
-        ("_forward_impl", ("aggregated_tokens_list", "images", "patch_start_idx", "frames_start_idx", "frames_end_idx")),
         ("intermediate_layer_idx", None),
         ("patch_size", None),
         ("norm", None),

@@ -31,12 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import TurboConfig
-from ...upstream import looks_like_vggt, members, x_pos
+from ...upstream import ATTENTION_FORWARD, looks_like_vggt, members
 from .._base import Patch, Target, Tier, join
 
 
 def attention_forward(wrapped: Any, attn: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-    x, _ = x_pos(*args, **kwargs)
+    x, _ = ATTENTION_FORWARD.bind(*args, **kwargs)
     if attn.training or torch.is_grad_enabled() or not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != 1:
         return wrapped(*args, **kwargs)
     C = x.shape[-1]
@@ -67,9 +67,8 @@ PATCH = Patch(
     tier=Tier.EXACT,
     sequence_parallel=True,  # an identity of one call's own input (one token per sequence), wherever it runs
     summary="with one frame, the camera head's single-key attention is its value rows: no q, k or attention kernel",
-    requirements=members(
-        "Attention", _first_trunk_attention, ("forward", ("x", "pos")), ("qkv", None), ("proj", None), ("proj_drop", None)
-    ),
+    requirements=(ATTENTION_FORWARD.requirement_at(_first_trunk_attention),)
+    + members("Attention", _first_trunk_attention, ("qkv", None), ("proj", None), ("proj_drop", None)),
     enabled=lambda c: c.single_key_attention,
     targets=_targets,
 )

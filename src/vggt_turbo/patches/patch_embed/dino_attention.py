@@ -20,26 +20,29 @@ nested-tensor path), and when the module computes its attention without SDPA (``
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
 from ...config import TurboConfig
 from ...kernels.attention import AttentionPolicy
-from ...upstream import ATTENTION_PARTS, aggregator_of, dino_blocks, members
+from ...upstream import (
+    ATTENTION_PARTS,
+    DINO_ATTENTION_FORWARD,
+    aggregator_of,
+    dino_blocks,
+    first_dino_attention,
+    members,
+)
 from .._base import Patch, Target, Tier, aggregator_path, join
-
-
-def _x(x: torch.Tensor, attn_bias: Any = None, pos: Any = None) -> tuple[torch.Tensor, Any, Any]:
-    return x, attn_bias, pos
 
 
 def make_wrapper(policy: AttentionPolicy):
     """The DINOv2 ``MemEffAttention.forward`` wrapper, computing attention as ``policy`` picks its kernel."""
 
     def attention_forward(wrapped: Any, attn: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-        x, attn_bias, pos = _x(*args, **kwargs)
+        x, attn_bias, pos = DINO_ATTENTION_FORWARD.bind(*args, **kwargs)
         if (
             attn.training
             or attn_bias is not None
@@ -60,11 +63,6 @@ def make_wrapper(policy: AttentionPolicy):
     return attention_forward
 
 
-def _first_dino_attention(root: nn.Module) -> Optional[nn.Module]:
-    blocks = dino_blocks(root)
-    return blocks[0].attn if blocks else None
-
-
 def policy(config: TurboConfig) -> AttentionPolicy:
     """The kernel choice for the DINOv2 attention: the backend ``sdpa`` forces, else FlashAttention-4 first."""
     return AttentionPolicy.from_config(config, fa4_first=True)
@@ -82,7 +80,8 @@ PATCH = Patch(
     sequence_parallel=True,  # attention within each frame of the patch embed: each rank embeds its own frames
     summary="the patch embed's (DINOv2) attention on FlashAttention-4 where it runs the call",
     requirements=members("Aggregator", aggregator_of, ("patch_embed", None))
-    + members("MemEffAttention", _first_dino_attention, ("forward", ("x", "attn_bias", "pos")), *ATTENTION_PARTS),
+    + (DINO_ATTENTION_FORWARD.requirement,)
+    + members("MemEffAttention", first_dino_attention, *ATTENTION_PARTS),
     enabled=lambda c: c.dino_attention,
     targets=_targets,
 )

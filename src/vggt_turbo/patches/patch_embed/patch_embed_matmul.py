@@ -29,12 +29,8 @@ from torch import nn
 
 from ...autocast import autocast_dtype
 from ...config import TurboConfig
-from ...upstream import aggregator_of, members
+from ...upstream import PATCH_EMBED_FORWARD, aggregator_of, members, patch_embed_projection
 from .._base import Patch, Target, Tier, aggregator_path, join
-
-
-def _x(x: torch.Tensor) -> torch.Tensor:
-    return x
 
 
 def _covered(proj: nn.Module, x: Any) -> bool:
@@ -53,7 +49,7 @@ def _covered(proj: nn.Module, x: Any) -> bool:
 
 
 def patch_embed_forward(wrapped: Any, embed: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
-    x = _x(*args, **kwargs)
+    x = PATCH_EMBED_FORWARD.bind(*args, **kwargs)[0]
     if embed.training or torch.is_grad_enabled() or not _covered(embed.proj, x) or not _half_on_cuda(x):
         return wrapped(*args, **kwargs)
     return project(embed, x)
@@ -79,17 +75,11 @@ def project(embed: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _path(root: nn.Module) -> Optional[str]:
     """Where the PatchEmbed sits: inside the DINOv2 model, or the aggregator's patch embed itself."""
-    embed = aggregator_of(root).patch_embed
-    if type(embed).__name__ == "PatchEmbed":
-        return join(aggregator_path(root), "patch_embed")
-    if type(getattr(embed, "patch_embed", None)).__name__ == "PatchEmbed":
-        return join(aggregator_path(root), "patch_embed", "patch_embed")
-    return None
-
-
-def _patch_embed(root: nn.Module) -> Optional[nn.Module]:
-    path = _path(root)
-    return root.get_submodule(path) if path is not None else None
+    embed = patch_embed_projection(root)
+    if embed is None:
+        return None
+    outer = join(aggregator_path(root), "patch_embed")
+    return outer if embed is aggregator_of(root).patch_embed else join(outer, "patch_embed")
 
 
 def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
@@ -102,8 +92,9 @@ PATCH = Patch(
     tier=Tier.EXACT,
     sequence_parallel=True,  # each rank embeds its own frames
     summary="the 14 x 14 / stride-14 patch projection as one cuBLAS product instead of cuDNN's generic convolution",
-    requirements=members(
-        "PatchEmbed", _patch_embed, ("forward", ("x",)), ("proj", None), ("norm", None), ("flatten_embedding", None),
+    requirements=(PATCH_EMBED_FORWARD.requirement,)
+    + members(
+        "PatchEmbed", patch_embed_projection, ("proj", None), ("norm", None), ("flatten_embedding", None),
         ("embed_dim", None),
     ),
     enabled=lambda c: c.patch_embed_matmul,

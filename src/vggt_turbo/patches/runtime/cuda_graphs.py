@@ -46,7 +46,7 @@ from torch import nn
 
 from ...config import TurboConfig
 from ...distributed import communicating
-from ...upstream import Requirement, aggregator_of, looks_like_vggt
+from ...upstream import AGGREGATOR_FORWARD, VGGT_FORWARD
 from .._base import Patch, Target, Tier
 
 log = logging.getLogger(__name__)
@@ -110,10 +110,6 @@ def storage_signature(model: nn.Module) -> int:
     except RuntimeError:  # an inference tensor has no version counter (and cannot change in place)
         versions = tuple(t._version if not t.is_inference() else -1 for t in tensors)
     return hash((tuple(map(torch.Tensor.data_ptr, tensors)), versions))
-
-
-def _images_query(images: torch.Tensor, query_points: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Any]:
-    return images, query_points
 
 
 class GraphCache:
@@ -199,7 +195,7 @@ def make_wrapper(max_frames: int):
     caches: "weakref.WeakKeyDictionary[nn.Module, GraphCache]" = weakref.WeakKeyDictionary()
 
     def forward(wrapped: Any, model: nn.Module, args: tuple, kwargs: dict) -> Any:
-        images, query_points = _images_query(*args, **kwargs)
+        images, query_points = VGGT_FORWARD.bind(*args, **kwargs)  # also binds an Aggregator's forward(images)
         cache = caches.get(model)
         if cache is None:
             cache = caches[model] = GraphCache(max_frames)
@@ -259,10 +255,7 @@ PATCH = Patch(
         " on every call, recaptured when they change"
     ),
     options={"cuda_graph_max_frames": "longest sequence captured (16); longer ones run eagerly"},
-    requirements=(
-        Requirement("Aggregator", "forward", aggregator_of, ("images",)),
-        Requirement("VGGT", "forward", lambda root: root if looks_like_vggt(root) else None, ("images", "query_points")),
-    ),
+    requirements=(AGGREGATOR_FORWARD.requirement, VGGT_FORWARD.requirement),
     enabled=lambda c: c.cuda_graphs,
     targets=_targets,
 )

@@ -8,7 +8,7 @@ each kept intermediate to pinned host memory as soon as it exists and frees the 
 the last copy before returning, one host synchronisation per call); the heads then fetch
 only the frames of the chunk they are about to process (``frames_chunk_size`` = 8 in upstream), and the camera
 head only its camera tokens. The cost is PCIe traffic: one device-to-host copy of each kept layer and one
-host-to-device copy of each chunk per DPT head. Both run on a side stream of the model's own (``SideStream``), so
+host-to-device copy of each chunk per DPT head. Both run on a side stream of the model's own (``_streams``), so
 they overlap the compute instead of delaying it: a layer's copy starts when the layer exists and runs while the
 next blocks compute (its GPU memory is released once the copy is done, ``record_stream``), and each DPT head
 fetches the next chunk of frames while the current one computes (``_head_inputs``), holding one chunk more.
@@ -37,9 +37,10 @@ import torch
 from torch import nn
 
 from ...config import AUTO, TurboConfig
-from ...upstream import Requirement, aggregator_of, looks_like_vggt
+from ...upstream import AGGREGATOR_FORWARD, looks_like_vggt
 from .._base import Patch, Target, Tier, aggregator_path
-from .._head_inputs import HEAD_INPUT_REQUIREMENTS, SideStream, head_input_targets
+from .._head_inputs import HEAD_INPUT_REQUIREMENTS, head_input_targets
+from .._streams import Streams
 from .._store import STORE
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 OFFLOAD_AUTO_FRAMES = 32
 
 
-def to_host(t: torch.Tensor, side: Optional[SideStream] = None) -> torch.Tensor:
+def to_host(t: torch.Tensor, side: Optional[Streams] = None) -> torch.Tensor:
     """A pinned host copy of ``t``, filled asynchronously on ``side``'s stream after the work already queued on the
     current one (the caching host allocator does not reuse the block before the copy is done; ``t``'s GPU memory
     is not reused before it either). Without ``side``, in the current stream's order."""
@@ -73,21 +74,17 @@ def applies(agg: nn.Module, images: torch.Tensor) -> bool:
     )
 
 
-def _images(images: torch.Tensor) -> torch.Tensor:
-    return images
-
-
 def frames(images: torch.Tensor) -> int:
     """Frames in one call: B*S of the aggregator's (B, S, 3, H, W) images."""
     return images.shape[:-3].numel()
 
 
-def make_aggregator_forward(side: SideStream, auto: bool):
+def make_aggregator_forward(side: Streams, auto: bool):
     """The ``Aggregator.forward`` wrapper: store the kept layers on the host through ``side``'s stream; with
     ``auto``, only for calls of at least ``OFFLOAD_AUTO_FRAMES`` frames."""
 
     def aggregator_forward(wrapped: Any, agg: nn.Module, args: tuple, kwargs: dict) -> Any:
-        images = _images(*args, **kwargs)
+        images = AGGREGATOR_FORWARD.bind(*args, **kwargs)[0]
         if not applies(agg, images) or (auto and frames(images) < OFFLOAD_AUTO_FRAMES):
             return wrapped(*args, **kwargs)
         token = STORE.set(lambda t: to_host(t, side if t.is_cuda else None))
@@ -115,7 +112,7 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
         if config.offload_intermediates is True:
             log.info("vggt_turbo offload_intermediates: an Aggregator patched alone keeps its outputs on the GPU")
         return []
-    side = SideStream()
+    side = Streams()
     forward = make_aggregator_forward(side, auto=config.offload_intermediates == AUTO)
     return [Target(aggregator_path(root), "forward", forward), *head_input_targets(root, prefetch=side)]
 
@@ -127,7 +124,7 @@ PATCH = Patch(
     sequence_parallel=True,
     requires=("cached_positions",),  # hooks into its loop
     summary="the 4 layer outputs the heads read kept in pinned host memory; `auto`: calls of 32 frames or more",
-    requirements=(Requirement("Aggregator", "forward", aggregator_of, ("images",)),) + HEAD_INPUT_REQUIREMENTS,
+    requirements=(AGGREGATOR_FORWARD.requirement,) + HEAD_INPUT_REQUIREMENTS,
     enabled=_enabled,
     targets=_targets,
 )

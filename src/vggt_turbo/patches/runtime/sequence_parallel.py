@@ -83,37 +83,26 @@ from ...distributed import (
 )
 from ...kernels.attention import AttentionPolicy
 from ...upstream import (
+    AGGREGATOR_FORWARD,
     AGGREGATOR_LAYOUT,
     AGGREGATOR_STEPS,
+    ATTENTION_FORWARD,
     ATTENTION_MEMBERS,
+    CAMERA_HEAD_FORWARD,
+    DPT_FORWARD,
+    FRAME_STEP,
+    GLOBAL_STEP,
+    VGGT_FORWARD,
+    Method,
     aggregator_of,
     looks_like_vggt,
     members,
-    x_pos,
 )
 from .._base import Patch, Target, Tier, aggregator_path, join
-from .._blocks import step_args
 from .._fused_qkv import fits, fused_qkv
-from .._head_inputs import first_param, head_of
+from .._head_inputs import first_param
 
 log = logging.getLogger(__name__)
-
-def _images(images: torch.Tensor) -> torch.Tensor:
-    return images
-
-
-def _images_query(images: torch.Tensor, query_points: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Any]:
-    return images, query_points
-
-
-def _camera_args(aggregated_tokens_list: list, num_iterations: int = 4) -> tuple[list, int]:
-    return aggregated_tokens_list, num_iterations
-
-
-def _dpt_args(
-    aggregated_tokens_list: list, images: torch.Tensor, patch_start_idx: int, frames_chunk_size: int = 8
-) -> tuple[list, torch.Tensor, int, int]:
-    return aggregated_tokens_list, images, patch_start_idx, frames_chunk_size
 
 
 def _check_inference(module: nn.Module) -> None:
@@ -150,7 +139,7 @@ def make_vggt_wrapper(group: Group, output: str):
     do the rest)."""
 
     def vggt_forward(wrapped: Any, model: nn.Module, args: tuple, kwargs: dict) -> Any:
-        images, query_points = _images_query(*args, **kwargs)
+        images, query_points = VGGT_FORWARD.bind(*args, **kwargs)
         _check_inference(model)
         if query_points is not None and getattr(model, "track_head", None) is not None:
             raise ValueError(
@@ -173,7 +162,7 @@ def make_aggregator_wrapper(group: Group, output: str):
     own (an Aggregator patched alone, or ``model.aggregator(images)``), set up the call and place the outputs."""
 
     def aggregator_forward(wrapped: Any, agg: nn.Module, args: tuple, kwargs: dict) -> Any:
-        images = _images(*args, **kwargs)
+        images = AGGREGATOR_FORWARD.bind(*args, **kwargs)[0]
         call = current()
         if call is not None:
             return wrapped(images[:, call.shard.frames]) if call.communicates else wrapped(*args, **kwargs)
@@ -192,17 +181,22 @@ def make_aggregator_wrapper(group: Group, output: str):
 # --- what changes inside a call -------------------------------------------------------------------------------
 
 
-def first_step(wrapped: Any, agg: nn.Module, args: tuple, kwargs: dict) -> Any:
-    """The aggregator's first attention step: on a rank whose frames start after frame 0, give each sequence's first
-    local frame the "other frames" camera and register tokens (the embedding gave it frame 0's), in place."""
-    tokens, B, S, P, C, idx, _ = step_args(*args, **kwargs)
-    call = current()
-    if idx == 0 and call is not None and call.communicates and call.shard.start > 0:
-        first = tokens.view(B, S, P, C)[:, 0]
-        cameras = agg.camera_token.shape[2]
-        first[:, :cameras] = agg.camera_token[0, 1]
-        first[:, cameras : agg.patch_start_idx] = agg.register_token[0, 1]
-    return wrapped(*args, **kwargs)
+def make_first_step(step: Method):
+    """The wrapper of the aggregator's first attention step (``step``: ``FRAME_STEP`` or ``GLOBAL_STEP``, as
+    ``aa_order`` says): on a rank whose frames start after frame 0, give each sequence's first local frame the
+    "other frames" camera and register tokens (the embedding gave it frame 0's), in place."""
+
+    def first_step(wrapped: Any, agg: nn.Module, args: tuple, kwargs: dict) -> Any:
+        tokens, B, S, P, C, idx, _ = step.bind(*args, **kwargs)
+        call = current()
+        if idx == 0 and call is not None and call.communicates and call.shard.start > 0:
+            first = tokens.view(B, S, P, C)[:, 0]
+            cameras = agg.camera_token.shape[2]
+            first[:, :cameras] = agg.camera_token[0, 1]
+            first[:, cameras : agg.patch_start_idx] = agg.register_token[0, 1]
+        return wrapped(*args, **kwargs)
+
+    return first_step
 
 
 def camera_head_forward(wrapped: Any, head: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -211,7 +205,7 @@ def camera_head_forward(wrapped: Any, head: nn.Module, args: tuple, kwargs: dict
     call = current()
     if call is None:
         return wrapped(*args, **kwargs)
-    tokens, num_iterations = _camera_args(*args, **kwargs)
+    tokens, num_iterations = CAMERA_HEAD_FORWARD.bind(*args, **kwargs)
     if call.communicates:
         local = tokens[-1][:, :, :1].to(first_param(head).device)
         tokens = [all_gather_frames(local, call.shard, call.group)]
@@ -223,7 +217,7 @@ def dpt_head_forward(wrapped: Any, head: nn.Module, args: tuple, kwargs: dict) -
     call = current()
     if call is None:
         return wrapped(*args, **kwargs)
-    tokens, images, patch_start_idx, frames_chunk_size = _dpt_args(*args, **kwargs)
+    tokens, images, patch_start_idx, frames_chunk_size = DPT_FORWARD.bind(*args, **kwargs)
     if call.communicates:
         images = images[:, call.shard.frames]
     preds, conf = wrapped(tokens, images, patch_start_idx, frames_chunk_size)
@@ -282,7 +276,7 @@ def make_attention_wrapper(policy: AttentionPolicy, fuse: bool):
         call = current()
         if call is None or not call.communicates:
             return wrapped(*args, **kwargs)
-        x, pos = x_pos(*args, **kwargs)
+        x, pos = ATTENTION_FORWARD.bind(*args, **kwargs)
         counts, rank = call.shard.counts, call.shard.rank
         per_frame = x.shape[1] // counts[rank]  # tokens per frame: x is (B, S_local * P, C)
         tokens = tuple(c * per_frame for c in counts)
@@ -311,8 +305,9 @@ def _targets(root: nn.Module, config: TurboConfig) -> list[Target]:
     output = config.sequence_parallel_output
     attention = make_attention_wrapper(AttentionPolicy.from_config(config), config.fused_qk_norm_rope)
     local = set(config.global_to_frame_layers)
+    step = {"frame": FRAME_STEP, "global": GLOBAL_STEP}[aggregator.aa_order[0]]
     targets = [
-        Target(agg, f"_process_{aggregator.aa_order[0]}_attention", first_step),
+        Target(agg, step.name, make_first_step(step)),
         *(
             Target(join(agg, "global_blocks", str(i), "attn"), "forward", attention)
             for i in range(len(aggregator.global_blocks))
@@ -335,20 +330,10 @@ PATCH = Patch(
     summary="a sequence's frames split over the ranks of a process group; global attention exchanges heads (Ulysses)",
     options={"sequence_parallel_output": "`gathered` (every rank gets every frame) or `sharded`"},
     requirements=AGGREGATOR_LAYOUT
-    + members(
-        "Aggregator",
-        aggregator_of,
-        *AGGREGATOR_STEPS,
-        ("camera_token", None),
-        ("register_token", None),
-        ("patch_start_idx", None),
-    )
+    + AGGREGATOR_STEPS
+    + members("Aggregator", aggregator_of, ("camera_token", None), ("register_token", None), ("patch_start_idx", None))
     + ATTENTION_MEMBERS
-    + members("VGGT", lambda root: root if looks_like_vggt(root) else None, ("forward", ("images", "query_points")))
-    + members("CameraHead", head_of("camera_head"), ("forward", ("aggregated_tokens_list", "num_iterations")))
-    + members(
-        "DPTHead", head_of("depth_head"), ("forward", ("aggregated_tokens_list", "images", "patch_start_idx", "frames_chunk_size"))
-    ),
+    + (VGGT_FORWARD.requirement, CAMERA_HEAD_FORWARD.requirement, DPT_FORWARD.requirement),
     enabled=lambda c: c.sequence_parallel is not False,
     targets=_targets,
 )
