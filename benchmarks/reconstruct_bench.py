@@ -195,8 +195,13 @@ def run_meta(device: str) -> dict[str, Any]:
 
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
+    # Python's own startup is part of what a user waits for: a pip install leaves compiled bytecode; a machine with
+    # PYTHONDONTWRITEBYTECODE and none compiles every module it imports on every run (seconds for torch).
+    bytecode = ("not written (PYTHONDONTWRITEBYTECODE)" if sys.flags.dont_write_bytecode
+                else "cached" + (f" under {sys.pycache_prefix}" if sys.pycache_prefix else ""))
     return {"gpu": name, "torch": torch.__version__, "upstream_commit": upstream_commit()[0],
-            "vggt_turbo_commit": turbo_commit(), "date": datetime.date.today().isoformat(), "argv": sys.argv[1:]}
+            "vggt_turbo_commit": turbo_commit(), "date": datetime.date.today().isoformat(), "argv": sys.argv[1:],
+            "python_bytecode": bytecode}
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from vggt_turbo import TurboConfig
 from vggt_turbo.bench import main
 from vggt_turbo.bench.meta import image_size_label, parse_image_size
 from vggt_turbo.bench.report import report_main
+from vggt_turbo.bench.sweep import Budget
 from vggt_turbo.bench.variants import DISTRIBUTED_FIELDS, MODIFIER_FIELDS, flag_variants, select_variants
 from vggt_turbo.config import AUTO_FLAGS, PRESETS
 from vggt_turbo.patches import flag_requirements
@@ -87,6 +89,15 @@ def test_non_square_frames(tmp_path: Path) -> None:
         (v, p) for v in ("upstream", "exact") for p in ("full", "aggregator")}
     assert all("error" not in r for r in data["rows"])
     assert "images 70×56" in (tmp_path / "cpu" / "latest.md").read_text()
+
+
+def test_no_reference_skips_the_errors(tmp_path: Path) -> None:
+    """``--no-reference``: timed rows without the fp32 call, so without errors (not zeros)."""
+    assert bench(tmp_path, "--frames", "1", "--variants", "upstream,exact", "--phases", "off", "--no-reference") == 0
+    rows = load(tmp_path / "cpu")["rows"]
+    assert {r["variant"] for r in rows} == {"upstream", "exact"} and all(r["seconds"] > 0 for r in rows)
+    assert all(r["errors"] is None and r["max_rel_err_vs_upstream"] is None and r["pose_rot_err_deg"] is None
+               for r in rows)
 
 
 def test_errors(sweep: Path) -> None:
@@ -254,3 +265,19 @@ def test_profile_script_on_cpu(tmp_path: Path) -> None:
     assert trace["traceEvents"]
     assert any(e.get("name") == "global_block[0]" for e in trace["traceEvents"])
     assert "| 1 |" in (tmp_path / "top_kernels.md").read_text()
+
+
+def test_deadline_budget_estimates_each_variant_from_its_own_calls() -> None:
+    """A slow variant's calls do not make a fast one look slow (at 800 frames upstream takes ten times fast's time);
+    a variant not seen yet is estimated from every variant's calls; the extrapolation is (S / S') ** 1.7."""
+    budget = Budget(deadline=100.0, t0=time.perf_counter())
+    budget.note("upstream", 400, 47.0)
+    budget.note("fast", 400, 5.0)
+    budget.note("upstream", 800, 180.0)
+    assert budget.estimate(800, "upstream") == 180.0
+    assert budget.estimate(800, "fast") == pytest.approx(5.0 * 2 ** 1.7)
+    assert budget.estimate(800, "exact") == 180.0 and budget.estimate(400, "exact") == pytest.approx(26.0)
+    assert budget.estimate(100, "fast") == 0.0  # nothing smaller seen: no estimate
+    assert budget.allows(800, 2, "fast at 800 frames", "fast")
+    assert not budget.allows(800, 1, "upstream at 800 frames", "upstream")
+    assert budget.skipped == ["upstream at 800 frames"]

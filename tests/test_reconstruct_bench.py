@@ -31,4 +31,4 @@ def test_small_run_times_both_pipelines_per_phase(tmp_path: Path) -> None:
     assert row["goal_s"] > results["checkpoint_read_s"] >= 0
     written = json.loads((tmp_path / "results" / "cpu-small.json").read_text())
     assert written["rows"][0]["frames"] == 3
-    assert {"gpu", "torch", "upstream_commit", "vggt_turbo_commit", "date"} <= written["meta"].keys()
+    assert {"gpu", "torch", "upstream_commit", "vggt_turbo_commit", "date", "python_bytecode"} <= written["meta"].keys()

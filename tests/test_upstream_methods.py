@@ -23,6 +23,13 @@ class CameraHeadRenamed(nn.Module):
         return aggregated_tokens_list
 
 
+class CameraHeadRedefaulted(nn.Module):
+    """A camera head whose upstream changed ``num_iterations``' default."""
+
+    def forward(self, aggregated_tokens_list: list, num_iterations: int = 8) -> list:
+        return aggregated_tokens_list
+
+
 def test_binder_maps_positional_keyword_and_defaulted_arguments() -> None:
     tokens = [torch.zeros(1)]
     assert CAMERA_HEAD_FORWARD.bind(tokens, 2) == (tokens, 2)
@@ -64,8 +71,7 @@ def dino_aggregator() -> nn.Module:
 
 
 def test_every_declaration_matches_the_installed_upstream(pristine, dino_aggregator) -> None:
-    """Names as ``check`` compares them, and defaults (which it does not): a default upstream changed would make a
-    binder hand the patch another value than upstream's own call gets."""
+    """Every declaration passes ``check`` on the installed upstream (names and defaults)."""
     found = set()
     for root in (pristine, dino_aggregator):
         for name, method in DECLARED.items():
@@ -75,6 +81,18 @@ def test_every_declaration_matches_the_installed_upstream(pristine, dino_aggrega
             method.requirement.check(root, name)
             parameters = inspect.signature(getattr(target, method.name)).parameters
             upstream_defaults = {p: v.default for p, v in parameters.items() if v.default is not inspect.Parameter.empty}
-            assert upstream_defaults == dict(method.defaults), name
+            assert upstream_defaults == dict(method.defaults), name  # what check compared, read independently
             found.add(name)
     assert DECLARED and found == set(DECLARED)
+
+
+def test_requirement_refuses_a_changed_default() -> None:
+    """The binder fills in the declared default; an upstream whose default differs is refused, not bound wrongly."""
+    requirement = CAMERA_HEAD_FORWARD.requirement_at(lambda root: root)
+    with pytest.raises(IncompatibleUpstreamError) as raised:
+        requirement.check(CameraHeadRedefaulted(), "some_patch")
+    assert str(raised.value) == (
+        "patch 'some_patch' needs upstream CameraHead.forward(aggregated_tokens_list, num_iterations) with defaults "
+        f"{{'num_iterations': 4}}, but the installed {__name__}.CameraHeadRedefaulted.forward has "
+        "{'num_iterations': 8}"
+    )

@@ -35,13 +35,16 @@ class Requirement:
 
     ``owner`` names the upstream class (for messages); ``locate`` finds an instance of it in the model being
     patched (None when the model has no such part, e.g. no RoPE); ``params`` are the expected parameter names
-    (without ``self``) of a method, or None for a plain attribute.
+    (without ``self``) of a method, or None for a plain attribute; ``defaults``, when given, are the method's
+    default values as a patch's binder fills them in (checked too: a default changed upstream would otherwise hand
+    the patch another value than upstream's own call gets).
     """
 
     owner: str
     attr: str
     locate: Callable[[nn.Module], Optional[object]]
     params: Optional[tuple[str, ...]] = None
+    defaults: Optional[Mapping[str, Any]] = None
 
     @property
     def symbol(self) -> str:
@@ -64,11 +67,20 @@ class Requirement:
         member = inspect.getattr_static(owner, self.attr, None)
         if not callable(member):
             raise IncompatibleUpstreamError(f"patch {patch!r} needs upstream method {self.symbol}; {where}.{self.attr} is not a method")
-        found = tuple(p for p in inspect.signature(member).parameters if p != "self")
+        parameters = {p: v for p, v in inspect.signature(member).parameters.items() if p != "self"}
+        found = tuple(parameters)
         if found != self.params:
             raise IncompatibleUpstreamError(
                 f"patch {patch!r} needs upstream {self.symbol}, but the installed {where}.{self.attr} "
                 f"takes ({', '.join(found)})"
+            )
+        if self.defaults is None:
+            return
+        found_defaults = {p: v.default for p, v in parameters.items() if v.default is not inspect.Parameter.empty}
+        if found_defaults != dict(self.defaults):
+            raise IncompatibleUpstreamError(
+                f"patch {patch!r} needs upstream {self.symbol} with defaults {dict(self.defaults)}, but the installed "
+                f"{where}.{self.attr} has {found_defaults}"
             )
 
 
@@ -107,7 +119,7 @@ class Method:
 
     def requirement_at(self, locate: Callable[[nn.Module], Optional[object]]) -> Requirement:
         """The requirement checked on another instance of the owner class (e.g. the camera head's attention)."""
-        return Requirement(self.owner, self.name, locate, self.params)
+        return Requirement(self.owner, self.name, locate, self.params, self.defaults)
 
 
 def aggregator_of(root: nn.Module) -> nn.Module:

@@ -192,13 +192,13 @@ def run(args: argparse.Namespace) -> int:
                 images = random_images(frames_n, args.image_size, seed=0).to(device)
                 reference = None
                 bar.set_description(f"{frames_n} frames: upstream in fp32 (reference)")
-                if budget.allows(frames_n, 2, f"fp32 reference at {frames_n} frames"):  # about two bf16 calls
-                    reference = bench.fp32_reference(images)
+                if not args.no_reference and budget.allows(frames_n, 2, f"fp32 reference at {frames_n} frames"):
+                    reference = bench.fp32_reference(images)  # costs about two bf16 calls
                 bar.update()
                 for variant in variants:
                     bar.set_description(f"{frames_n} frames: {variant.name}")
                     with_phases = at == frames_n and variant in phase_variants
-                    if budget.allows(frames_n, args.warmup + args.repeats, f"{variant.name} at {frames_n} frames"):
+                    if budget.allows(frames_n, args.warmup + args.repeats, f"{variant.name} at {frames_n} frames", variant.name):
                         rows, phase_rows = bench.run_variant(variant, images, reference, phases=with_phases)
                         data["rows"] += rows
                         data["phases"] += phase_rows
@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
                 images = random_images(at, args.image_size, seed=0).to(device)
                 for variant in phase_variants:
                     bar.set_description(f"phases at {at} frames: {variant.name}")
-                    if budget.allows(at, args.warmup + args.repeats, f"phases of {variant.name} at {at} frames"):
+                    if budget.allows(at, args.warmup + args.repeats, f"phases of {variant.name} at {at} frames", variant.name):
                         _, phase_rows = bench.run_variant(variant, images, None, phases=True, phases_only=True)
                         data["phases"] += phase_rows
                         write_json(result(), out_dir)
@@ -275,6 +275,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--deadline", type=float, help="seconds since start: a row whose estimated time (from the calls seen so "
         "far) would end past it is skipped and listed, for time-limited GPU commands; rows are saved as they finish "
         "and SIGTERM still writes the report")
+    add("--no-reference", action="store_true", help="skip the untimed upstream-fp32 call (rows without errors): "
+        "for long sequences where only time and memory are wanted (at 400 frames it costs minutes)")
     add("--report-only", nargs="?", const="", metavar="JSON", help="only regenerate latest.md and the plots from "
         "JSON (default: every <out>/*/latest.json)")
     add("--no-progress", action="store_true", help="no progress bar")

@@ -37,32 +37,41 @@ log = logging.getLogger(__name__)
 class Budget:
     """``--deadline``: start no row whose estimated cost would end past it (seconds since the process started).
 
-    A call's cost at S frames is the median call seen at S (the median: a CUDA-graph capture is one slow outlier),
-    else extrapolated from the largest smaller count seen as (S / S') ** 1.7 (between linear frame attention and
-    quadratic global attention).
+    A call's cost is estimated from the same variant's calls when there are any (variants differ several times over
+    at long sequences), else from every variant's: at S frames the median call seen at S (the median: a CUDA-graph
+    capture is one slow outlier), else extrapolated from the largest smaller count seen as (S / S') ** 1.7
+    (between linear frame attention and quadratic global attention).
     """
 
     def __init__(self, deadline: Optional[float], t0: float):
         self.deadline, self.t0 = deadline, t0
-        self.per_call: dict[int, list[float]] = {}  # frames -> wall-clock seconds of each call seen
+        self.per_call: dict[tuple[str, int], list[float]] = {}  # (variant, frames) -> seconds of each call seen
         self.skipped: list[str] = []
 
-    def note(self, frames: int, seconds: float) -> None:
-        self.per_call.setdefault(frames, []).append(seconds)
+    def note(self, variant: str, frames: int, seconds: float) -> None:
+        self.per_call.setdefault((variant, frames), []).append(seconds)
 
-    def estimate(self, frames: int) -> float:
-        if frames in self.per_call:
-            return statistics.median(self.per_call[frames])
-        smaller = [s for s in self.per_call if s < frames]
+    def estimate(self, frames: int, variant: Optional[str] = None) -> float:
+        own = {f: t for (v, f), t in self.per_call.items() if v == variant}
+        seen = own or self._all_variants()
+        if frames in seen:
+            return statistics.median(seen[frames])
+        smaller = [s for s in seen if s < frames]
         if not smaller:
             return 0.0
         s = max(smaller)
-        return statistics.median(self.per_call[s]) * (frames / s) ** 1.7
+        return statistics.median(seen[s]) * (frames / s) ** 1.7
 
-    def allows(self, frames: int, calls: int, what: str) -> bool:
+    def _all_variants(self) -> dict[int, list[float]]:
+        merged: dict[int, list[float]] = {}
+        for (_, f), times in self.per_call.items():
+            merged.setdefault(f, []).extend(times)
+        return merged
+
+    def allows(self, frames: int, calls: int, what: str, variant: Optional[str] = None) -> bool:
         if self.deadline is None:
             return True
-        if time.perf_counter() - self.t0 + self.estimate(frames) * calls > self.deadline:
+        if time.perf_counter() - self.t0 + self.estimate(frames, variant) * calls > self.deadline:
             self.skipped.append(what)
             return False
         return True
@@ -130,6 +139,7 @@ class Bench:
         images: torch.Tensor,
         n: int,
         first: Callable[[Any, Optional[torch.Tensor]], None],
+        variant: str,
         probe: Optional[AggregatorProbe] = None,
         phase_probe: Optional[PhaseProbe] = None,
     ) -> Calls:
@@ -151,7 +161,7 @@ class Bench:
             end = self.clock.stamp()
             self.clock.sync()
             wall = time.perf_counter() - wall
-            self.budget.note(frames, wall)
+            self.budget.note(variant, frames, wall)
             if i == 0:
                 res.first_call_s = wall
             if i >= warmup:
@@ -208,7 +218,7 @@ class Bench:
             if part == "aggregator":  # the aggregator patched and called alone
                 if variant.config is not None:
                     apply_optimizations(self.model.aggregator, variant.config)
-                res = self.calls(self.model.aggregator, images, n, first)
+                res = self.calls(self.model.aggregator, images, n, first, variant.name)
             else:
                 if variant.config is not None:
                     apply_optimizations(self.model, variant.config)
@@ -216,7 +226,7 @@ class Bench:
                     probe = AggregatorProbe(self.model.aggregator, self.clock, self.memory)
                 if phases:
                     phase_probe = PhaseProbe(self.model, self.clock)
-                res = self.calls(self.model, images, n, first, probe, phase_probe)
+                res = self.calls(self.model, images, n, first, variant.name, probe, phase_probe)
                 if part == "both" and not res.agg_separable:
                     # The full forward replayed as one CUDA graph: no hook inside it fires. Time the aggregator
                     # patched alone instead (the cuda_graphs patch then captures the aggregator by itself).
@@ -231,7 +241,7 @@ class Bench:
                         if reference:
                             got["errors"].update(compare(None, last_tokens(out), reference))
 
-                    agg_res = self.calls(self.model.aggregator, images, n, first_agg)
+                    agg_res = self.calls(self.model.aggregator, images, n, first_agg, variant.name)
         except torch.cuda.OutOfMemoryError:
             failure = "OOM"
         except Exception as err:  # one broken row must not lose a budgeted GPU sweep
