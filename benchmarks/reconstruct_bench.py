@@ -193,7 +193,7 @@ def run_meta(device: str) -> dict[str, Any]:
 
     from vggt_turbo.bench.meta import turbo_commit, upstream_commit
 
-    dev = torch.device(device)
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     # Python's own startup is part of what a user waits for: a pip install leaves compiled bytecode; a machine with
     # PYTHONDONTWRITEBYTECODE and none compiles every module it imports on every run (seconds for torch).

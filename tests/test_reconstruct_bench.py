@@ -32,3 +32,11 @@ def test_small_run_times_both_pipelines_per_phase(tmp_path: Path) -> None:
     written = json.loads((tmp_path / "results" / "cpu-small.json").read_text())
     assert written["rows"][0]["frames"] == 3
     assert {"gpu", "torch", "upstream_commit", "vggt_turbo_commit", "date", "python_bytecode"} <= written["meta"].keys()
+
+
+def test_meta_resolves_the_default_device() -> None:
+    """``--device auto`` (the default) names the machine it ran on, as an explicit device does."""
+    import torch
+
+    meta = _bench().run_meta("auto")
+    assert meta["gpu"] == (torch.cuda.get_device_name() if torch.cuda.is_available() else _bench().run_meta("cpu")["gpu"])
