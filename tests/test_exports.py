@@ -280,6 +280,22 @@ def test_preview_draws_at_most_max_points(tmp_path: Path, monkeypatch: pytest.Mo
     assert Image.open(tmp_path / "p.png").size == (1200, 1100)
 
 
+@pytest.mark.parametrize("points", [2000, 0])
+def test_preview_without_a_usable_camera(tmp_path: Path, points: int) -> None:
+    """Every predicted camera non-finite (random weights can give that): the points are drawn, no frustum, no
+    crash; with no confident point either, an empty scene (reconstruct still writes its outputs)."""
+    rng = np.random.default_rng(0)
+    xyz, rgb = rng.standard_normal((points, 3)), rng.integers(0, 256, (points, 3), dtype=np.uint8)
+    extrinsics = np.full((2, 3, 4), np.nan)
+    intrinsics = np.tile(np.array([[20.0, 0, 8], [0, 20, 6], [0, 0, 1]]), (2, 1, 1))
+    frames = rng.integers(0, 256, (2, 12, 16, 3), dtype=np.uint8)
+    preview.render_preview(tmp_path / "p.png", xyz, rgb, extrinsics, intrinsics, frames, np.ones((2, 12, 16, 1)),
+                           ["a.png", "b.png"])
+    views = np.asarray(Image.open(tmp_path / "p.png").convert("RGB"))[120:560]  # the 3-D views, below the title
+    coloured = (views.max(axis=2).astype(int) - views.min(axis=2)) > 60  # points are coloured, axes grey
+    assert coloured.any() == (points > 0)
+
+
 def test_images_to_uint8_is_contiguous_and_rounds_like_the_plain_formula() -> None:
     images = np.random.default_rng(0).uniform(-0.2, 1.2, (2, 3, 5, 7)).astype(np.float32)
     colors = export.images_to_uint8(images)

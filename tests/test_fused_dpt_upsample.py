@@ -8,6 +8,8 @@ The interpreter tests run with ``TRITON_INTERPRET=1 PYTHONPATH=<triton> python -
 
 from __future__ import annotations
 
+import itertools
+
 import sys
 
 import pytest
@@ -163,6 +165,23 @@ def test_interpreted_kernel_equals_pytorch(case) -> None:
     size = case[4:6]
     _check(bl._triton(x, size, None), bl.reference(x, size))
     _check(bl._triton(x, size, m), bl.reference(x, size, m))
+
+
+LAYOUTS = ("contiguous", "channels_last", "sliced")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("add", [False, True])
+def test_output_strides_are_pytorchs(layout: str, add: bool) -> None:
+    """The kernel's output layout, derived without the meta device where that is unambiguous, equals what PyTorch's
+    own rules give (the meta device), over shapes with and without dimensions of size 1."""
+    for N, C, H1, W1, H2, W2 in itertools.product((1, 3), (1, 5), (1, 4), (1, 6), (1, 7), (2, 9)):
+        x = torch.empty(N, C, H1, W1 + (layout == "sliced"), device="meta")
+        x = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+        x = x[..., :W1] if layout == "sliced" else x
+        shape, strides = tuple(x.shape), tuple(x.stride())
+        expected = bl._meta_strides(shape, strides, (H2, W2), add)
+        assert bl._out_strides(shape, strides, (H2, W2), add) == expected, (shape, strides, (H2, W2))
 
 
 def test_kernel_refuses_what_it_does_not_cover() -> None:

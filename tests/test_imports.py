@@ -82,3 +82,17 @@ def test_reconstruct_before_inference_does_not_load_torchs_compiler() -> None:
                                            check=True).stdout))
     assert "vggt.models.vggt" in loaded  # the checks did import upstream's model
     assert not loaded & {"torch._dynamo", "torchvision", "vggt.utils.load_fn"}
+
+
+def test_the_resize_kernels_layout_does_not_load_torchs_compiler() -> None:
+    """The fused DPT resize derives its output's strides for the heads' layouts without PyTorch's meta kernel (a
+    Python decomposition that imports ``torch._dynamo``: seconds of a one-shot command's first forward)."""
+    code = ("import json, sys, torch\n"
+            "from vggt_turbo.kernels import bilinear\n"
+            "x = torch.empty(8, 256, 37, 28).contiguous(memory_format=torch.channels_last)\n"
+            "for add in (False, True):\n"
+            "    bilinear._out_strides(tuple(x.shape), tuple(x.stride()), (74, 56), add)\n"
+            "print(json.dumps(sorted(sys.modules)))")
+    loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                           check=True).stdout))
+    assert "vggt_turbo.kernels.bilinear" in loaded and "torch._dynamo" not in loaded

@@ -102,9 +102,13 @@ def _point_cloud(fig: Figure, views: GridSpec, xyz: np.ndarray, rgb: np.ndarray,
     rotations, translations = extrinsics[valid, :, :3], extrinsics[valid, :, 3]
     centres = -np.einsum("sji,sj->si", rotations, translations)
     both = np.concatenate([xyz, centres]) if len(xyz) else centres
-    # The view box: the middle 96 % of the points and every camera, so a few stray points do not shrink the scene.
-    lo = np.minimum(np.percentile(both, 2, axis=0), centres.min(axis=0, initial=np.inf))
-    hi = np.maximum(np.percentile(both, 98, axis=0), centres.max(axis=0, initial=-np.inf))
+    # The view box: the middle 96 % of the points and every camera, so a few stray points do not shrink the scene
+    # (a unit box around the origin when there is nothing to show: no confident point, no usable camera).
+    if len(both):
+        lo = np.minimum(np.percentile(both, 2, axis=0), centres.min(axis=0, initial=np.inf))
+        hi = np.maximum(np.percentile(both, 98, axis=0), centres.max(axis=0, initial=-np.inf))
+    else:
+        lo, hi = -np.ones(3), np.ones(3)
     middle, half = (lo + hi) / 2, max(float((hi - lo).max()) / 2, 1e-6)
     size = 0.12 * half
     segments = [frustum_lines(e, k, width, height, size) for e, k in zip(extrinsics[valid], intrinsics[valid])]
@@ -115,7 +119,8 @@ def _point_cloud(fig: Figure, views: GridSpec, xyz: np.ndarray, rgb: np.ndarray,
     for i, (label, elevation, azimuth) in enumerate(VIEWS):
         ax = fig.add_subplot(views[0, i], projection="3d")
         ax.add_artist(_Splat(plotted, rgb))
-        ax.add_collection3d(Line3DCollection(lines, colors=colours, linewidths=1.2))
+        if len(lines):  # frames whose cameras are not finite have no frustum (matplotlib refuses an empty set)
+            ax.add_collection3d(Line3DCollection(lines, colors=colours, linewidths=1.2))
         for axis, (a, b) in zip((ax.set_xlim, ax.set_ylim, ax.set_zlim), box.T):
             axis(min(a, b), max(a, b))
         ax.set_box_aspect((1, 1, 1))

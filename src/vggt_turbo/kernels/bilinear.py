@@ -15,8 +15,7 @@ Exact: PyTorch's CUDA arithmetic, in fp32, with the same fused multiply-adds (se
 PyTorch's result bit for bit on an H100 with torch 2.11 (the GPU test); a torch build whose compiler contracted
 otherwise would differ in the last bit of fp32. The map is added after the resized value is rounded, as a separate
 addition does. The output has the
-strides PyTorch's own calls would give it (computed on the meta device), so the convolutions that follow see the
-same layout.
+strides PyTorch's own calls would give it (``_out_strides``), so the convolutions that follow see the same layout.
 """
 
 from __future__ import annotations
@@ -88,9 +87,33 @@ def _scale(in_size: int, out_size: int) -> float:
     return float(torch.tensor(in_size - 1, dtype=torch.float32) / (out_size - 1))
 
 
+def _layout_strides(shape: tuple[int, int, int, int], channels_last: bool) -> tuple[int, ...]:
+    N, C, H, W = shape
+    return (H * W * C, 1, W * C, C) if channels_last else (C * H * W, H * W, W, 1)
+
+
 @functools.lru_cache(maxsize=256)
 def _out_strides(shape: tuple[int, ...], strides: tuple[int, ...], size: tuple[int, int], add: bool) -> tuple[int, ...]:
-    """The strides of ``reference``'s result for such an input (PyTorch's layout rules, run on the meta device)."""
+    """The strides of ``reference``'s result for such an input.
+
+    An input laid out contiguously or channels-last, with no dimension of size 1, gives a result in its own layout
+    (PyTorch's ``suggest_memory_format``; the map's addition keeps it: the resized tensor, first operand, has
+    distinct strides that decide the order). Anything else is left to PyTorch's rules themselves, run on the meta
+    device (``_meta_strides``). Why not always that: the meta kernel of this resize is a Python decomposition that
+    imports torch's compiler stack on first use, seconds of a one-shot command's first call. A test checks the two
+    agree on every shape and layout it tries.
+    """
+    N, C, H1, W1 = shape
+    out_shape = (N, C, *size)
+    if min(C, H1, W1, *size) > 1:  # a batch of one is laid out as any other (its stride is the full product)
+        for channels_last in (False, True):
+            if strides == _layout_strides((N, C, H1, W1), channels_last):
+                return _layout_strides(out_shape, channels_last)
+    return _meta_strides(shape, strides, size, add)
+
+
+def _meta_strides(shape: tuple[int, ...], strides: tuple[int, ...], size: tuple[int, int], add: bool) -> tuple[int, ...]:
+    """``reference``'s result strides, by PyTorch's own layout rules on the meta device."""
     meta = torch.empty_strided(shape, strides, device="meta")
     out = F.interpolate(meta, size=size, mode="bilinear", align_corners=True)
     if add:  # the map as reference() adds it: a permuted (H, W, C) tensor, expanded over the batch
