@@ -20,6 +20,9 @@ What the data is (518x518 unless said, batch 1, bf16 autocast, torch 2.11):
   - H200, ``2026-12-02-21cabca-518x392.json`` (``plan_measure.sh 1``): upstream, exact with and without offloading
     and fast at 1/10/32/100/200 frames at 518x392: memory HELD OUT (memory is fitted at 518x518 only), seconds
     FIT but at 100 frames (HELD OUT). Seconds are fitted per GPU kind, in 518x518 frames' tokens.
+  - H200, ``2026-12-02-54287b8-518x392-long.json`` (``plan_measure.sh 2``): upstream and fast at 400 and 800 frames
+    in one process: memory HELD OUT, seconds FIT; ``...-2600.json``: fast at 2600 frames (one cold call): HELD
+    OUT, memory and seconds (beyond the fitted range: the planner marks such seconds as extrapolated).
 "exact" before 2026-12-02 had ``bf16_weights``: those rows are today's ``exact + bf16_weights`` and calibrate the
 variant ``exact_bf16``. Both parts of each run are used for memory: ``full`` (the peak, max of the two phases) and
 ``aggregator`` (the peak up to the aggregator's end: its phase alone). The presets' rows at <= 16 frames with a
@@ -55,6 +58,8 @@ SOURCES = {
     "h200_7776b45": H200 / "2026-12-02-7776b45.json",  # the current code: heads prefetch offloaded chunks
     "h200_seq": H200 / "sequence_parallel.json",
     "h200_21cabca_392": H200 / "2026-12-02-21cabca-518x392.json",  # 518x392 (plan_measure.sh 1): HELD OUT
+    "h200_54287b8_392_long": H200 / "2026-12-02-54287b8-518x392-long.json",  # 400, 800 frames: HELD OUT
+    "h200_54287b8_392_2600": H200 / "2026-12-02-54287b8-518x392-2600.json",  # fast, 2600 frames: HELD OUT
 }
 GIB = 1024**3
 SIZE = 518
@@ -166,6 +171,15 @@ def load() -> list[Row]:
         timed = r["part"] == "full" and n >= 10
         out.append(Row(label, "H200", v, offload, n, r["seconds"] if timed else None, r["peak_gib"], r["base_gib"],
                        r["reserved_gib"], False, r["part"], offload, replays_graph(v, n), 392, 518, n != 100))
+    # 518x392 long sequences: 400 and 800 frames (plan_measure.sh 2): memory held out, seconds fitted (today's code
+    # at the long end); fast at 2600 frames (one cold call): held out, memory and seconds, beyond the fitted range.
+    for name in ("h200_54287b8_392_long", "h200_54287b8_392_2600"):
+        for r in rows_of(SOURCES[name], both):
+            v, n = r["variant"], r["frames"]
+            out.append(Row("H200 " + SOURCES[name].name, "H200", v, auto(v, n), n,
+                           r["seconds"] if r["part"] == "full" else None, r["peak_gib"], r["base_gib"],
+                           r["reserved_gib"], False, r["part"], auto(v, n), False, 392, 518,
+                           name == "h200_54287b8_392_long"))
     for r in rows_of(SOURCES["h200_seq"]):
         if r.get("gpus") == 1:
             # With FlashAttention-4, unlike the other H200 runs: its seconds are not fitted.
@@ -236,7 +250,8 @@ def fit_time(rows: list[Row], v: str, gpu: str, ref_tokens: int) -> dict[str, fl
     t = np.array([r.seconds for r in fit], float)
     design = np.stack([np.ones_like(f), f, f * f], axis=1) / t[:, None]
     c, a, b = lsq_linear(design, np.ones_like(t), bounds=(0, np.inf)).x
-    return {"c": float(c), "a": float(a), "b": float(b)}
+    # The longest fitted run: beyond it the planner marks its seconds as an extrapolation.
+    return {"c": float(c), "a": float(a), "b": float(b), "measured_up_to": float(f.max())}
 
 
 def exact_over_bf16(rows: list[Row]) -> float:
@@ -260,7 +275,7 @@ def main() -> None:
     ref_tokens = planner.tokens_per_frame(SIZE, SIZE, constants_with(memory, weights_bytes))
     h100 = {v: fit_time(rows, v, "H100", ref_tokens) for v in ("upstream", "exact_bf16", "fast")}
     ratio = exact_over_bf16(rows)
-    h100["exact"] = {key: value * ratio for key, value in h100["exact_bf16"].items()}
+    h100["exact"] = {key: value * ratio if key in "abc" else value for key, value in h100["exact_bf16"].items()}
     h200 = {v: fit_time(rows, v, "H200", ref_tokens) for v in ("upstream", "exact", "exact_bf16", "fast")}
     time = {"reference_tokens": ref_tokens, "fits": {"H100": h100, "H200": h200}, "exact_over_exact_bf16": ratio}
     # Offloading's cost: exact with vs without at 100 and 200 frames on the H100 (576aca9, same process).
@@ -318,19 +333,21 @@ def check(rows: list[Row], k: dict[str, Any]) -> str:
         "## Held out (not used for fitting)", "",
         "Today's code (7776b45) at 32 frames, a frame count of its own (bf236ec's 32-frame rows, before the "
         "prefetch, are in the fit); the long runs: 400 and 800 frames; every 518x392 row's memory (21cabca, "
-        "`benchmarks/plan_measure.sh 1`) and its seconds at 100 frames (the others are marked `(fit)`).", "",
+        "`benchmarks/plan_measure.sh 1`; 54287b8, `plan_measure.sh 2`, 400 and 800 frames) and its seconds at 100 "
+        "frames (the others are marked `(fit)`); fast at 2600 frames, 518x392 (one cold call), memory and seconds: "
+        "longer than any fitted run, its seconds are what the planner marks as an extrapolation.", "",
         HEAD, *(line(r, k) for r in held), "",
         "## Fit set (residuals, for reference)", "",
         "`graph`: the presets' warm calls of <= 16 frames replay a CUDA graph; its pool is not allocated memory, so "
         "these peaks are not the working set and are not fitted (their seconds are).", "",
         HEAD, *(line(r, k) for r in fitted), "",
         "## Not measured yet", "",
-        "- 518x392 beyond 200 frames (`benchmarks/plan_measure.sh 2`: 400 and 800 frames).",
+        "- 518x392 beyond 800 frames but fast at 2600; exact (with or without offloading) beyond 200 frames there.",
         "- Today's `exact` beyond 200 frames (H200); on the H100 not at all (its seconds there are exact_bf16's "
         "curve times one ratio).",
         "- The presets' heads below 8 frames: `h` (the DPT heads' working set per pixel) is upstream's.",
-        "- No frame counts between 200 and 800 on the H100, none of 150/300/600 anywhere; `fast` and upstream "
-        "without offloading at > 200 frames only at 800, and only before 7776b45.",
+        "- No frame counts between 200 and 800 on the H100, none of 150/300/600 anywhere; `fast` without "
+        "offloading beyond 200 frames only at 800 (518x518), before 7776b45.",
         "",
     ])
 

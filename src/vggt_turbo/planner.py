@@ -61,6 +61,7 @@ class Estimate:
     fits: Optional[bool]  # None when no memory size was given
     max_frames: Optional[int]  # largest frame count whose need fits (same size and batch); None without memory
     seconds: Optional[float]  # predicted forward time (warm call), None where the GPU is not calibrated
+    seconds_extrapolated: bool  # longer than any run the GPU's time curve was fitted on
     remeasured: bool  # False: the constants come from an earlier form of the preset (see notes)
     note: str = ""
 
@@ -99,11 +100,14 @@ class Plan:
         for e in self.estimates:
             fits = "-" if e.fits is None else ("yes" if e.fits else "no")
             most = "-" if e.max_frames is None else str(e.max_frames)
-            secs = "not calibrated" if e.seconds is None else f"{e.seconds:.1f}"
+            secs = "not calibrated" if e.seconds is None else f"{e.seconds:.1f}" + ("+" if e.seconds_extrapolated else "")
             mark = "" if e.remeasured else " *"
             lines.append(f"{e.name + mark:<20} {e.peak_gib:>9.1f} {e.need_gib:>9.1f} {fits:>5} {most:>11} {secs:>9}")
         if any(not e.remeasured for e in self.estimates):
             lines.append("* " + next(e.note for e in self.estimates if not e.remeasured))
+        if any(e.seconds_extrapolated for e in self.estimates):
+            lines.append("+ longer than any run these seconds were fitted on: an extrapolation (how far off one "
+                         "has been: benchmarks/results/plan_check.md)")
         return "\n".join(lines)
 
     def advice(self, variant: str) -> str:
@@ -172,15 +176,30 @@ def peak_bytes(variant: str, offload: bool, frames: int, height: int, width: int
     return allocated, reserved
 
 
+def _time_fit(variant: str, frames: int, height: int, width: int, batch: int, gpu: Optional[str],
+              k: dict[str, Any]) -> Optional[tuple[dict[str, float], float]]:
+    """(the GPU kind's time curve of ``variant``, the call's length in 518x518 frames' tokens), or None."""
+    fits = k["time"]["fits"].get(gpu) if gpu else None
+    if fits is None:
+        return None
+    return fits[variant], batch * frames * tokens_per_frame(height, width, k) / k["time"]["reference_tokens"]
+
+
+def seconds_extrapolated(variant: str, frames: int, height: int, width: int, batch: int, gpu: Optional[str],
+                         k: Optional[dict[str, Any]] = None) -> bool:
+    """Whether the call is longer than every run ``variant``'s time curve on ``gpu`` was fitted on."""
+    found = _time_fit(variant, frames, height, width, batch, gpu, k or constants())
+    return found is not None and found[1] > found[0]["measured_up_to"] * (1 + 1e-9)
+
+
 def seconds(variant: str, offload: bool, frames: int, height: int, width: int, batch: int, gpu: Optional[str],
             k: Optional[dict[str, Any]] = None) -> Optional[float]:
     """Predicted warm forward time on a calibrated GPU kind, else None."""
     k = k or constants()
-    fits = k["time"]["fits"].get(gpu) if gpu else None
-    if fits is None:
+    found = _time_fit(variant, frames, height, width, batch, gpu, k)
+    if found is None:
         return None
-    fit = fits[variant]
-    f = batch * frames * tokens_per_frame(height, width, k) / k["time"]["reference_tokens"]
+    fit, f = found
     t = fit["c"] + fit["a"] * f + fit["b"] * f * f
     if batch * frames >= k["model"]["offload_auto_frames"] and not offload and variant != "upstream":
         t *= k["time"]["no_offload_factor"]
@@ -269,6 +288,7 @@ def plan(frames: int, height: int = 392, width: int = 518, batch: int = 1,
                 fits=None if gib is None else reserved <= gib * GIB,
                 max_frames=None if gib is None else max_frames(variant, offload, gib * GIB, height, width, batch),
                 seconds=seconds(variant, offload, frames, height, width, batch, kind),
+                seconds_extrapolated=seconds_extrapolated(variant, frames, height, width, batch, kind),
                 remeasured=mem["remeasured"], note=mem.get("note", ""),
             ))
     return Plan(frames=frames, height=height, width=width, batch=batch, memory_gib=gib, gpu=kind,
