@@ -68,6 +68,12 @@ def test_the_configuration_does_not_import_the_collectives() -> None:
     assert not {n for n in imported_names(PACKAGE / "config.py") if n.startswith("vggt_turbo.distributed")}
 
 
+def modules_after(code: str) -> set[str]:
+    """The modules a fresh interpreter has loaded after ``code``, which prints them as JSON."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return set(json.loads(done.stdout))
+
+
 def test_reconstruct_before_inference_does_not_load_torchs_compiler() -> None:
     """What reconstruct does before the first forward (its checks, the meta-device skeleton that a checkpoint is
     assigned to) must not import ``torch._dynamo`` (seconds, through torchvision's ops or torch's Python references
@@ -78,8 +84,7 @@ def test_reconstruct_before_inference_does_not_load_torchs_compiler() -> None:
             "skeleton = weights.plan(None, True, 'small').skeleton\n"
             "assert all(p.is_meta for p in skeleton.parameters())\n"
             "print(json.dumps(sorted(sys.modules)))")
-    loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                           check=True).stdout))
+    loaded = modules_after(code)
     assert "vggt.models.vggt" in loaded  # the checks did import upstream's model
     assert not loaded & {"torch._dynamo", "torchvision", "vggt.utils.load_fn"}
 
@@ -93,6 +98,5 @@ def test_the_resize_kernels_layout_does_not_load_torchs_compiler() -> None:
             "for add in (False, True):\n"
             "    bilinear._out_strides(tuple(x.shape), tuple(x.stride()), (74, 56), add)\n"
             "print(json.dumps(sorted(sys.modules)))")
-    loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                           check=True).stdout))
+    loaded = modules_after(code)
     assert "vggt_turbo.kernels.bilinear" in loaded and "torch._dynamo" not in loaded
