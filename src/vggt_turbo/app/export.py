@@ -371,7 +371,10 @@ def write_image(path: Path, rgb: np.ndarray) -> None:
     PNGs at zlib level 1: the same pixels (PNG is lossless at every level), written several times faster than
     PIL's default level 6, for files a little larger; the frames are a byproduct, not the result.
     """
-    Image.fromarray(rgb).save(path, quality=95, compress_level=1)  # quality: JPEG; compress_level: PNG
+    Image.fromarray(rgb).save(path, **IMAGE_OPTIONS)
+
+
+IMAGE_OPTIONS = {"quality": 95, "compress_level": 1}  # quality: JPEG; compress_level: PNG (see write_image)
 
 
 def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:

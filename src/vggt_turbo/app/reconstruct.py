@@ -46,6 +46,7 @@ from . import example_scene, export, export_options, inputs, kernel_cache, memor
 from .errors import UserError
 from .export_colmap_binary import write_colmap_binary
 from .export_nerfstudio import write_nerfstudio
+from .frames_ahead import FramesAhead
 from .inference import phases, predict
 from .options import ReconstructOptions
 from .preview import render_preview
@@ -173,58 +174,60 @@ def reconstruct(options: ReconstructOptions) -> Result:
     if options.model_size == "small":  # test-only path: the toy model expects a 4x4 patch grid
         images = F.interpolate(images, size=(SMALL_IMAGE, SMALL_IMAGE), mode="bilinear", align_corners=False, antialias=True)
     frames, _, height, width = images.shape
-    timings["load"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    if planned is None:  # the CPU without --memory: its RAM, by the rough estimate
-        memory.check_fits(plan.skeleton, frames, height, width, device, dtype)
-    # concurrent_heads (1 frame) does not run with offloading forced on: patches refuse the pair
-    flags = {"offload_intermediates": True, "concurrent_heads": False} if offload else {}
-    with _bar("model", 1, "model", options.quiet) as bar:
-        bar.set_postfix_str(plan.source)
-        loaded = plan.build(device)  # straight onto the device: no CPU initialisation, no copy of the weights
-        # One forward per run: CUDA-graph capture (two warm-ups, then capture) would cost more than it saves.
-        model = apply_optimizations(loaded.model, options.preset, cuda_graphs=False, **flags)
-        applied = describe(model)
-        _step(bar, f"{loaded.source} on {device}, preset {options.preset}")
-    timings["model"] = checks + time.perf_counter() - start
-
-    kernels = kernel_cache.configure(device, options.preset, dtype)  # before the first kernel compiles
-    start = time.perf_counter()
-    with _bar("inference", len(phases(model)), "phase", options.quiet) as bar:
-        if kernels.progress_note():
-            bar.set_postfix_str(kernels.progress_note())
-        try:
-            predictions, inner = predict(model, images.to(device), dtype, lambda name: _step(bar, name))
-        except (torch.OutOfMemoryError, RuntimeError) as exc:
-            if not _out_of_memory(exc):
-                raise
-            advice = (planned.advice(options.preset) if planned is not None and planned.memory_gib is not None
-                      else memory.advice())
-            raise UserError(f"out of memory on {device} with {frames} frames at {width}x{height}: {advice}") from exc
-    timings["inference"] = time.perf_counter() - start
-    if kernels.directory is not None:  # a first run pays the kernels' compilation; report.json tells them apart
-        timings["inference_warm" if kernels.warm else "inference_first_run"] = timings["inference"]
-    kernels.mark_warm()
-    timings.update(inner)
-    weights = loaded.source
-    del model, loaded, plan  # free the weights before export allocates the point cloud
-
     output_names = export.output_image_names(names)
-    renamed = [(a, b) for a, b in zip(names, output_names) if a != b and f"{a}.png" != b]
-    if renamed:
-        shown = ", ".join(f"{a!r} -> {b!r}" for a, b in renamed[:3]) + (", ..." if len(renamed) > 3 else "")
-        log.warning("%d file name(s) saved under names COLMAP's text format can read (%s); report.json and "
-                    "predictions.npz keep the originals (input_names)", len(renamed), shown)
-    result = Result(
-        options=options, weights=weights, frames=frames, frames_in_input=available, input_kind=kind,
-        image_names=output_names, input_names=names, width=width, height=height, device=device,
-        dtype=dtype, timings=timings, outputs=export_options.outputs(formats), kernels=kernels,
-        optimizations={"config": applied.config.as_dict() if applied.config else None, "exact": applied.exact,
-                       "tier": applied.tier.label, "patched": applied.targets},
-    )
-    _export(result, predictions, export.images_to_uint8(images.numpy()), formats)
-    return result
+    colors = export.images_to_uint8(images.numpy())
+    timings["load"] = time.perf_counter() - start
+    with FramesAhead(colors, output_names) as frames_ahead:  # images/ encoded while the model loads and runs
+        start = time.perf_counter()
+        if planned is None:  # the CPU without --memory: its RAM, by the rough estimate
+            memory.check_fits(plan.skeleton, frames, height, width, device, dtype)
+        # concurrent_heads (1 frame) does not run with offloading forced on: patches refuse the pair
+        flags = {"offload_intermediates": True, "concurrent_heads": False} if offload else {}
+        with _bar("model", 1, "model", options.quiet) as bar:
+            bar.set_postfix_str(plan.source)
+            loaded = plan.build(device)  # straight onto the device: no CPU initialisation, no copy of the weights
+            # One forward per run: CUDA-graph capture (two warm-ups, then capture) would cost more than it saves.
+            model = apply_optimizations(loaded.model, options.preset, cuda_graphs=False, **flags)
+            applied = describe(model)
+            _step(bar, f"{loaded.source} on {device}, preset {options.preset}")
+        timings["model"] = checks + time.perf_counter() - start
+
+        kernels = kernel_cache.configure(device, options.preset, dtype)  # before the first kernel compiles
+        start = time.perf_counter()
+        with _bar("inference", len(phases(model)), "phase", options.quiet) as bar:
+            if kernels.progress_note():
+                bar.set_postfix_str(kernels.progress_note())
+            try:
+                predictions, inner = predict(model, images.to(device), dtype, lambda name: _step(bar, name))
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                if not _out_of_memory(exc):
+                    raise
+                advice = (planned.advice(options.preset) if planned is not None and planned.memory_gib is not None
+                          else memory.advice())
+                raise UserError(
+                    f"out of memory on {device} with {frames} frames at {width}x{height}: {advice}") from exc
+        timings["inference"] = time.perf_counter() - start
+        if kernels.directory is not None:  # a first run pays the kernels' compilation; report.json tells them apart
+            timings["inference_warm" if kernels.warm else "inference_first_run"] = timings["inference"]
+        kernels.mark_warm()
+        timings.update(inner)
+        weights = loaded.source
+        del model, loaded, plan  # free the weights before export allocates the point cloud
+
+        renamed = [(a, b) for a, b in zip(names, output_names) if a != b and f"{a}.png" != b]
+        if renamed:
+            shown = ", ".join(f"{a!r} -> {b!r}" for a, b in renamed[:3]) + (", ..." if len(renamed) > 3 else "")
+            log.warning("%d file name(s) saved under names COLMAP's text format can read (%s); report.json and "
+                        "predictions.npz keep the originals (input_names)", len(renamed), shown)
+        result = Result(
+            options=options, weights=weights, frames=frames, frames_in_input=available, input_kind=kind,
+            image_names=output_names, input_names=names, width=width, height=height, device=device,
+            dtype=dtype, timings=timings, outputs=export_options.outputs(formats), kernels=kernels,
+            optimizations={"config": applied.config.as_dict() if applied.config else None, "exact": applied.exact,
+                           "tier": applied.tier.label, "patched": applied.targets},
+        )
+        _export(result, predictions, colors, formats, frames_ahead)
+        return result
 
 
 def _check_upstream() -> None:
@@ -244,12 +247,13 @@ def _check_upstream() -> None:
         ) from exc
 
 
-def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarray, formats: tuple[str, ...]) -> None:
+def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarray, formats: tuple[str, ...],
+            frames: FramesAhead) -> None:
     """Write every output into a staging folder that replaces ``--out`` only once all are written.
 
     The writers are independent of one another, so they run side by side on a thread per core (PNG and zlib
-    encoding, file writes and much of numpy release the GIL); each frame of images/ is a job of its own, so the
-    frames are encoded several at a time. What the writers share (the confident points, the COLMAP model) is
+    encoding, file writes and much of numpy release the GIL); the frames of images/ were encoded while the model
+    ran (``frames``), each is written as soon as it is ready. What the writers share (the confident points, the COLMAP model) is
     computed on the pool too, the two side by side and beside predictions.npz, which needs neither; report.json,
     which counts what the others wrote, comes last. The first failure (or Ctrl-C) cancels what has not started
     and, through ``staged_directory``, leaves nothing behind.
@@ -282,8 +286,8 @@ def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarr
                 ply = export.write_ply
                 jobs[pool.submit(ply, stage / "points.ply", xyz, rgb, [*notes, f"weights: {result.weights}"])] = "points.ply"
             (stage / "images").mkdir()
-            for rgb_frame, name in zip(colors, names):
-                jobs[pool.submit(export.write_image, stage / "images" / name, rgb_frame)] = "images/"
+            for index in range(len(names)):  # encoded already, or being encoded: written as each is ready
+                jobs[pool.submit(frames.write, stage / "images", index)] = "images/"
 
             model = colmap.result()
             result.colmap_points, result.colmap_skipped = len(model.xyz), model.skipped
