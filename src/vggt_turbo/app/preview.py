@@ -129,6 +129,7 @@ def _point_cloud(fig: Figure, views: GridSpec, xyz: np.ndarray, rgb: np.ndarray,
         ax.set_ylabel("z (forward)")
         ax.set_zlabel("-y (up)")
         ax.tick_params(labelsize=7)
+        ax.locator_params(nbins=4)
         ax.set_title(label, fontsize=11)
 
 
