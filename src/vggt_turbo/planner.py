@@ -100,7 +100,8 @@ class Plan:
         for e in self.estimates:
             fits = "-" if e.fits is None else ("yes" if e.fits else "no")
             most = "-" if e.max_frames is None else str(e.max_frames)
-            secs = "not calibrated" if e.seconds is None else f"{e.seconds:.1f}" + ("+" if e.seconds_extrapolated else "")
+            secs = "not calibrated" if e.seconds is None else f"{e.seconds:.1f}"
+            secs += "+" if e.seconds_extrapolated else ""
             mark = "" if e.remeasured else " *"
             lines.append(f"{e.name + mark:<20} {e.peak_gib:>9.1f} {e.need_gib:>9.1f} {fits:>5} {most:>11} {secs:>9}")
         if any(not e.remeasured for e in self.estimates):
