@@ -49,3 +49,12 @@ def test_reconstruct_files_are_complete_when_the_process_ends(tmp_path: Path) ->
         header = f.read(400).split(b"end_header\n")[0].decode()
     count = int(next(line.split()[-1] for line in header.splitlines() if line.startswith("element vertex")))
     assert (out / "points.ply").stat().st_size == len(header) + len("end_header\n") + count * 15  # xyz f4, rgb u1
+
+
+def test_a_reader_that_goes_away_ends_it_quietly() -> None:
+    """``vggt-turbo plan | head -1``: the pipe is closed before the command writes (it is still importing torch)."""
+    child = subprocess.Popen([sys.executable, "-m", "vggt_turbo.cli", "plan", "--frames", "10", "--json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child.stdout.close()
+    stderr = child.stderr.read()
+    assert child.wait(timeout=300) == 1 and "Traceback" not in stderr and "Broken pipe" not in stderr, stderr

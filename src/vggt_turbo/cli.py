@@ -30,10 +30,15 @@ def run() -> None:
     teardown. Why: freeing torch, the CUDA context and some two thousand modules one by one takes most of a second
     after the work is done, in a command the user waits for (``reconstruct``). Safe because every command has
     written, closed and joined all it starts before ``main`` returns; output streams and logging are flushed here.
-    An exception or ``SystemExit`` (usage errors, ``--help``) leaves the ordinary way."""
-    code = main()
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
+    An exception or ``SystemExit`` (usage errors, ``--help``) leaves the ordinary way; a reader that went away
+    (``vggt-turbo plan | head -1``) ends it quietly with code 1, as Python's documentation advises for SIGPIPE."""
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to write to the closed pipe
+        code = 1
+    sys.stderr.flush()
     logging.shutdown()
     os._exit(code)
 
