@@ -111,6 +111,15 @@ def _orange_pixels(pixels: np.ndarray) -> int:
     return int(((r > 200) & (r - g > 20) & (g - b > 40)).sum())
 
 
+def _panel_labels(pixels: np.ndarray) -> int:
+    """Dark pixels where the controls sit under the panel's header (dark labels on white)."""
+    return int((pixels[60:500, 950:1260].sum(axis=-1) < 150).sum())
+
+
+def _rendered(pixels: np.ndarray) -> bool:
+    return _orange_pixels(pixels) > 500 and _panel_labels(pixels) > 400
+
+
 def test_page_shows_the_points_in_headless_chromium(orange: Path, tmp_path: Path) -> None:
     pytest.importorskip("viser", reason="the viewer's extra is not installed (pip install 'vggt-turbo[view]')")
     browser = _chromium()
@@ -125,13 +134,13 @@ def test_page_shows_the_points_in_headless_chromium(orange: Path, tmp_path: Path
     try:
         _wait_for_port(port, server, timeout=60)
         # Virtual time lets the page connect, receive the scene and render before the screenshot is taken; the
-        # scene arrives over a socket in real time, so a busy machine gets a second, longer look.
+        # scene and the panel arrive over a socket in real time, so a busy machine gets a second, longer look.
         for budget in (20000, 60000):
             subprocess.run([browser, "--headless", "--no-sandbox", "--use-angle=swiftshader",
                             "--enable-unsafe-swiftshader", "--hide-scrollbars", "--window-size=1280,800",
                             f"--virtual-time-budget={budget}", f"--screenshot={shot}", f"http://127.0.0.1:{port}"],
                            capture_output=True, timeout=180, check=True)
-            if _orange_pixels(np.asarray(Image.open(shot).convert("RGB")).astype(int)) > 500:
+            if _rendered(np.asarray(Image.open(shot).convert("RGB")).astype(int)):
                 break
     finally:
         server.terminate()
@@ -143,5 +152,4 @@ def test_page_shows_the_points_in_headless_chromium(orange: Path, tmp_path: Path
     assert f"at http://127.0.0.1:{port}" in output
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     assert _orange_pixels(pixels) > 500, f"no points in the screenshot {shot}"
-    panel = pixels[60:500, 950:1260]  # the controls under the panel's header: dark labels on white
-    assert (panel.sum(axis=-1) < 150).sum() > 400
+    assert _panel_labels(pixels) > 400
