@@ -1,5 +1,6 @@
-"""images/ encoded while the model runs (``app.frames_ahead``): the files ``export.write_image`` writes, byte for
-byte; a failure before the export cancels the encoding, leaves no thread and writes nothing."""
+"""images/ encoded while the model runs (``app.frames_ahead``, ``export.encode_image``): the files PIL writes at
+those settings, byte for byte; a failure before the export cancels the encoding, leaves no thread and writes
+nothing."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from vggt_turbo.app import export
-from vggt_turbo.app.frames_ahead import FramesAhead, encode
+from vggt_turbo.app.export import encode_image
+from vggt_turbo.app.frames_ahead import FramesAhead
 
 from test_reconstruct import SMALL, run_cli
 
@@ -24,8 +27,10 @@ def frames(count: int = 5) -> np.ndarray:
 @pytest.mark.parametrize("name", ["a.png", "b.jpg", "c.JPEG", "photo.tif.png"])
 def test_encoded_bytes_are_the_written_file(tmp_path: Path, name: str) -> None:
     rgb = frames(1)[0]
-    export.write_image(tmp_path / name, rgb)
-    assert encode(rgb, name) == (tmp_path / name).read_bytes()
+    Image.fromarray(rgb).save(tmp_path / name, quality=95, compress_level=1)  # PIL writing the file itself
+    assert encode_image(rgb, name) == (tmp_path / name).read_bytes()
+    export.write_image(tmp_path / f"again-{name}", rgb)
+    assert (tmp_path / f"again-{name}").read_bytes() == (tmp_path / name).read_bytes()
 
 
 def test_frames_are_written_in_any_order(tmp_path: Path) -> None:
@@ -35,7 +40,7 @@ def test_frames_are_written_in_any_order(tmp_path: Path) -> None:
         for index in reversed(range(len(colors))):
             ahead.write(tmp_path, index)
     for rgb, name in zip(colors, names):
-        assert (tmp_path / name).read_bytes() == encode(rgb, name)
+        assert (tmp_path / name).read_bytes() == encode_image(rgb, name)
 
 
 def test_leaving_early_cancels_and_leaves_no_thread() -> None:

@@ -9,6 +9,7 @@ readers (``plyfile``, ``pycolmap``) in the tests.
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import json
 import logging
@@ -364,17 +365,23 @@ def output_image_names(names: Sequence[str]) -> list[str]:
 _UNSAFE = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
-def write_image(path: Path, rgb: np.ndarray) -> None:
-    """One preprocessed frame (images/): the image (and resolution) that its COLMAP camera describes; one call
-    per frame, so that the export's threads encode several at once (PIL releases the GIL while encoding).
+def encode_image(rgb: np.ndarray, name: str) -> bytes:
+    """One preprocessed frame (images/) as the file ``name`` holds it: the image (and resolution) that its COLMAP
+    camera describes, in the format of the name's suffix (``output_image_names``: PNG or JPEG). PIL releases the
+    GIL while it encodes, so frames are encoded on threads side by side (``frames_ahead``).
 
     PNGs at zlib level 1: the same pixels (PNG is lossless at every level), written several times faster than
     PIL's default level 6, for files a little larger; the frames are a byproduct, not the result.
     """
-    Image.fromarray(rgb).save(path, **IMAGE_OPTIONS)
+    buffer = io.BytesIO()
+    fmt = Image.registered_extensions()[Path(name).suffix.lower()]
+    Image.fromarray(rgb).save(buffer, format=fmt, quality=95, compress_level=1)  # quality: JPEG; level: PNG
+    return buffer.getvalue()
 
 
-IMAGE_OPTIONS = {"quality": 95, "compress_level": 1}  # quality: JPEG; compress_level: PNG (see write_image)
+def write_image(path: Path, rgb: np.ndarray) -> None:
+    """``encode_image`` into ``path``."""
+    path.write_bytes(encode_image(rgb, path.name))
 
 
 def write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:

@@ -3,8 +3,7 @@
 Why: the frames as the model saw them are known once they are loaded, long before the predictions. Encoding them
 (PNG or JPEG, a few tens of milliseconds per frame on one core) was the export's largest job on a machine with few
 cores. Here each frame is encoded on a thread of its own pool as soon as the input is loaded (PIL releases the GIL
-while it encodes), into memory; the export only writes the bytes. The files are the ones ``export.write_image``
-writes, byte for byte (a test checks it).
+while it encodes), into memory (``export.encode_image``); the export only writes the bytes.
 
 The cost is host memory held during the forward: the frames as uint8 (which the export needs anyway) and their
 encodings, smaller than that (together about 1 GB for 1000 frames at 518x392), beside the float input itself
@@ -17,24 +16,14 @@ and waits for what has.
 
 from __future__ import annotations
 
-import io
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Optional, Sequence
 
 import numpy as np
-from PIL import Image
 
 from . import export, inputs
-
-
-def encode(rgb: np.ndarray, name: str) -> bytes:
-    """``export.write_image``'s file for ``name``, in memory (the format from the name's suffix)."""
-    buffer = io.BytesIO()
-    fmt = Image.registered_extensions()[Path(name).suffix.lower()]
-    Image.fromarray(rgb).save(buffer, format=fmt, **export.IMAGE_OPTIONS)
-    return buffer.getvalue()
 
 
 class FramesAhead:
@@ -44,7 +33,7 @@ class FramesAhead:
         # One core left to the thread that loads the weights and launches the model's kernels.
         self._pool = ThreadPoolExecutor(max(1, inputs.workers() - 1), thread_name_prefix="vggt-turbo-frames")
         self.names = list(names)
-        self._jobs: list[Future[bytes]] = [self._pool.submit(encode, rgb, name) for rgb, name in zip(colors, names)]
+        self._jobs: list[Future[bytes]] = [self._pool.submit(export.encode_image, rgb, name) for rgb, name in zip(colors, names)]
 
     def write(self, folder: Path, index: int) -> None:
         """Frame ``index`` into ``folder`` (waits for its encoding; re-raises its error)."""
