@@ -58,7 +58,7 @@ SOURCES = {
     "h200_7776b45": H200 / "2026-12-02-7776b45.json",  # the current code: heads prefetch offloaded chunks
     "h200_seq": H200 / "sequence_parallel.json",
     "h200_21cabca_392": H200 / "2026-12-02-21cabca-518x392.json",  # 518x392 (plan_measure.sh 1): HELD OUT
-    "h200_54287b8_392_long": H200 / "2026-12-02-54287b8-518x392-long.json",  # 400, 800 frames: HELD OUT
+    "h200_54287b8_392_long": H200 / "2026-12-02-54287b8-518x392-long.json",  # 400, 800: memory HELD OUT
     "h200_54287b8_392_2600": H200 / "2026-12-02-54287b8-518x392-2600.json",  # fast, 2600 frames: HELD OUT
 }
 GIB = 1024**3
@@ -275,7 +275,7 @@ def main() -> None:
     ref_tokens = planner.tokens_per_frame(SIZE, SIZE, constants_with(memory, weights_bytes))
     h100 = {v: fit_time(rows, v, "H100", ref_tokens) for v in ("upstream", "exact_bf16", "fast")}
     ratio = exact_over_bf16(rows)
-    h100["exact"] = {key: value * ratio if key in "abc" else value for key, value in h100["exact_bf16"].items()}
+    h100["exact"] = {key: value * ratio if key in ("a", "b", "c") else value for key, value in h100["exact_bf16"].items()}
     h200 = {v: fit_time(rows, v, "H200", ref_tokens) for v in ("upstream", "exact", "exact_bf16", "fast")}
     time = {"reference_tokens": ref_tokens, "fits": {"H100": h100, "H200": h200}, "exact_over_exact_bf16": ratio}
     # Offloading's cost: exact with vs without at 100 and 200 frames on the H100 (576aca9, same process).

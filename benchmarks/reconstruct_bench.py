@@ -28,7 +28,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("reconstruct_bench")
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,8 +138,7 @@ def upstream_child(folder: str, ckpt: str, device_name: str, size: str) -> dict[
     from vggt_turbo.app.inputs import upstream_loader
     from vggt_turbo.random_model import SMALL_IMAGE, build_vggt
 
-    device = torch.device("cuda" if device_name == "auto" and torch.cuda.is_available() else
-                          ("cpu" if device_name == "auto" else device_name))
+    device = resolve_device(device_name)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -177,12 +179,18 @@ def upstream_child(folder: str, ckpt: str, device_name: str, size: str) -> dict[
     return timings
 
 
+def resolve_device(device: str) -> torch.device:
+    """``--device``: "auto" is CUDA where there is one, else the CPU."""
+    import torch
+
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+
+
 def device_slug(device: str) -> str:
     import torch
 
-    if device in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name().lower().replace(" ", "-")
-    return "cpu"
+    dev = resolve_device(device)
+    return torch.cuda.get_device_name(dev).lower().replace(" ", "-") if dev.type == "cuda" else "cpu"
 
 
 def run_meta(device: str) -> dict[str, Any]:
@@ -193,7 +201,7 @@ def run_meta(device: str) -> dict[str, Any]:
 
     from vggt_turbo.bench.meta import turbo_commit, upstream_commit
 
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dev = resolve_device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu"
     # Python's own startup is part of what a user waits for: a pip install leaves compiled bytecode; a machine with
     # PYTHONDONTWRITEBYTECODE and none compiles every module it imports on every run (seconds for torch).

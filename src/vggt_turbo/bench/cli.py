@@ -198,7 +198,8 @@ def run(args: argparse.Namespace) -> int:
                 for variant in variants:
                     bar.set_description(f"{frames_n} frames: {variant.name}")
                     with_phases = at == frames_n and variant in phase_variants
-                    if budget.allows(frames_n, args.warmup + args.repeats, f"{variant.name} at {frames_n} frames", variant.name):
+                    calls = args.warmup + args.repeats
+                    if budget.allows(frames_n, calls, f"{variant.name} at {frames_n} frames", variant.name):
                         rows, phase_rows = bench.run_variant(variant, images, reference, phases=with_phases)
                         data["rows"] += rows
                         data["phases"] += phase_rows
@@ -215,7 +216,8 @@ def run(args: argparse.Namespace) -> int:
                 images = random_images(at, args.image_size, seed=0).to(device)
                 for variant in phase_variants:
                     bar.set_description(f"phases at {at} frames: {variant.name}")
-                    if budget.allows(at, args.warmup + args.repeats, f"phases of {variant.name} at {at} frames", variant.name):
+                    calls = args.warmup + args.repeats
+                    if budget.allows(at, calls, f"phases of {variant.name} at {at} frames", variant.name):
                         _, phase_rows = bench.run_variant(variant, images, None, phases=True, phases_only=True)
                         data["phases"] += phase_rows
                         write_json(result(), out_dir)
