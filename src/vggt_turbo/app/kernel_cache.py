@@ -80,17 +80,23 @@ def configure(device: torch.device, preset: str, dtype: torch.dtype) -> KernelCa
     """
     if device.type != "cuda":
         return KernelCache(None, warm=True)
-    base = root()
-    for variable, folder in _VARIABLES.items():
-        if not os.environ.get(variable):
-            os.environ[variable] = str(base / folder)
-    directory = Path(os.environ["TRITON_CACHE_DIR"])
+    directory = use_own_caches()
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         log.warning("kernel cache %s cannot be created (%s): kernels will be compiled in every run", directory, exc)
-    marker = base / "compiled" / _fingerprint(device, preset, dtype)
+    marker = root() / "compiled" / _fingerprint(device, preset, dtype)
     return KernelCache(directory, warm=marker.exists(), marker=marker)
+
+
+def use_own_caches() -> Path:
+    """Point Triton's and inductor's caches under ``root()`` (variables the user set are left alone); returns
+    Triton's folder. Touches no GPU: a command calls it first, before anything may import Triton."""
+    base = root()
+    for variable, folder in _VARIABLES.items():
+        if not os.environ.get(variable):
+            os.environ[variable] = str(base / folder)
+    return Path(os.environ["TRITON_CACHE_DIR"])
 
 
 def _fingerprint(device: torch.device, preset: str, dtype: torch.dtype) -> str:

@@ -29,6 +29,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import UserError
+from .upload import upload
 from ..random_model import Size, build_vggt
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,8 @@ class Plan:
 
         Why not build on the CPU and move: upstream's constructor initialises 1.2 B random parameters on the CPU
         (most of the model phase), only for a checkpoint to overwrite them. A checkpoint is instead assigned to a
-        copy of the meta-device ``skeleton`` (no initialisation at all), each tensor read from the memory-mapped
-        file straight onto ``device``; random weights are initialised by upstream's own constructor running on
+        copy of the meta-device ``skeleton`` (no initialisation at all), its tensors copied from the memory-mapped
+        file straight onto ``device`` (on a GPU by several threads at once, ``upload``); random weights are initialised by upstream's own constructor running on
         ``device`` (``torch.device`` as the default device), then ``randomize_`` there, seeded as on the CPU.
         """
         device = torch.device(device)
@@ -80,14 +81,8 @@ class Plan:
             _finite_random_cameras_(model)
         elif self.kind == "file":
             assert self.state is not None
-            state = self.state
-            if device.type != "cpu" and self.path is not None and self.path.suffix == ".safetensors":
-                # safetensors' own reader, tensor by tensor onto the device: no second copy of the map in memory.
-                from safetensors import safe_open
-
-                with safe_open(str(self.path), framework="pt", device=str(device)) as f:
-                    state = {name: f.get_tensor(name) for name in f.keys()}
-            model = _assign(copy.deepcopy(self.skeleton), state, device)
+            expected = {name: p.dtype for name, p in self.skeleton.named_parameters()}
+            model = _assign(copy.deepcopy(self.skeleton), upload(self.state, device, expected), device)
         else:
             assert self.pretrained is not None
             model = _from_pretrained(*self.pretrained).to(device)

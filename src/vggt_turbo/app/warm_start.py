@@ -1,0 +1,115 @@
+"""A one-shot CUDA run's per-process start-up costs, paid on a background thread while frames and weights load.
+
+Why: a command that runs one forward pays, before and in that forward, costs that depend on neither the model
+nor the frames: creating the CUDA context, loading cuBLAS and cuDNN, importing Triton and computing Triton's
+cache key (a hash of Triton's own source files, once per process, before the first kernel of the process is
+looked up in the on-disk cache). Profiled on an H200, these were about half a second of a first forward that
+took 1.5 s, and the context a quarter of a second before it (benchmarks/RESULTS.md). A thread started when the
+command starts does them while the main thread decodes the frames and reads the checkpoint (file reads,
+decoding and host-to-device copies release the GIL); the main thread waits for it before the forward, where it
+would otherwise pay what is left itself.
+
+Nothing here changes what the run computes: the context, the libraries and Triton's key are what the forward
+would create anyway; the two small products only make cuBLAS and cuDNN load. A step that fails is logged and
+skipped: the forward then meets the same problem itself and reports it where it always has.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import threading
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from ..kernels import triton_installed
+
+log = logging.getLogger(__name__)
+
+Step = Callable[[torch.device], None]
+
+# The kernel modules the presets launch (each imports triton and defines its @triton.jit functions).
+KERNEL_MODULES = (
+    "vggt_turbo.kernels._scale_add_triton",
+    "vggt_turbo.kernels._qk_norm_rope_triton",
+    "vggt_turbo.kernels._bilinear_triton",
+    "vggt_turbo.kernels._conv_epilogue_triton",
+)
+
+
+def cuda_context(device: torch.device) -> None:
+    """The CUDA context on ``device`` (the first allocation creates it)."""
+    torch.empty(1, device=device)
+
+
+def math_libraries(device: torch.device) -> None:
+    """cuBLAS and cuDNN loaded and their handles made, by one tiny product of each."""
+    a = torch.ones(16, 16, device=device, dtype=torch.bfloat16)
+    torch.mm(a, a)
+    torch.nn.functional.conv2d(torch.ones(1, 3, 8, 8, device=device), torch.ones(4, 3, 3, 3, device=device))
+    torch.cuda.synchronize(device)
+
+
+def triton_kernels(device: torch.device) -> None:
+    """Triton and the kernel modules imported, and Triton's per-process cache key computed."""
+    if not triton_installed():
+        return
+    for name in KERNEL_MODULES:
+        importlib.import_module(name)
+    key = _triton_key()
+    if key is not None:
+        key()
+
+
+def _triton_key() -> Callable[[], str] | None:
+    """Triton's memoised key function: ``triton.runtime.cache.triton_key`` (Triton 3.4 on),
+    ``triton.compiler.compiler.triton_key`` before; None in a version that has neither."""
+    for module in ("triton.runtime.cache", "triton.compiler.compiler"):
+        try:
+            key = getattr(importlib.import_module(module), "triton_key", None)
+        except ImportError:
+            continue
+        if callable(key):
+            return key
+    return None
+
+
+STEPS: tuple[Step, ...] = (cuda_context, math_libraries, triton_kernels)
+
+
+class WarmStart:
+    """The steps, run in order on a daemon thread; ``wait`` joins it."""
+
+    def __init__(self, device: torch.device, steps: Sequence[Step] = STEPS) -> None:
+        self._device = device
+        self._steps = tuple(steps)
+        self._thread = threading.Thread(target=self._run, name="vggt-turbo-warm-start", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread.ident is not None:  # started
+            self._thread.join()
+
+    def _run(self) -> None:
+        for step in self._steps:
+            try:
+                step(self._device)
+            except Exception as exc:  # the forward meets and reports the same problem itself
+                log.info("warm start: %s skipped (%s: %s)", step.__name__, type(exc).__name__, exc)
+
+
+@contextlib.contextmanager
+def running(device: torch.device, steps: Sequence[Step] = STEPS) -> Iterator[WarmStart]:
+    """A started ``WarmStart`` on a CUDA ``device`` (no thread, and nothing to wait for, on any other), joined on
+    exit so that no step outlives the run."""
+    warm = WarmStart(device, steps if device.type == "cuda" else ())
+    if device.type == "cuda":
+        warm.start()
+    try:
+        yield warm
+    finally:
+        warm.wait()
