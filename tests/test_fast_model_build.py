@@ -71,7 +71,9 @@ def test_checkpoint_is_assigned_to_the_skeleton_not_copied_into_an_initialised_m
     with torch.no_grad():
         images = torch.rand(1, 2, 3, 56, 56)
         assert torch.equal(model(images)["depth"], loaded(images)["depth"])
-    assert all(p.is_meta for p in plan.skeleton.parameters())  # the plan's skeleton is left for the memory check
+    assert loaded is plan.skeleton  # the weights were assigned to the skeleton: no copy of the module tree
+    with pytest.raises(RuntimeError, match="builds once"):
+        plan.build("cpu")
 
 
 def test_a_half_precision_checkpoint_becomes_the_models_fp32(tmp_path: Path) -> None:

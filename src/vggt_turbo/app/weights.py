@@ -12,7 +12,6 @@ state_dict file saved from that model, never a Hugging Face id (that model is fu
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import math
@@ -52,7 +51,9 @@ class Plan:
     Why a separate step: building the full model takes most of a minute on a CPU, and a checkpoint with the
     wrong shapes, a missing file or a run that will not fit in memory should fail before that, not after.
     ``skeleton`` is the model with parameters on the meta device (no memory, built in a second): it gives the
-    expected names and shapes, and the sizes the memory check needs.
+    expected names and shapes, and the sizes the memory check needs. ``build`` of a checkpoint assigns the weights
+    to the skeleton itself, which becomes the model (copying a module tree of this size costs most of a second):
+    a plan builds once.
     """
 
     kind: str  # "random", "file" or "pretrained"
@@ -62,6 +63,7 @@ class Plan:
     state: Optional[Mapping[str, torch.Tensor]] = None  # "file": the checkpoint, memory-mapped where possible
     path: Optional[Path] = None  # "file": where it is
     pretrained: Optional[tuple[str, str]] = None  # "pretrained": (id or folder, described)
+    built: bool = False
 
     def build(self, device: torch.device | str = "cpu") -> LoadedModel:
         """The upstream VGGT in eval mode on ``device``, with these weights.
@@ -72,6 +74,9 @@ class Plan:
         file straight onto ``device`` (on a GPU by several threads at once, ``upload``); random weights are initialised by upstream's own constructor running on
         ``device`` (``torch.device`` as the default device), then ``randomize_`` there, seeded as on the CPU.
         """
+        if self.built:
+            raise RuntimeError("this Plan has built its model already (a plan builds once)")
+        self.built = True
         device = torch.device(device)
         if self.kind == "random":
             # No track head: reconstruct never queries tracks, and it would cost ~0.1 B random parameters.
@@ -82,7 +87,7 @@ class Plan:
         elif self.kind == "file":
             assert self.state is not None
             expected = {name: p.dtype for name, p in self.skeleton.named_parameters()}
-            model = _assign(copy.deepcopy(self.skeleton), upload(self.state, device, expected), device)
+            model = _assign(self.skeleton, upload(self.state, device, expected), device)
         else:
             assert self.pretrained is not None
             model = _from_pretrained(*self.pretrained).to(device)
@@ -93,14 +98,12 @@ class Plan:
 def _assign(skeleton: nn.Module, state: Mapping[str, torch.Tensor], device: torch.device) -> nn.Module:
     """``skeleton`` (parameters on the meta device) holding ``state``'s tensors, on ``device``, in eval mode.
 
-    Each tensor is read once, from the (memory-mapped) checkpoint onto ``device`` in the skeleton's dtype, and
-    assigned, not copied into an initialised parameter. On the CPU a memory-mapped tensor of the right dtype is
-    used as it is (its pages are read when the forward first touches them). Buffers are not in checkpoints (the
-    skeleton's are upstream's own constants) and move to ``device`` with it.
+    ``state`` is on ``device`` in the skeleton's dtypes already (``upload``; on the CPU the memory-mapped
+    checkpoint itself, whose pages are read when the forward first touches them): its tensors are assigned, not
+    copied into initialised parameters. Buffers are not in checkpoints (the skeleton's are upstream's own
+    constants) and move to ``device`` with it.
     """
-    expected = {name: p.dtype for name, p in skeleton.named_parameters()}
-    loaded = {name: tensor.to(device=device, dtype=expected.get(name, tensor.dtype)) for name, tensor in state.items()}
-    skeleton.load_state_dict(loaded, strict=True, assign=True)  # names and shapes were checked by plan()
+    skeleton.load_state_dict(state, strict=True, assign=True)  # names and shapes were checked by plan()
     return skeleton.to(device).eval()
 
 
