@@ -49,7 +49,6 @@ from .export_nerfstudio import write_nerfstudio
 from .frames_ahead import FramesAhead
 from .inference import phases, predict
 from .options import ReconstructOptions
-from .preview import render_preview
 from .report import RANDOM_WEIGHTS_NOTE, build_report, print_summary
 from .result import Result
 from .weights import DEFAULT_WEIGHTS
@@ -158,17 +157,19 @@ def reconstruct(options: ReconstructOptions) -> Result:
     _check_upstream()
     if device.type == "cuda":
         kernel_cache.use_own_caches()  # before the warm start imports Triton
-    with warm_start.running(device) as warm:  # CUDA and Triton start-up while frames and weights load
+    with warm_start.running(device) as warm:  # start-up costs (CUDA, Triton, matplotlib) while frames and weights load
         timings: dict[str, float] = {}
-
-        start = time.perf_counter()
-        plan = weights_plan(options.weights, options.random_weights, options.model_size)
-        checks = time.perf_counter() - start
 
         start = time.perf_counter()
         if options.frames == "auto":
             options = dataclasses.replace(options, frames=_auto_frames(options, device))
-        images, names, kind, available = _load(options)
+        # The weights are checked (and the model's meta-device skeleton built) while the frames decode.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vggt-turbo-plan") as checking:
+            planning = checking.submit(weights_plan, options.weights, options.random_weights, options.model_size)
+            images, names, kind, available = _load(options)
+            loaded_at = time.perf_counter()
+            plan = planning.result()
+        checks = time.perf_counter() - loaded_at  # what the weights' check took beyond the frames
         kind = "example scene" if options.example else kind
         # What the full model would see: the plan's arithmetic is for it, also in the test-only small-model path.
         planned = _plan_for(options, device, images.shape[0], images.shape[2], images.shape[3])
@@ -178,7 +179,7 @@ def reconstruct(options: ReconstructOptions) -> Result:
         frames, _, height, width = images.shape
         output_names = export.output_image_names(names)
         colors = export.images_to_uint8(images.numpy())
-        timings["load"] = time.perf_counter() - start
+        timings["load"] = time.perf_counter() - start - checks
         with FramesAhead(colors, output_names) as frames_ahead:  # images/ encoded while the model loads and runs
             start = time.perf_counter()
             memory.reset_peak(device)
@@ -284,6 +285,8 @@ def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarr
             xyz, rgb, result.conf_threshold = points.result()
             result.points = len(xyz)
             # The preview, the longest job, before the frames: the pool takes jobs in the order they come.
+            from .preview import render_preview  # imported by the warm start meanwhile (matplotlib: ~0.4 s)
+
             jobs[pool.submit(render_preview, stage / "preview.png", xyz, rgb, predictions["extrinsics"],
                              predictions["intrinsics"], colors, predictions["depth"], names, notes)] = "preview.png"
             if "ply" in formats:
