@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -78,3 +80,13 @@ def test_on_the_gpu_the_copies_follow_work_queued_before_them(tmp_path: Path) ->
         del busy
         got = upload.upload(mapped, device, threads=2, staging_bytes=1 << 20)
         assert torch.equal(got["w"].cpu(), mapped["w"])
+
+
+def test_staging_buffers_are_pinned_or_the_copy_goes_tensor_by_tensor(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="vggt_turbo.app.upload"):
+        buffers = upload._pinned(3, 64)
+    if torch.cuda.is_available():
+        assert buffers is not None and len(buffers) == 3
+        assert all(len(pair) == 2 and all(b.is_pinned() and b.numel() == 64 for b in pair) for pair in buffers)
+    else:  # nothing to pin memory for: the fallback, said in the log
+        assert buffers is None and "copied tensor by tensor" in caplog.text

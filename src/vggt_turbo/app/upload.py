@@ -15,11 +15,14 @@ file's dtype and shape (then converted, on the device, if the model keeps anothe
 
 from __future__ import annotations
 
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Mapping, Optional
 
 import torch
+
+log = logging.getLogger(__name__)
 
 THREADS = min(4, os.cpu_count() or 1)  # more did not copy faster on an H200 host (16 cores)
 STAGING_BYTES = 16 * 2**20  # per buffer; two per thread (pinned host memory, kept by torch's host allocator)
@@ -34,16 +37,28 @@ def upload(state: Mapping[str, torch.Tensor], device: torch.device,
     device by ``tensor.to``. Every copy has finished when this returns.
     """
     dtypes = dtypes or {}
-    if device.type != "cuda":
+    shares = _shares([(name, t) for name, t in state.items() if t.numel() > 0], max(1, threads))
+    buffers = _pinned(len(shares), staging_bytes) if device.type == "cuda" else None
+    if buffers is None:
         return {name: t.to(device=device, dtype=dtypes.get(name, t.dtype)) for name, t in state.items()}
     targets = {name: torch.empty(t.shape, dtype=t.dtype, device=device) for name, t in state.items()}
     after = torch.cuda.current_stream(device)  # the targets' stream: the workers' copies follow its work
-    shares = _shares([(name, t) for name, t in state.items() if t.numel() > 0], max(1, threads))
     if shares:
         with ThreadPoolExecutor(max_workers=len(shares), thread_name_prefix="vggt-turbo-upload") as pool:
-            for done in [pool.submit(_copy_share, share, targets, after, staging_bytes) for share in shares]:
+            for done in [pool.submit(_copy_share, share, targets, after, pair) for share, pair in zip(shares, buffers)]:
                 done.result()
     return {name: t if dtypes.get(name, t.dtype) == t.dtype else t.to(dtypes[name]) for name, t in targets.items()}
+
+
+def _pinned(workers: int, staging_bytes: int) -> Optional[list[list[torch.Tensor]]]:
+    """Two pinned buffers of ``staging_bytes`` per worker, or None (logged) where the host cannot pin them: the
+    tensors are then copied one by one, as ``tensor.to`` does."""
+    try:
+        return [[torch.empty(staging_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+                for _ in range(workers)]
+    except RuntimeError as exc:
+        log.info("pinned staging buffers unavailable (%s): the checkpoint is copied tensor by tensor", exc)
+        return None
 
 
 def _shares(jobs: list[tuple[str, torch.Tensor]], threads: int) -> list[list[tuple[str, torch.Tensor]]]:
@@ -59,12 +74,12 @@ def _shares(jobs: list[tuple[str, torch.Tensor]], threads: int) -> list[list[tup
 
 
 def _copy_share(share: list[tuple[str, torch.Tensor]], targets: dict[str, torch.Tensor], after: torch.cuda.Stream,
-                staging_bytes: int) -> None:
-    """One worker: its tensors, slice by slice, through two pinned buffers on a stream of its own (which first
-    waits for ``after``)."""
+                buffers: list[torch.Tensor]) -> None:
+    """One worker: its tensors, slice by slice, through its two pinned ``buffers`` on a stream of its own (which
+    first waits for ``after``)."""
     stream = torch.cuda.Stream(after.device)
     stream.wait_stream(after)
-    buffers = [torch.empty(staging_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    staging_bytes = buffers[0].numel()
     copied: list[Optional[torch.cuda.Event]] = [None, None]
     turn = 0
     with torch.cuda.stream(stream):
