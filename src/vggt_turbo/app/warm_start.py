@@ -20,24 +20,23 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import pkgutil
 import threading
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
+from .. import kernels
 from ..kernels import triton_installed
 
 log = logging.getLogger(__name__)
 
 Step = Callable[[torch.device], None]
 
-# The kernel modules the presets launch (each imports triton and defines its @triton.jit functions).
-KERNEL_MODULES = (
-    "vggt_turbo.kernels._scale_add_triton",
-    "vggt_turbo.kernels._qk_norm_rope_triton",
-    "vggt_turbo.kernels._bilinear_triton",
-    "vggt_turbo.kernels._conv_epilogue_triton",
-)
+
+def kernel_modules() -> list[str]:
+    """The Triton kernel modules (``kernels/_*_triton.py``: each imports triton and defines its kernels)."""
+    return [f"{kernels.__name__}.{m.name}" for m in pkgutil.iter_modules(kernels.__path__) if m.name.endswith("_triton")]
 
 
 def cuda_context(device: torch.device) -> None:
@@ -57,7 +56,7 @@ def triton_kernels(device: torch.device) -> None:
     """Triton and the kernel modules imported, and Triton's per-process cache key computed."""
     if not triton_installed():
         return
-    for name in KERNEL_MODULES:
+    for name in kernel_modules():
         importlib.import_module(name)
     key = _triton_key()
     if key is not None:
