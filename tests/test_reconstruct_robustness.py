@@ -249,14 +249,15 @@ def test_unreadable_checkpoint_is_one_line_without_torchs_advice(tmp_path: Path,
 
 def test_offline_download_retries_are_summarised(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  caplog: pytest.LogCaptureFixture) -> None:
-    from vggt.models.vggt import VGGT
+    import huggingface_hub
+    from huggingface_hub.utils import LocalEntryNotFoundError
 
     def offline(*_: object, **__: object) -> None:
         for attempt in range(12):  # what huggingface_hub logs offline, twice per retry
             logging.getLogger("huggingface_hub.utils._http").warning("Retrying in %ds [Retry %d/5].", 1, attempt)
-        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+        raise LocalEntryNotFoundError("We couldn't connect to 'https://huggingface.co' to load the files")
 
-    monkeypatch.setattr(VGGT, "from_pretrained", offline)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)  # what app.hub asks first
     with caplog.at_level(logging.WARNING):
         result = run_cli(one_image(tmp_path), "--out", tmp_path / "o", "--weights", "facebook/VGGT-1B")
     assert_user_error(result, "could not download", "facebook/VGGT-1B", "--weights PATH", "--random-weights")

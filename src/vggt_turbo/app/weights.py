@@ -28,6 +28,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .errors import UserError
+from .hub import pretrained_checkpoint
 from .upload import upload
 from ..random_model import Size, build_vggt
 
@@ -90,7 +91,7 @@ class Plan:
             model = _assign(self.skeleton, upload(self.state, device, expected), device)
         else:
             assert self.pretrained is not None
-            model = _from_pretrained(*self.pretrained).to(device)
+            model = _pretrained(self.skeleton, self.size, *self.pretrained, device)
         return LoadedModel(model, self.source)
 
 
@@ -218,21 +219,37 @@ def _finite_random_cameras_(model: nn.Module) -> None:
     fc2.bias[-2:] = RANDOM_FOV_BIAS
 
 
-def _from_pretrained(source: str, described: str) -> nn.Module:
-    """Upstream's ``VGGT.from_pretrained``, its download's chatter held back.
+def _pretrained(skeleton: nn.Module, size: Size, source: str, described: str, device: torch.device) -> nn.Module:
+    """The model ``VGGT.from_pretrained(source)`` gives, on ``device``: its checkpoint assigned to ``skeleton`` and
+    copied onto the device like a local file, where ``hub.pretrained_checkpoint`` finds it (the default weights);
+    otherwise ``from_pretrained`` itself, then moved. Like random weights, without the track head (nothing here
+    queries tracks): its weights are left unread."""
+    from vggt.models.vggt import VGGT
+
+    with _hub_errors(described):
+        checkpoint = pretrained_checkpoint(source)
+        if checkpoint is None:
+            log.info("loading VGGT.from_pretrained(%r)", source)
+            return VGGT.from_pretrained(source).eval().to(device)
+    state = {k: v for k, v in _read_checkpoint(checkpoint).items() if not k.startswith("track_head.")}
+    _check_shapes(checkpoint, state, skeleton, size)
+    expected = {name: p.dtype for name, p in skeleton.named_parameters()}
+    return _assign(skeleton, upload(state, device, expected), device)
+
+
+@contextlib.contextmanager
+def _hub_errors(described: str) -> Iterator[None]:
+    """The Hub's download chatter held back, and its errors turned into one line.
 
     Offline, huggingface_hub logs a warning for each of its retries (two lines each, two files): two dozen lines
     before its own error. They are kept from the terminal (``-v`` shows them) and the error becomes one line.
     """
-    from vggt.models.vggt import VGGT
-
-    log.info("loading VGGT.from_pretrained(%r)", source)
     hub = logging.getLogger("huggingface_hub")
     level = hub.level
     if not log.isEnabledFor(logging.INFO):
         hub.setLevel(logging.ERROR)
     try:
-        return VGGT.from_pretrained(source).eval()
+        yield
     except Exception as exc:  # huggingface_hub raises its own errors, OSError and HTTP errors for the same cause
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         action = "download" if described.startswith("Hugging Face") else "load weights from"
