@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import importlib
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -32,17 +31,17 @@ import traceback
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .. import apply_optimizations, describe, planner
+from .. import apply_optimizations, describe
 from ..config import PRESETS
 from ..random_model import SMALL_IMAGE
-from . import example_scene, export, export_options, inputs, kernel_cache, memory, warm_start
+from . import example_scene, export, export_options, fit, inputs, kernel_cache, memory, warm_start
 from .errors import UserError
 from .export_colmap_binary import write_colmap_binary
 from .export_nerfstudio import write_nerfstudio
@@ -83,8 +82,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                        "auto: as many as fit in the GPU's memory (see vggt-turbo plan)")
     count.add_argument("--stride", type=_positive_int, metavar="K", help="use every K-th frame")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--memory", type=float, metavar="GiB", default=_env_memory(),
-                   help=f"plan for this much GPU memory instead of what is free (also ${MEMORY_ENV})")
+    p.add_argument("--memory", type=float, metavar="GiB", default=fit.env_memory(),
+                   help=f"plan for this much GPU memory instead of what is free (also ${fit.MEMORY_ENV})")
     p.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
                    help="autocast dtype (auto: bf16 on Ampere+ CUDA, fp16 on older CUDA, fp32 on the CPU)")
     p.add_argument("--mode", choices=("crop", "pad"), default="crop",
@@ -162,7 +161,7 @@ def reconstruct(options: ReconstructOptions) -> Result:
 
         start = time.perf_counter()
         if options.frames == "auto":
-            options = dataclasses.replace(options, frames=_auto_frames(options, device))
+            options = dataclasses.replace(options, frames=fit.auto_frames(options, device))
         # The weights are checked (and the model's meta-device skeleton built) while the frames decode.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vggt-turbo-plan") as checking:
             planning = checking.submit(weights_plan, options.weights, options.random_weights, options.model_size)
@@ -172,8 +171,8 @@ def reconstruct(options: ReconstructOptions) -> Result:
         checks = time.perf_counter() - loaded_at  # what the weights' check took beyond the frames
         kind = "example scene" if options.example else kind
         # What the full model would see: the plan's arithmetic is for it, also in the test-only small-model path.
-        planned = _plan_for(options, device, images.shape[0], images.shape[2], images.shape[3])
-        offload = _decide(options, planned)
+        planned = fit.plan_for(options, device, images.shape[0], images.shape[2], images.shape[3])
+        offload = fit.decide(options, planned)
         if options.model_size == "small":  # test-only path: the toy model expects a 4x4 patch grid
             images = F.interpolate(images, size=(SMALL_IMAGE, SMALL_IMAGE), mode="bilinear", align_corners=False, antialias=True)
         frames, _, height, width = images.shape
@@ -205,7 +204,7 @@ def reconstruct(options: ReconstructOptions) -> Result:
                 try:
                     predictions, inner = predict(model, images.to(device), dtype, lambda name: _step(bar, name))
                 except (torch.OutOfMemoryError, RuntimeError) as exc:
-                    if not _out_of_memory(exc):
+                    if not fit.out_of_memory(exc):
                         raise
                     advice = (planned.advice(options.preset) if planned is not None and planned.memory_gib is not None
                               else memory.advice())
@@ -358,105 +357,10 @@ def _load(options: ReconstructOptions) -> tuple[torch.Tensor, list[str], str, in
     return images, names, "video", count
 
 
-MEMORY_ENV = "VGGT_TURBO_MEMORY_GIB"
-
-
-def _env_memory() -> Optional[float]:
-    value = os.environ.get(MEMORY_ENV)
-    try:
-        return float(value) if value else None
-    except ValueError:
-        log.warning("$%s=%r is not a number of GiB; ignored", MEMORY_ENV, value)
-        return None
-
-
-def _memory_gib(options: ReconstructOptions, device: torch.device) -> tuple[Optional[float], Optional[str]]:
-    """(GiB to plan for, GPU name): ``--memory`` (or its variable) stands in for the GPU, e.g. in tests; on CUDA
-    otherwise the memory free now; on the CPU without it none (the rough RAM estimate of ``memory`` applies)."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    if options.memory is not None:
-        return options.memory, name
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] / planner.GIB, name
-    return None, None
-
-
-def _plan_for(options: ReconstructOptions, device: torch.device, frames: int, height: int, width: int) -> Optional[planner.Plan]:
-    gib, name = _memory_gib(options, device)
-    if gib is None:
-        return None
-    return planner.plan(frames, height=height, width=width, memory=gib, gpu=name)
-
-
-def _offloads(preset: str, frames: int) -> bool:
-    """Whether the preset's own ``offload_intermediates`` setting ("auto": from 32 frames) offloads this call."""
-    value = PRESETS[preset].offload_intermediates
-    return value is True or (value == "auto" and frames >= planner.constants()["model"]["offload_auto_frames"])
-
-
-def _decide(options: ReconstructOptions, planned: Optional[planner.Plan]) -> bool:
-    """Follow the plan before any weight is loaded: True to turn offloading on (said in one line), nothing when the
-    preset fits as it is, ``UserError`` naming what fits otherwise."""
-    if planned is None:
-        return False
-    preset = options.preset
-    as_is = planned.estimate(preset, _offloads(preset, planned.frames))
-    if as_is.fits:
-        return False
-    offloaded = planned.estimate(preset, True)
-    if offloaded.fits:
-        if not options.quiet:
-            print(f"vggt-turbo reconstruct: {planned.frames} frames need ~{as_is.need_gib:.0f} GiB with {preset}, "
-                  f"~{offloaded.need_gib:.0f} GiB with offload_intermediates: turned it on "
-                  f"({planned.memory_gib:.0f} GiB available)", file=sys.stderr)
-        return True
-    raise UserError(planned.advice(preset))
-
-
-def _probe_size(options: ReconstructOptions) -> tuple[int, int]:
-    """(height, width) upstream's loader gives the input's first frame (``--frames auto`` plans before loading)."""
-    source: Path = options.input
-    if not source.exists():
-        raise UserError(f"input not found: {source}")
-    if source.is_dir():
-        files = inputs.list_images(source)
-        if not files:
-            raise UserError(f"{source}: no images")
-        return tuple(inputs.load_images(files[:1], options.mode).shape[-2:])  # type: ignore[return-value]
-    with tempfile.TemporaryDirectory(prefix="vggt-turbo-probe-") as workdir:
-        for index, rgb in inputs.video_frames(source, [0], inputs.DecoderNoise()):
-            path = Path(workdir) / "probe.png"
-            inputs.save_frame(rgb, path)
-            return tuple(inputs.load_images([path], options.mode).shape[-2:])  # type: ignore[return-value]
-    raise UserError(f"{source}: no frame could be decoded")
-
-
-def _auto_frames(options: ReconstructOptions, device: torch.device) -> Optional[int]:
-    """``--frames auto``: the most frames the plan fits with the preset (offloading if need be); None (all of
-    them) where there is no GPU memory to plan for."""
-    gib, name = _memory_gib(options, device)
-    if gib is None:
-        log.warning("--frames auto: no GPU memory to plan for (CPU without --memory); using all frames")
-        return None
-    height, width = _probe_size(options)
-    planned = planner.plan(1, height=height, width=width, memory=gib, gpu=name)
-    most = max(e.max_frames or 0 for e in planned.estimates if e.variant == options.preset)
-    if most < 1:
-        raise UserError(planned.advice(options.preset))
-    log.info("--frames auto: %d frames at %dx%d fit in %.1f GiB with %s", most, width, height, gib, options.preset)
-    return most
-
-
 def _say_frames_used(options: ReconstructOptions, available: int, what: str) -> None:
     """``--frames N`` beyond what the input has uses all of it: say so (report.json and the summary do too)."""
     if options.frames is not None and options.frames > available:
         log.warning("--frames %d: there are only %d %s; using all %d", options.frames, available, what, available)
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    """CUDA's caching allocator raises OutOfMemoryError; the CPU allocator and cuBLAS raise RuntimeErrors."""
-    text = str(exc)
-    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text or "ALLOC_FAILED" in text
 
 
 def _device(name: str) -> torch.device:
