@@ -90,10 +90,16 @@ def test_the_pretrained_checkpoint_is_assigned_to_the_skeleton_without_the_track
     assert all(torch.equal(loaded[k], saved[k]) for k in loaded)
 
 
-def test_otherwise_from_pretrained_itself_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("case", ["another config", "other names"])
+def test_otherwise_from_pretrained_itself_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str) -> None:
     from vggt.models.vggt import VGGT
 
-    folder = _folder(tmp_path, {"enable_depth": False})
+    if case == "another config":
+        folder = _folder(tmp_path, {"enable_depth": False})
+    else:  # names the strict check refuses, which from_pretrained (strict=False) would load
+        folder = _folder(tmp_path, {})
+        state = build_vggt("small", seed=3, enable_track=False).state_dict()
+        save_file({**state, "extra.weight": torch.zeros(2)}, str(folder / hub.WEIGHTS_FILE))
     built = build_vggt("small", seed=1, enable_track=False).train()
     calls: list[str] = []
 

@@ -221,18 +221,24 @@ def _finite_random_cameras_(model: nn.Module) -> None:
 
 def _pretrained(skeleton: nn.Module, size: Size, source: str, described: str, device: torch.device) -> nn.Module:
     """The model ``VGGT.from_pretrained(source)`` gives, on ``device``: its checkpoint assigned to ``skeleton`` and
-    copied onto the device like a local file, where ``hub.pretrained_checkpoint`` finds it (the default weights);
-    otherwise ``from_pretrained`` itself, then moved. Like random weights, without the track head (nothing here
-    queries tracks): its weights are left unread."""
+    copied onto the device like a local file, where ``hub.pretrained_checkpoint`` finds it (the default weights)
+    and its names and shapes are the model's; otherwise ``from_pretrained`` itself (which loads leniently), then
+    moved. Like random weights, without the track head (nothing here queries tracks): its weights are left unread."""
     from vggt.models.vggt import VGGT
 
     with _hub_errors(described):
         checkpoint = pretrained_checkpoint(source)
-        if checkpoint is None:
+        state = None
+        if checkpoint is not None:
+            state = {k: v for k, v in _read_checkpoint(checkpoint).items() if not k.startswith("track_head.")}
+            try:
+                _check_shapes(checkpoint, state, skeleton, size)
+            except UserError as exc:  # from_pretrained loads leniently (strict=False): leave such a file to it
+                log.info("%s: loading it through VGGT.from_pretrained instead", exc)
+                state = None
+        if state is None:
             log.info("loading VGGT.from_pretrained(%r)", source)
             return VGGT.from_pretrained(source).eval().to(device)
-    state = {k: v for k, v in _read_checkpoint(checkpoint).items() if not k.startswith("track_head.")}
-    _check_shapes(checkpoint, state, skeleton, size)
     expected = {name: p.dtype for name, p in skeleton.named_parameters()}
     return _assign(skeleton, upload(state, device, expected), device)
 
