@@ -45,8 +45,9 @@ def cuda_context(device: torch.device) -> None:
 
 
 def math_libraries(device: torch.device) -> None:
-    """cuBLAS and cuDNN loaded and their handles made, by one tiny product of each."""
-    a = torch.ones(16, 16, device=device, dtype=torch.bfloat16)
+    """cuBLAS and cuDNN loaded and their handles made, by one tiny product of each (in fp32, which every GPU
+    runs)."""
+    a = torch.ones(16, 16, device=device)
     torch.mm(a, a)
     torch.nn.functional.conv2d(torch.ones(1, 3, 8, 8, device=device), torch.ones(4, 3, 3, 3, device=device))
     torch.cuda.synchronize(device)
