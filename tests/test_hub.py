@@ -110,3 +110,13 @@ def test_otherwise_from_pretrained_itself_runs(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(VGGT, "from_pretrained", from_pretrained)
     model = weights._pretrained(weights._skeleton("small", False), "small", str(folder), "folder", torch.device("cpu"))
     assert model is built and not model.training and calls == [str(folder)]
+
+
+def test_an_unreadable_pretrained_file_is_one_line_of_ours(tmp_path: Path) -> None:
+    from vggt_turbo.app.errors import UserError
+
+    folder = _folder(tmp_path, {}, with_weights=False)
+    (folder / hub.WEIGHTS_FILE).write_bytes(b"")
+    with pytest.raises(UserError) as caught:
+        weights._pretrained(weights._skeleton("small", False), "small", str(folder), "folder", torch.device("cpu"))
+    assert str(caught.value).startswith(f"cannot read weights file {folder / hub.WEIGHTS_FILE}: the file is empty")

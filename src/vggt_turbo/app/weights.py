@@ -256,6 +256,8 @@ def _hub_errors(described: str) -> Iterator[None]:
         hub.setLevel(logging.ERROR)
     try:
         yield
+    except UserError:  # ours already (an unreadable checkpoint file): one line as it is
+        raise
     except Exception as exc:  # huggingface_hub raises its own errors, OSError and HTTP errors for the same cause
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         action = "download" if described.startswith("Hugging Face") else "load weights from"
