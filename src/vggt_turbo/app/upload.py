@@ -39,7 +39,7 @@ def upload(state: Mapping[str, torch.Tensor], device: torch.device,
     dtypes = dtypes or {}
     shares = _shares([(name, t) for name, t in state.items() if t.numel() > 0], max(1, threads))
     buffers = _pinned(len(shares), staging_bytes) if device.type == "cuda" else None
-    if buffers is None:
+    if buffers is None:  # off CUDA, or no pinned memory
         return {name: t.to(device=device, dtype=dtypes.get(name, t.dtype)) for name, t in state.items()}
     targets = {name: torch.empty(t.shape, dtype=t.dtype, device=device) for name, t in state.items()}
     after = torch.cuda.current_stream(device)  # the targets' stream: the workers' copies follow its work
@@ -66,10 +66,10 @@ def _shares(jobs: list[tuple[str, torch.Tensor]], threads: int) -> list[list[tup
     copies about the same number of bytes."""
     shares: list[list[tuple[str, torch.Tensor]]] = [[] for _ in range(min(threads, len(jobs)))]
     loads = [0] * len(shares)
-    for name, tensor in sorted(jobs, key=lambda job: -_nbytes(job[1])):
+    for name, tensor in sorted(jobs, key=lambda job: -job[1].nbytes):
         least = loads.index(min(loads))
         shares[least].append((name, tensor))
-        loads[least] += _nbytes(tensor)
+        loads[least] += tensor.nbytes
     return shares
 
 
@@ -101,7 +101,3 @@ def _copy_share(share: list[tuple[str, torch.Tensor]], targets: dict[str, torch.
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor's memory as a flat uint8 tensor (a view)."""
     return t.reshape(-1).view(torch.uint8)
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()

@@ -70,10 +70,10 @@ class Plan:
         """The upstream VGGT in eval mode on ``device``, with these weights.
 
         Why not build on the CPU and move: upstream's constructor initialises 1.2 B random parameters on the CPU
-        (most of the model phase), only for a checkpoint to overwrite them. A checkpoint is instead assigned to a
-        copy of the meta-device ``skeleton`` (no initialisation at all), its tensors copied from the memory-mapped
-        file straight onto ``device`` (on a GPU by several threads at once, ``upload``); random weights are initialised by upstream's own constructor running on
-        ``device`` (``torch.device`` as the default device), then ``randomize_`` there, seeded as on the CPU.
+        (most of the model phase), only for a checkpoint to overwrite them. A checkpoint is instead assigned to the
+        meta-device ``skeleton`` itself (no initialisation at all), its tensors copied from the memory-mapped file
+        straight onto ``device`` (``_assign``); random weights are initialised by upstream's own constructor running
+        on ``device`` (``torch.device`` as the default device), then ``randomize_`` there, seeded as on the CPU.
         """
         if self.built:
             raise RuntimeError("this Plan has built its model already (a plan builds once)")
@@ -87,8 +87,7 @@ class Plan:
             _finite_random_cameras_(model)
         elif self.kind == "file":
             assert self.state is not None
-            expected = {name: p.dtype for name, p in self.skeleton.named_parameters()}
-            model = _assign(self.skeleton, upload(self.state, device, expected), device)
+            model = _assign(self.skeleton, self.state, device)
         else:
             assert self.pretrained is not None
             model = _pretrained(self.skeleton, self.size, *self.pretrained, device)
@@ -99,12 +98,13 @@ class Plan:
 def _assign(skeleton: nn.Module, state: Mapping[str, torch.Tensor], device: torch.device) -> nn.Module:
     """``skeleton`` (parameters on the meta device) holding ``state``'s tensors, on ``device``, in eval mode.
 
-    ``state`` is on ``device`` in the skeleton's dtypes already (``upload``; on the CPU the memory-mapped
-    checkpoint itself, whose pages are read when the forward first touches them): its tensors are assigned, not
-    copied into initialised parameters. Buffers are not in checkpoints (the skeleton's are upstream's own
-    constants) and move to ``device`` with it.
+    The (memory-mapped) checkpoint's tensors are copied onto ``device`` in the skeleton's dtypes (``upload``: on a
+    GPU by several threads at once; on the CPU the map itself, whose pages are read when the forward first touches
+    them) and assigned, not copied into initialised parameters. Buffers are not in checkpoints (the skeleton's are
+    upstream's own constants) and move to ``device`` with it.
     """
-    skeleton.load_state_dict(state, strict=True, assign=True)  # names and shapes were checked by plan()
+    expected = {name: p.dtype for name, p in skeleton.named_parameters()}
+    skeleton.load_state_dict(upload(state, device, expected), strict=True, assign=True)  # checked by plan()
     return skeleton.to(device).eval()
 
 
@@ -239,8 +239,7 @@ def _pretrained(skeleton: nn.Module, size: Size, source: str, described: str, de
         if state is None:
             log.info("loading VGGT.from_pretrained(%r)", source)
             return VGGT.from_pretrained(source).eval().to(device)
-    expected = {name: p.dtype for name, p in skeleton.named_parameters()}
-    return _assign(skeleton, upload(state, device, expected), device)
+    return _assign(skeleton, state, device)
 
 
 @contextlib.contextmanager
