@@ -19,7 +19,7 @@ import torch
 
 from .. import planner
 from ..config import PRESETS
-from . import inputs
+from . import inputs, memory
 from .errors import UserError
 from .options import ReconstructOptions
 
@@ -114,7 +114,13 @@ def auto_frames(options: ReconstructOptions, device: torch.device) -> Optional[i
     return most
 
 
-def out_of_memory(exc: BaseException) -> bool:
-    """CUDA's caching allocator raises OutOfMemoryError; the CPU allocator and cuBLAS raise RuntimeErrors."""
+def out_of_memory_error(exc: BaseException, planned: Optional[planner.Plan], preset: str,
+                        where: str) -> Optional[UserError]:
+    """The one line for ``exc`` if it is running out of memory (CUDA's caching allocator raises OutOfMemoryError;
+    the CPU allocator and cuBLAS raise RuntimeErrors), with the plan's advice (the rough one without a plan);
+    None for any other error. ``where``: e.g. "cuda with 800 frames at 518x392"."""
     text = str(exc)
-    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text or "ALLOC_FAILED" in text
+    if not (isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text or "ALLOC_FAILED" in text):
+        return None
+    advice = planned.advice(preset) if planned is not None and planned.memory_gib is not None else memory.advice()
+    return UserError(f"out of memory on {where}: {advice}")

@@ -204,12 +204,11 @@ def reconstruct(options: ReconstructOptions) -> Result:
                 try:
                     predictions, inner = predict(model, images.to(device), dtype, lambda name: _step(bar, name))
                 except (torch.OutOfMemoryError, RuntimeError) as exc:
-                    if not fit.out_of_memory(exc):
+                    error = fit.out_of_memory_error(exc, planned, options.preset,
+                                                    f"{device} with {frames} frames at {width}x{height}")
+                    if error is None:
                         raise
-                    advice = (planned.advice(options.preset) if planned is not None and planned.memory_gib is not None
-                              else memory.advice())
-                    raise UserError(
-                        f"out of memory on {device} with {frames} frames at {width}x{height}: {advice}") from exc
+                    raise error from exc
             timings["inference"] = time.perf_counter() - start
             if kernels.directory is not None:  # a first run pays the kernels' compilation; report.json tells them apart
                 timings["inference_warm" if kernels.warm else "inference_first_run"] = timings["inference"]
