@@ -386,3 +386,28 @@ def test_readme_install_and_main_command_work_from_a_fresh_clone() -> None:
 def test_32_bit_integer_image_beyond_16_bits_is_refused_by_name(tmp_path: Path, no_model_build: None) -> None:
     Image.fromarray(np.full((48, 64), 1 << 20, np.int32)).save(folder_of(tmp_path, {}) / "deep.tif")
     assert_user_error(run_cli(tmp_path / "in", "--out", tmp_path / "o", *SMALL), "deep.tif", "outside 0..65535")
+
+
+@pytest.mark.parametrize("memory", [None, "200"])
+def test_out_of_memory_in_the_forward_is_one_line_with_advice_and_nothing_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, memory: str) -> None:
+    def exhausted(*_: object, **__: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(reconstruct, "predict", exhausted)
+    extra = () if memory is None else ("--memory", memory)
+    message = assert_user_error(run_cli(one_image(tmp_path), "--out", tmp_path / "o", *SMALL, *extra),
+                                "out of memory on cpu with 1 frames at")
+    if memory is None:  # the CPU without a plan: the rough advice
+        assert "Use fewer frames" in message
+    else:  # planned as fitting in 200 GiB, out of memory all the same: the planner's advice
+        assert "200 GiB" in message, message
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_error_that_is_not_memory_passes_through_unchanged() -> None:
+    from vggt_turbo.app import fit
+
+    assert fit.out_of_memory_error(RuntimeError("shape mismatch"), None, "exact", "cpu") is None
+    cpu = fit.out_of_memory_error(RuntimeError("DefaultCPUAllocator: can't allocate memory"), None, "exact", "cpu")
+    assert cpu is not None and str(cpu).startswith("out of memory on cpu: Use fewer frames")
