@@ -157,80 +157,86 @@ def reconstruct(options: ReconstructOptions) -> Result:
     if device.type == "cuda":
         kernel_cache.use_own_caches()  # before the warm start imports Triton
     with warm_start.running(device) as warm:  # start-up costs (CUDA, Triton, matplotlib) while frames and weights load
-        timings: dict[str, float] = {}
+        return _run(options, formats, device, dtype, warm)
 
+
+def _run(options: ReconstructOptions, formats: tuple[str, ...], device: torch.device, dtype: torch.dtype,
+         warm: warm_start.WarmStart) -> Result:
+    """Load, build, infer and export, each phase timed; the forward waits for ``warm`` first."""
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    if options.frames == "auto":
+        options = dataclasses.replace(options, frames=fit.auto_frames(options, device))
+    # The weights are checked (and the model's meta-device skeleton built) while the frames decode.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vggt-turbo-plan") as checking:
+        planning = checking.submit(weights_plan, options.weights, options.random_weights, options.model_size)
+        images, names, kind, available = _load(options)
+        loaded_at = time.perf_counter()
+        plan = planning.result()
+    checks = time.perf_counter() - loaded_at  # what the weights' check took beyond the frames
+    kind = "example scene" if options.example else kind
+    # What the full model would see: the plan's arithmetic is for it, also in the test-only small-model path.
+    planned = fit.plan_for(options, device, images.shape[0], images.shape[2], images.shape[3])
+    offload = fit.decide(options, planned)
+    if options.model_size == "small":  # test-only path: the toy model expects a 4x4 patch grid
+        images = F.interpolate(images, size=(SMALL_IMAGE, SMALL_IMAGE), mode="bilinear", align_corners=False, antialias=True)
+    frames, _, height, width = images.shape
+    output_names = export.output_image_names(names)
+    colors = export.images_to_uint8(images.numpy())
+    timings["load"] = time.perf_counter() - start - checks
+    with FramesAhead(colors, output_names) as frames_ahead:  # images/ encoded while the model loads and runs
         start = time.perf_counter()
-        if options.frames == "auto":
-            options = dataclasses.replace(options, frames=fit.auto_frames(options, device))
-        # The weights are checked (and the model's meta-device skeleton built) while the frames decode.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vggt-turbo-plan") as checking:
-            planning = checking.submit(weights_plan, options.weights, options.random_weights, options.model_size)
-            images, names, kind, available = _load(options)
-            loaded_at = time.perf_counter()
-            plan = planning.result()
-        checks = time.perf_counter() - loaded_at  # what the weights' check took beyond the frames
-        kind = "example scene" if options.example else kind
-        # What the full model would see: the plan's arithmetic is for it, also in the test-only small-model path.
-        planned = fit.plan_for(options, device, images.shape[0], images.shape[2], images.shape[3])
-        offload = fit.decide(options, planned)
-        if options.model_size == "small":  # test-only path: the toy model expects a 4x4 patch grid
-            images = F.interpolate(images, size=(SMALL_IMAGE, SMALL_IMAGE), mode="bilinear", align_corners=False, antialias=True)
-        frames, _, height, width = images.shape
-        output_names = export.output_image_names(names)
-        colors = export.images_to_uint8(images.numpy())
-        timings["load"] = time.perf_counter() - start - checks
-        with FramesAhead(colors, output_names) as frames_ahead:  # images/ encoded while the model loads and runs
-            start = time.perf_counter()
-            memory.reset_peak(device)
-            if planned is None:  # the CPU without --memory: its RAM, by the rough estimate
-                memory.check_fits(plan.skeleton, frames, height, width, device, dtype)
-            # concurrent_heads (1 frame) does not run with offloading forced on: patches refuse the pair
-            flags = {"offload_intermediates": True, "concurrent_heads": False} if offload else {}
-            with _bar("model", 1, "model", options.quiet) as bar:
-                bar.set_postfix_str(plan.source)
-                loaded = plan.build(device)  # straight onto the device: no CPU initialisation, no copy of the weights
-                # One forward per run: CUDA-graph capture (two warm-ups, then capture) would cost more than it saves.
-                model = apply_optimizations(loaded.model, options.preset, cuda_graphs=False, **flags)
-                applied = describe(model)
-                _step(bar, f"{loaded.source} on {device}, preset {options.preset}")
-            timings["model"] = checks + time.perf_counter() - start
+        memory.reset_peak(device)
+        if planned is None:  # the CPU without --memory: its RAM, by the rough estimate
+            memory.check_fits(plan.skeleton, frames, height, width, device, dtype)
+        # concurrent_heads (1 frame) does not run with offloading forced on: patches refuse the pair
+        flags = {"offload_intermediates": True, "concurrent_heads": False} if offload else {}
+        with _bar("model", 1, "model", options.quiet) as bar:
+            bar.set_postfix_str(plan.source)
+            loaded = plan.build(device)  # straight onto the device: no CPU initialisation, no copy of the weights
+            # One forward per run: CUDA-graph capture (two warm-ups, then capture) would cost more than it saves.
+            model = apply_optimizations(loaded.model, options.preset, cuda_graphs=False, **flags)
+            applied = describe(model)
+            _step(bar, f"{loaded.source} on {device}, preset {options.preset}")
+        timings["model"] = checks + time.perf_counter() - start
 
-            warm.wait()
-            kernels = kernel_cache.configure(device, options.preset, dtype)
-            start = time.perf_counter()
-            with _bar("inference", len(phases(model)), "phase", options.quiet) as bar:
-                if kernels.progress_note():
-                    bar.set_postfix_str(kernels.progress_note())
-                try:
-                    predictions, inner = predict(model, images.to(device), dtype, lambda name: _step(bar, name))
-                except (torch.OutOfMemoryError, RuntimeError) as exc:
-                    error = fit.out_of_memory_error(exc, planned, options.preset,
-                                                    f"{device} with {frames} frames at {width}x{height}")
-                    if error is None:
-                        raise
-                    raise error from exc
-            timings["inference"] = time.perf_counter() - start
-            if kernels.directory is not None:  # a first run pays the kernels' compilation; report.json tells them apart
-                timings["inference_warm" if kernels.warm else "inference_first_run"] = timings["inference"]
-            kernels.mark_warm()
-            timings.update(inner)
-            weights = loaded.source
-            del model, loaded, plan  # free the weights before export allocates the point cloud
+        warm.wait()
+        kernels = kernel_cache.configure(device, options.preset, dtype)
+        start = time.perf_counter()
+        with _bar("inference", len(phases(model)), "phase", options.quiet) as bar:
+            if kernels.progress_note():
+                bar.set_postfix_str(kernels.progress_note())
+            try:
+                predictions, inner = predict(model, images.to(device), dtype, lambda name: _step(bar, name))
+            except (torch.OutOfMemoryError, RuntimeError) as exc:
+                error = fit.out_of_memory_error(exc, planned, options.preset,
+                                                f"{device} with {frames} frames at {width}x{height}")
+                if error is None:
+                    raise
+                raise error from exc
+        timings["inference"] = time.perf_counter() - start
+        if kernels.directory is not None:  # a first run pays the kernels' compilation; report.json tells them apart
+            timings["inference_warm" if kernels.warm else "inference_first_run"] = timings["inference"]
+        kernels.mark_warm()
+        timings.update(inner)
+        weights = loaded.source
+        del model, loaded, plan  # free the weights before export allocates the point cloud
 
-            renamed = [(a, b) for a, b in zip(names, output_names) if a != b and f"{a}.png" != b]
-            if renamed:
-                shown = ", ".join(f"{a!r} -> {b!r}" for a, b in renamed[:3]) + (", ..." if len(renamed) > 3 else "")
-                log.warning("%d file name(s) saved under names COLMAP's text format can read (%s); report.json and "
-                            "predictions.npz keep the originals (input_names)", len(renamed), shown)
-            result = Result(
-                options=options, weights=weights, frames=frames, frames_in_input=available, input_kind=kind,
-                image_names=output_names, input_names=names, width=width, height=height, device=device,
-                dtype=dtype, timings=timings, outputs=export_options.outputs(formats), kernels=kernels,
-                optimizations={"config": applied.config.as_dict() if applied.config else None, "exact": applied.exact,
-                               "tier": applied.tier.label, "patched": applied.targets},
-            )
-            _export(result, predictions, colors, formats, frames_ahead)
-            return result
+        renamed = [(a, b) for a, b in zip(names, output_names) if a != b and f"{a}.png" != b]
+        if renamed:
+            shown = ", ".join(f"{a!r} -> {b!r}" for a, b in renamed[:3]) + (", ..." if len(renamed) > 3 else "")
+            log.warning("%d file name(s) saved under names COLMAP's text format can read (%s); report.json and "
+                        "predictions.npz keep the originals (input_names)", len(renamed), shown)
+        result = Result(
+            options=options, weights=weights, frames=frames, frames_in_input=available, input_kind=kind,
+            image_names=output_names, input_names=names, width=width, height=height, device=device,
+            dtype=dtype, timings=timings, outputs=export_options.outputs(formats), kernels=kernels,
+            optimizations={"config": applied.config.as_dict() if applied.config else None, "exact": applied.exact,
+                           "tier": applied.tier.label, "patched": applied.targets},
+        )
+        _export(result, predictions, colors, formats, frames_ahead)
+        return result
 
 
 def _check_upstream() -> None:
