@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from test_reconstruct import EXAMPLES, SMALL, assert_user_error, cam_from_world, needs_examples, run_cli
-from vggt_turbo.app import export, preview
+from vggt_turbo.app import export, preview, preview_inputs
 from vggt_turbo.app.export_nerfstudio import camera_to_world_opengl, transforms
 from vggt_turbo.random_model import SMALL_IMAGE
 
@@ -268,14 +268,14 @@ def test_preview_draws_at_most_max_points(tmp_path: Path, monkeypatch: pytest.Mo
             super().__init__(xyz, rgb)
 
     monkeypatch.setattr(preview, "_Splat", Counting)
-    monkeypatch.setattr(preview, "MAX_POINTS", 500)
+    monkeypatch.setattr(preview_inputs, "MAX_POINTS", 500)
     rng = np.random.default_rng(0)
     xyz, rgb = rng.standard_normal((2000, 3)), rng.integers(0, 256, (2000, 3), dtype=np.uint8)
     extrinsics = np.tile(np.eye(4)[:3], (2, 1, 1))
     intrinsics = np.tile(np.array([[20.0, 0, 8], [0, 20, 6], [0, 0, 1]]), (2, 1, 1))
     frames = rng.integers(0, 256, (2, 12, 16, 3), dtype=np.uint8)
-    preview.render_preview(tmp_path / "p.png", xyz, rgb, extrinsics, intrinsics, frames, np.ones((2, 12, 16, 1)),
-                           ["a.png", "b.png"])
+    preview.render(tmp_path / "p.png", preview_inputs.preview_inputs(xyz, rgb, extrinsics, intrinsics, frames,
+                                                                     np.ones((2, 12, 16, 1)), ["a.png", "b.png"]))
     assert drawn == [500] * len(preview.VIEWS)
     assert Image.open(tmp_path / "p.png").size == (1200, 1100)
 
@@ -289,8 +289,8 @@ def test_preview_without_a_usable_camera(tmp_path: Path, points: int) -> None:
     extrinsics = np.full((2, 3, 4), np.nan)
     intrinsics = np.tile(np.array([[20.0, 0, 8], [0, 20, 6], [0, 0, 1]]), (2, 1, 1))
     frames = rng.integers(0, 256, (2, 12, 16, 3), dtype=np.uint8)
-    preview.render_preview(tmp_path / "p.png", xyz, rgb, extrinsics, intrinsics, frames, np.ones((2, 12, 16, 1)),
-                           ["a.png", "b.png"])
+    preview.render(tmp_path / "p.png", preview_inputs.preview_inputs(xyz, rgb, extrinsics, intrinsics, frames,
+                                                                     np.ones((2, 12, 16, 1)), ["a.png", "b.png"]))
     views = np.asarray(Image.open(tmp_path / "p.png").convert("RGB"))[120:560]  # the 3-D views, below the title
     coloured = (views.max(axis=2).astype(int) - views.min(axis=2)) > 60  # points are coloured, axes grey
     assert coloured.any() == (points > 0)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import vggt_turbo
 
 PACKAGE = Path(vggt_turbo.__file__).parent
@@ -32,14 +34,38 @@ def modules_of(package: str) -> set[str]:
     return names
 
 
-def test_import_loads_the_core_only() -> None:
-    code = "import json, sys, vggt_turbo; print(json.dumps(sorted(sys.modules)))"
-    loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                           check=True).stdout))
+def loaded_by(code: str) -> set[str]:
+    """The modules loaded after ``code`` runs in a fresh interpreter."""
+    code += "; import json, sys; print(json.dumps(sorted(sys.modules)))"
+    return set(json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                         check=True).stdout))
+
+
+def test_using_the_library_loads_the_core_only() -> None:
+    loaded = loaded_by("import vggt_turbo; vggt_turbo.apply_optimizations, vggt_turbo.plan")
     expected = {"vggt_turbo", *(f"vggt_turbo.{m}" for m in CORE), *modules_of("patches"), *modules_of("kernels")}
     assert {m for m in loaded if m.startswith("vggt_turbo")} == expected
     assert not loaded & set(NOT_LOADED)
     assert {"torch", "wrapt"} <= loaded
+
+
+def test_import_alone_loads_nothing_until_a_name_is_used() -> None:
+    """The public names are imported on first use (PEP 562), so a torch-free part of the package (the preview's
+    worker process) can be imported without torch; each name is then the one its module defines."""
+    assert not {m for m in loaded_by("import vggt_turbo") if m == "torch" or m.startswith("vggt_turbo.")}
+    from vggt_turbo import patching, planner, upstream
+
+    assert vggt_turbo.apply_optimizations is patching.apply_optimizations
+    assert vggt_turbo.plan is planner.plan
+    assert vggt_turbo.IncompatibleUpstreamError is upstream.IncompatibleUpstreamError
+    assert set(vggt_turbo.__all__) <= set(dir(vggt_turbo))
+    namespace: dict[str, object] = {}
+    exec("from vggt_turbo import *", namespace)
+    assert set(vggt_turbo.__all__) <= set(namespace)
+    assert vggt_turbo.kernels.__name__ == "vggt_turbo.kernels"  # a submodule, as an attribute
+    for missing in ("no_such_name", "__wrapped__"):
+        with pytest.raises(AttributeError, match=missing):
+            getattr(vggt_turbo, missing)
 
 
 def imported_names(path: Path) -> set[str]:

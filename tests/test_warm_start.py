@@ -35,22 +35,14 @@ def test_steps_run_in_order_on_another_thread_and_a_failing_step_is_logged_and_s
     assert "broken skipped (RuntimeError: no driver)" in caplog.text
 
 
-def test_the_default_steps_follow_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    ran: list[tuple[str, str]] = []
-    monkeypatch.setattr(warm_start, "CUDA_STEPS", (lambda device: ran.append(("cuda steps", device.type)),))
-    monkeypatch.setattr(warm_start, "OTHER_STEPS", (lambda device: ran.append(("other steps", device.type)),))
+def test_the_default_steps_are_for_cuda_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[str] = []
+    monkeypatch.setattr(warm_start, "CUDA_STEPS", (lambda device: ran.append(device.type),))
     with warm_start.running(torch.device("cpu")):
         pass
     with warm_start.running(torch.device("cuda")):
         pass
-    assert ran == [("other steps", "cpu"), ("cuda steps", "cuda")]
-
-
-def test_the_export_modules_step_imports_matplotlib_for_the_preview() -> None:
-    import sys
-
-    warm_start.export_modules(torch.device("cpu"))
-    assert "vggt_turbo.app.preview" in sys.modules and "matplotlib" in sys.modules
+    assert ran == ["cuda"]
 
 
 def test_the_run_waits_for_the_steps_when_it_ends_early() -> None:

@@ -45,6 +45,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
+from .selection import select  # inputs.select: --frames/--stride
 
 log = logging.getLogger(__name__)
 
@@ -62,16 +63,6 @@ _SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 _EXIF_ORIENTATION = 0x0112
 TARGET_SIZE = 518  # upstream's load_and_preprocess_images: the width (crop) or the longer side (pad)
 PATCH = 14
-
-
-def select(count: int, frames: Optional[int] = None, stride: Optional[int] = None) -> list[int]:
-    """Indices of the frames to use out of ``count``: ``frames`` evenly spaced (first and last included), or
-    every ``stride``-th, or all. Asking for more frames than there are gives all of them."""
-    if stride is not None:
-        return list(range(0, count, stride))
-    if frames is None or frames >= count:
-        return list(range(count))
-    return sorted({int(round(i)) for i in np.linspace(0, count - 1, frames)})
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -13,9 +13,10 @@ Why it is drawn the way it is: every run writes it, so it sits on the export's c
 own ways are slow at this (benchmarks/RESULTS.md, "Export (issue #20)"). A 3-D ``scatter`` with a colour per
 point costs Agg a path per marker, so the points are instead projected with the 3-D axes' own matrix and splatted
 into one image with numpy (``_Splat``: one pixel per point, the nearest point wins a pixel), which is why up to
-``MAX_POINTS`` can be shown; the frusta are one ``Line3DCollection`` per view instead of a line artist per
-segment; the layout is fixed instead of ``constrained`` (which measures every label several times); and the PNG
-is encoded at zlib level 1.
+``preview_inputs.MAX_POINTS`` can be shown; the frusta are one ``Line3DCollection`` per view instead of a line
+artist per segment; the layout is fixed instead of ``constrained`` (which measures every label several times);
+and the PNG is encoded at zlib level 1. What is drawn is cut down first (``preview_inputs``), so that
+``reconstruct`` can have it drawn by another process (``preview_process``).
 """
 
 from __future__ import annotations
@@ -33,11 +34,8 @@ from matplotlib.figure import Figure
 from matplotlib.gridspec import GridSpec
 from mpl_toolkits.mplot3d.art3d import Line3DCollection
 
-from .inputs import select
+from .preview_inputs import PreviewInputs
 
-MAX_POINTS = 100_000  # a random subsample: enough to fill the views densely; splatting costs grow with it
-MAX_FRAMES = 6
-THUMBNAIL = 260  # px, the longest side of a tile in the strip
 VIEWS = (("front (as the first camera looks)", 10.0, -90.0), ("from above", 65.0, -55.0))
 
 
@@ -60,44 +58,25 @@ def frustum_lines(cam_from_world: np.ndarray, intrinsics: np.ndarray, width: int
     return np.array(spokes + rim)
 
 
-def render_preview(
-    path: Path,
-    xyz: np.ndarray,
-    rgb: np.ndarray,
-    extrinsics: np.ndarray,
-    intrinsics: np.ndarray,
-    frames: np.ndarray,
-    depth: np.ndarray,
-    names: Sequence[str],
-    notes: Sequence[str] = (),
-) -> None:
-    """Write the preview of one reconstruction to ``path`` (PNG).
-
-    ``xyz``/``rgb``: the confident points (N, 3); ``extrinsics`` (S, 3, 4) camera-from-world and ``intrinsics``
-    (S, 3, 3) as in predictions.npz; ``frames`` (S, H, W, 3) uint8; ``depth`` (S, H, W, 1); ``notes``: lines
-    shown in red across the top (the random-weights warning).
-    """
-    count, height, width = frames.shape[:3]
-    shown = select(count, frames=MAX_FRAMES)
-    fig = Figure(figsize=(max(12.0, 2.2 * len(shown)), 11.0), dpi=100)
-    title = f"{len(xyz):,} confident points, {count} cameras, {width} x {height} px"
+def render(path: Path, inputs: PreviewInputs) -> None:
+    """Write the preview that ``inputs`` describe to ``path`` (PNG)."""
+    notes = inputs.notes
+    fig = Figure(figsize=(max(12.0, 2.2 * len(inputs.names)), 11.0), dpi=100)
+    title = f"{inputs.points:,} confident points, {len(inputs.extrinsics)} cameras, {inputs.width} x {inputs.height} px"
     fig.suptitle("\n".join([*notes, title]), y=0.99, color="red" if notes else "black",
                  fontsize=15 if notes else 13, fontweight="bold" if notes else "normal")
     # Fixed places: the views take the top 60 % below the title, the strip the rest.
     top = 0.9 if notes else 0.92
     views = fig.add_gridspec(1, len(VIEWS), left=0.0, right=0.97, bottom=0.42, top=top, wspace=0.05)
-    _point_cloud(fig, views, xyz, rgb, extrinsics, intrinsics, width, height)
-    _strip(fig.add_axes((0.04, 0.005, 0.95, 0.39)), frames, depth, names, shown)
+    _point_cloud(fig, views, inputs)
+    _strip(fig.add_axes((0.04, 0.005, 0.95, 0.39)), inputs.thumbnails, inputs.depths, inputs.names)
     # The notes go into the PNG's text chunks too, where a program (or a test) reads them without OCR.
     metadata = {"Title": "vggt-turbo reconstruct preview", **({"Warning": " / ".join(notes)} if notes else {})}
     FigureCanvasAgg(fig).print_png(str(path), metadata=metadata, pil_kwargs={"compress_level": 1})
 
 
-def _point_cloud(fig: Figure, views: GridSpec, xyz: np.ndarray, rgb: np.ndarray, extrinsics: np.ndarray,
-                 intrinsics: np.ndarray, width: int, height: int) -> None:
-    if len(xyz) > MAX_POINTS:
-        pick = np.random.default_rng(0).choice(len(xyz), MAX_POINTS, replace=False)
-        xyz, rgb = xyz[pick], rgb[pick]
+def _point_cloud(fig: Figure, views: GridSpec, inputs: PreviewInputs) -> None:
+    xyz, rgb, extrinsics, intrinsics = inputs.xyz, inputs.rgb, inputs.extrinsics, inputs.intrinsics
     valid = np.isfinite(extrinsics).all(axis=(1, 2)) & np.isfinite(intrinsics).all(axis=(1, 2))
     rotations, translations = extrinsics[valid, :, :3], extrinsics[valid, :, 3]
     centres = -np.einsum("sji,sj->si", rotations, translations)
@@ -111,7 +90,8 @@ def _point_cloud(fig: Figure, views: GridSpec, xyz: np.ndarray, rgb: np.ndarray,
         lo, hi = -np.ones(3), np.ones(3)
     middle, half = (lo + hi) / 2, max(float((hi - lo).max()) / 2, 1e-6)
     size = 0.12 * half
-    segments = [frustum_lines(e, k, width, height, size) for e, k in zip(extrinsics[valid], intrinsics[valid])]
+    segments = [frustum_lines(e, k, inputs.width, inputs.height, size)
+                for e, k in zip(extrinsics[valid], intrinsics[valid])]
     lines = to_plot_axes(np.concatenate(segments)) if segments else np.empty((0, 2, 3))
     colours = np.repeat(_camera_colours(len(segments)), 8, axis=0)  # 8 segments per frustum
     box = to_plot_axes(np.stack([middle - half, middle + half]))
@@ -173,21 +153,15 @@ def _camera_colours(count: int) -> np.ndarray:
     return np.array(colours[:count]).reshape(-1, 4)
 
 
-def _strip(ax: Axes, frames: np.ndarray, depth: np.ndarray, names: Sequence[str], shown: list[int]) -> None:
-    """The ``shown`` frames above their depth maps, as one mosaic in one axes (twelve axes cost more to lay out
-    and draw than the whole mosaic), each tile titled.
-
-    The tiles are thumbnails (every ``step``-th pixel, at most ``THUMBNAIL`` px on a side): they are shown about
-    200 px wide, and resampling the full frames down to that is most of what drawing the strip costs.
-    """
-    step = -(-max(frames.shape[1:3]) // THUMBNAIL)
-    frames, depth = frames[:, ::step, ::step], depth[:, ::step, ::step, 0]
+def _strip(ax: Axes, frames: np.ndarray, depth: np.ndarray, names: Sequence[str]) -> None:
+    """The thumbnails ``frames`` above their ``depth`` maps, as one mosaic in one axes (twelve axes cost more to
+    lay out and draw than the whole mosaic), each tile titled with its name."""
     height, width = frames.shape[1:3]
     gap, title_room = max(width // 20, 1), max(height // 6, 1)
     step_x, step_y = width + gap, height + title_room
-    mosaic = np.full((2 * step_y, len(shown) * step_x - gap, 3), 255, np.uint8)  # white between the tiles
-    for column, i in enumerate(shown):
-        x, top, bottom = column * step_x, title_room, title_room + step_y
+    mosaic = np.full((2 * step_y, len(names) * step_x - gap, 3), 255, np.uint8)  # white between the tiles
+    for i in range(len(names)):
+        x, top, bottom = i * step_x, title_room, title_room + step_y
         mosaic[top:top + height, x:x + width] = frames[i]
         lo, hi, coloured = _depth_colours(depth[i])
         mosaic[bottom:bottom + height, x:x + width] = coloured

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from .. import apply_optimizations, describe
 from ..config import PRESETS
 from ..random_model import SMALL_IMAGE
-from . import example_scene, export, export_options, fit, inputs, kernel_cache, memory, warm_start
+from . import example_scene, export, export_options, fit, inputs, kernel_cache, memory, preview_process, warm_start, weights
 from .errors import UserError
 from .export_colmap_binary import write_colmap_binary
 from .export_nerfstudio import write_nerfstudio
@@ -51,7 +51,6 @@ from .options import ReconstructOptions
 from .report import RANDOM_WEIGHTS_NOTE, build_report, print_summary
 from .result import Result
 from .weights import DEFAULT_WEIGHTS
-from .weights import plan as weights_plan
 
 log = logging.getLogger(__name__)
 
@@ -147,32 +146,35 @@ def reconstruct(options: ReconstructOptions) -> Result:
 
     Everything that can fail for a reason the user controls is checked before the model is built (the step
     that takes most of a minute on a CPU): the device, the output folder (writable, not the input), upstream
-    being importable, the input, the weights (a local checkpoint's names and shapes), and the memory.
+    being importable, the input, the dtype, the weights (a local checkpoint's names and shapes), and the memory.
+    The cheap checks come first; importing upstream (which imports huggingface_hub's client: about half a
+    second) and the weights' check run on a thread while the frames decode (``_run``).
     """
     formats = export_options.parse(options.export)
     device = _device(options.device)
-    dtype = _dtype(options.dtype, device)
     _check_out(options.out, options.input, options.force)
-    _check_upstream()
     if device.type == "cuda":
         kernel_cache.use_own_caches()  # before the warm start imports Triton
-    with warm_start.running(device) as warm:  # start-up costs (CUDA, Triton, matplotlib) while frames and weights load
-        return _run(options, formats, device, dtype, warm)
+    # Start-up costs while frames and weights load: CUDA and Triton on a thread, matplotlib in a process.
+    with preview_process.started(options.quiet) as previews, warm_start.running(device) as warm:
+        return _run(options, formats, device, warm, previews)
 
 
-def _run(options: ReconstructOptions, formats: tuple[str, ...], device: torch.device, dtype: torch.dtype,
-         warm: warm_start.WarmStart) -> Result:
-    """Load, build, infer and export, each phase timed; the forward waits for ``warm`` first."""
+def _run(options: ReconstructOptions, formats: tuple[str, ...], device: torch.device, warm: warm_start.WarmStart,
+         previews: preview_process.PreviewProcess) -> Result:
+    """Load, build, infer and export, each phase timed; the forward waits for ``warm`` first, the export draws
+    the preview with ``previews``."""
     timings: dict[str, float] = {}
 
     start = time.perf_counter()
     if options.frames == "auto":
         options = dataclasses.replace(options, frames=fit.auto_frames(options, device))
-    # The weights are checked (and the model's meta-device skeleton built) while the frames decode.
+    # Upstream imported and the weights checked (the model's meta-device skeleton built) while the frames decode.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vggt-turbo-plan") as checking:
-        planning = checking.submit(weights_plan, options.weights, options.random_weights, options.model_size)
+        planning = checking.submit(_plan_weights, options)
         images, names, kind, available = _load(options)
         loaded_at = time.perf_counter()
+        dtype = _dtype(options.dtype, device)  # CUDA is initialised by now (the warm start)
         plan = planning.result()
     checks = time.perf_counter() - loaded_at  # what the weights' check took beyond the frames
     kind = "example scene" if options.example else kind
@@ -220,7 +222,7 @@ def _run(options: ReconstructOptions, formats: tuple[str, ...], device: torch.de
             timings["inference_warm" if kernels.warm else "inference_first_run"] = timings["inference"]
         kernels.mark_warm()
         timings.update(inner)
-        weights = loaded.source
+        source = loaded.source
         del model, loaded, plan  # free the weights before export allocates the point cloud
 
         renamed = [(a, b) for a, b in zip(names, output_names) if a != b and f"{a}.png" != b]
@@ -229,14 +231,20 @@ def _run(options: ReconstructOptions, formats: tuple[str, ...], device: torch.de
             log.warning("%d file name(s) saved under names COLMAP's text format can read (%s); report.json and "
                         "predictions.npz keep the originals (input_names)", len(renamed), shown)
         result = Result(
-            options=options, weights=weights, frames=frames, frames_in_input=available, input_kind=kind,
+            options=options, weights=source, frames=frames, frames_in_input=available, input_kind=kind,
             image_names=output_names, input_names=names, width=width, height=height, device=device,
             dtype=dtype, timings=timings, outputs=export_options.outputs(formats), kernels=kernels,
             optimizations={"config": applied.config.as_dict() if applied.config else None, "exact": applied.exact,
                            "tier": applied.tier.label, "patched": applied.targets},
         )
-        _export(result, predictions, colors, formats, frames_ahead)
+        _export(result, predictions, colors, formats, frames_ahead, previews)
         return result
+
+
+def _plan_weights(options: ReconstructOptions) -> weights.Plan:
+    """Upstream importable (``_check_upstream``), then the weights' plan."""
+    _check_upstream()
+    return weights.plan(options.weights, options.random_weights, options.model_size)
 
 
 def _check_upstream() -> None:
@@ -257,14 +265,15 @@ def _check_upstream() -> None:
 
 
 def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarray, formats: tuple[str, ...],
-            frames: FramesAhead) -> None:
+            frames: FramesAhead, previews: preview_process.PreviewProcess) -> None:
     """Write every output into a staging folder that replaces ``--out`` only once all are written.
 
     The writers are independent of one another, so they run side by side on a thread per core (PNG and zlib
     encoding, file writes and much of numpy release the GIL); the frames of images/ were encoded while the model
-    ran (``frames``), each is written as soon as it is ready. What the writers share (the confident points, the COLMAP model) is
-    computed on the pool too, the two side by side and beside predictions.npz, which needs neither; report.json,
-    which counts what the others wrote, comes last. The first failure (or Ctrl-C) cancels what has not started
+    ran (``frames``), each is written as soon as it is ready; the preview is drawn by another process
+    (``previews``). What the writers share (the confident points, the COLMAP model) is computed on the pool too,
+    the two side by side and beside predictions.npz, which needs neither; report.json, which counts what the
+    others wrote, comes last. The first failure (or Ctrl-C) cancels what has not started
     and, through ``staged_directory``, leaves nothing behind.
     """
     options, names = result.options, result.image_names
@@ -288,10 +297,9 @@ def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarr
 
             xyz, rgb, result.conf_threshold = points.result()
             result.points = len(xyz)
-            # The preview, the longest job, before the frames: the pool takes jobs in the order they come.
-            from .preview import render_preview  # imported by the warm start meanwhile (matplotlib: ~0.4 s)
-
-            jobs[pool.submit(render_preview, stage / "preview.png", xyz, rgb, predictions["extrinsics"],
+            # The preview, the longest job, before the frames: the pool takes jobs in the order they come. Drawn
+            # by another process (``previews``): this thread only waits for it, the GIL stays with the others.
+            jobs[pool.submit(previews.render_preview, stage / "preview.png", xyz, rgb, predictions["extrinsics"],
                              predictions["intrinsics"], colors, predictions["depth"], names, notes)] = "preview.png"
             if "ply" in formats:
                 ply = export.write_ply

@@ -1,18 +1,18 @@
-"""A one-shot run's per-process start-up costs, paid on a background thread while frames and weights load.
+"""A one-shot run's per-process start-up costs on the GPU, paid on a background thread while frames and weights load.
 
 Why: a command that runs one forward pays, before and in that forward, costs that depend on neither the model
 nor the frames: creating the CUDA context, loading cuBLAS and cuDNN, importing Triton and computing Triton's
 cache key (a hash of Triton's own source files, once per process, before the first kernel of the process is
-looked up in the on-disk cache), and importing matplotlib for the preview the export draws. Profiled on an
-H200, the CUDA and Triton steps were about half a second of a first forward that took 1.5 s and a quarter of a
-second before it; matplotlib's import is about 0.4 s (benchmarks/RESULTS.md). A thread started when the command
+looked up in the on-disk cache). Profiled on an H200, these were about half a second of a first forward that
+took 1.5 s and a quarter of a second before it (benchmarks/RESULTS.md). A thread started when the command
 starts does them while the main thread decodes the frames and reads the checkpoint (file reads, decoding and
 host-to-device copies release the GIL); the main thread waits for it before the forward, where it would
-otherwise pay what is left itself.
+otherwise pay what is left itself. (matplotlib, for the preview, is imported by a process of its own:
+``preview_process``.)
 
-Nothing here changes what the run computes: the context, the libraries, Triton's key and the modules are what
-the run would create anyway; the two small products only make cuBLAS and cuDNN load. A step that fails is
-logged and skipped: the run then meets the same problem itself and reports it where it always has.
+Nothing here changes what the run computes: the context, the libraries and Triton's key are what the run would
+create anyway; the two small products only make cuBLAS and cuDNN load. A step that fails is logged and skipped:
+the run then meets the same problem itself and reports it where it always has.
 """
 
 from __future__ import annotations
@@ -77,13 +77,7 @@ def _triton_key() -> Callable[[], str] | None:
     return None
 
 
-def export_modules(device: torch.device) -> None:
-    """The preview's module and matplotlib, imported (the export draws preview.png with them)."""
-    importlib.import_module("vggt_turbo.app.preview")
-
-
-CUDA_STEPS: tuple[Step, ...] = (cuda_context, math_libraries, triton_kernels, export_modules)
-OTHER_STEPS: tuple[Step, ...] = (export_modules,)
+CUDA_STEPS: tuple[Step, ...] = (cuda_context, math_libraries, triton_kernels)
 
 
 class WarmStart:
@@ -111,10 +105,10 @@ class WarmStart:
 
 @contextlib.contextmanager
 def running(device: torch.device, steps: Optional[Sequence[Step]] = None) -> Iterator[WarmStart]:
-    """A started ``WarmStart`` of ``steps`` (default: ``CUDA_STEPS`` on a CUDA ``device``, ``OTHER_STEPS`` on any
-    other), joined on exit so that no step outlives the run."""
+    """A started ``WarmStart`` of ``steps`` (default: ``CUDA_STEPS`` on a CUDA ``device``, none on any other),
+    joined on exit so that no step outlives the run."""
     if steps is None:
-        steps = CUDA_STEPS if device.type == "cuda" else OTHER_STEPS
+        steps = CUDA_STEPS if device.type == "cuda" else ()
     warm = WarmStart(device, steps)
     warm.start()
     try:
