@@ -10,6 +10,9 @@ timed from the command's start to its end. Two pipelines, both on ``--device``:
             the checkpoint, ``.to(device)``, one forward under autocast, ``pose_encoding_to_extri_intri``, the
             predictions saved with ``np.savez``.
 
+``--compare-src`` runs the command from another tree's ``src/`` right after each of this tree's runs, on the same
+folder: two commits side by side on one host, where hosts differ more than the change.
+
 Also recorded: the time to read the checkpoint file (the floor of the model phase) and the goal of the issue,
 whole command <= 2 x forward + read. ``--size small`` (the toy model, 56 px) runs anywhere, for a smoke test.
 
@@ -48,14 +51,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--runs", type=int, default=2, help="turbo runs per frame count (first, then warm)")
     p.add_argument("--skip-upstream", action="store_true")
+    p.add_argument("--compare-src", type=Path, metavar="DIR",
+                   help="also run the command from another tree's src/ (e.g. git archive OLD src | tar -x -C /tmp/old),"
+                   " each run right after this tree's: an A/B of two commits on one host")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "reconstruct")
     p.add_argument("--upstream-child", nargs=4, metavar=("FOLDER", "CKPT", "DEVICE", "SIZE"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def _env() -> dict[str, str]:
+def _env(src: Path = ROOT / "src") -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(src), env.get("PYTHONPATH")]))
     return env
 
 
@@ -104,18 +110,19 @@ def read_seconds(path: Path) -> float:
     return time.perf_counter() - start
 
 
-def run_turbo(folder: Path, ckpt: Path, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+def run_turbo(folder: Path, ckpt: Path, args: argparse.Namespace, out: Path, src: Path = ROOT / "src") -> dict[str, Any]:
     cmd = [sys.executable, "-m", "vggt_turbo.cli", "reconstruct", str(folder), "--out", str(out), "--force", "--quiet",
            "--weights", str(ckpt), "--preset", args.preset, "--device", args.device, "--export", "ply"]
     if args.size == "small":
         cmd += ["--model-size", "small"]
     start = time.perf_counter()
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+    done = subprocess.run(cmd, env=_env(src), capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"reconstruct failed ({done.returncode}): {done.stderr[-2000:]}")
     report = json.loads((out / "report.json").read_text())
-    return {"wall_s": wall, "phases_s": report["timings_s"], "kernel_cache": report.get("kernel_cache")}
+    return {"wall_s": wall, "phases_s": report["timings_s"], "kernel_cache": report.get("kernel_cache"),
+            "vggt_turbo": report["versions"]["vggt_turbo"]}
 
 
 def run_upstream(folder: Path, ckpt: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -220,7 +227,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     counts = [int(x) for x in args.frames.split(",")]
     results: dict[str, Any] = {"meta": run_meta(args.device), "device": device_slug(args.device), "size": args.size,
-                               "preset": args.preset, "host": platform.node(), "cpus": os.cpu_count(), "rows": []}
+                               "preset": args.preset, "host": platform.node(), "cpus": os.cpu_count(), "rows": [],
+                               **({"compare_src": str(args.compare_src)} if args.compare_src else {})}
     with tempfile.TemporaryDirectory(prefix="reconstruct-bench-") as tmp:
         workdir = Path(tmp)
         source = source_images(args.images, workdir)
@@ -229,11 +237,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         results["checkpoint_read_s"] = read_seconds(ckpt)  # after ensure_checkpoint: usually from the page cache
         for count in counts:
             folder = frames_folder(source, count, workdir)
-            row: dict[str, Any] = {"frames": count, "turbo": []}
+            row: dict[str, Any] = {"frames": count, "turbo": [], **({"compare": []} if args.compare_src else {})}
             for run in range(args.runs):
                 row["turbo"].append(run_turbo(folder, ckpt, args, workdir / f"out-{count}-{run}"))
                 log.info("%d frames, turbo run %d: %.2f s %s", count, run + 1, row["turbo"][-1]["wall_s"],
                          row["turbo"][-1]["phases_s"])
+                if args.compare_src:
+                    row["compare"].append(run_turbo(folder, ckpt, args, workdir / f"cmp-{count}-{run}", args.compare_src))
+                    log.info("%d frames, compared tree run %d: %.2f s %s", count, run + 1,
+                             row["compare"][-1]["wall_s"], row["compare"][-1]["phases_s"])
             if not args.skip_upstream:
                 row["upstream"] = run_upstream(folder, ckpt, args)
                 log.info("%d frames, upstream: %.2f s %s", count, row["upstream"]["wall_s"], row["upstream"]["phases_s"])
@@ -255,6 +267,7 @@ def table(results: dict[str, Any]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
         runs = [(f"turbo run {i + 1}", r) for i, r in enumerate(row["turbo"])]
+        runs += [(f"compared tree run {i + 1}", r) for i, r in enumerate(row.get("compare", []))]
         runs += [("upstream", row["upstream"])] if "upstream" in row else []
         for name, r in runs:
             t = r["phases_s"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +33,21 @@ def test_small_run_times_both_pipelines_per_phase(tmp_path: Path) -> None:
     written = json.loads((tmp_path / "results" / "cpu-small.json").read_text())
     assert written["rows"][0]["frames"] == 3
     assert {"gpu", "torch", "upstream_commit", "vggt_turbo_commit", "date", "python_bytecode"} <= written["meta"].keys()
+
+
+def test_compare_src_runs_the_other_tree_after_each_run(tmp_path: Path) -> None:
+    """``--compare-src``: the command also runs from another tree's src/ (here a copy whose version says so)."""
+    other = tmp_path / "other" / "src"
+    shutil.copytree(ROOT / "src", other, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    init = other / "vggt_turbo" / "__init__.py"
+    init.write_text(init.read_text().replace('__version__ = "', '__version__ = "compared-'))
+    results = _bench().main(["--size", "small", "--frames", "2", "--runs", "2", "--device", "cpu", "--skip-upstream",
+                             "--checkpoint", str(tmp_path / "small.safetensors"), "--out", str(tmp_path / "results"),
+                             "--compare-src", str(other)])
+    (row,) = results["rows"]
+    assert [r["vggt_turbo"].startswith("compared-") for r in row["turbo"] + row["compare"]] == [False] * 2 + [True] * 2
+    assert all(r["wall_s"] > 0 for r in row["compare"]) and "upstream" not in row
+    assert results["compare_src"] == str(other)
 
 
 def test_meta_resolves_the_default_device() -> None:
