@@ -147,12 +147,11 @@ def reconstruct(options: ReconstructOptions) -> Result:
     Everything that can fail for a reason the user controls is checked before the model is built (the step
     that takes most of a minute on a CPU): the device, the output folder (writable, not the input), upstream
     being importable, the input, the dtype, the weights (a local checkpoint's names and shapes), and the memory.
-    The cheap checks come first; importing upstream (which imports huggingface_hub's client: about half a
-    second) and the weights' check run on a thread while the frames decode (``_run``).
     """
     formats = export_options.parse(options.export)
     device = _device(options.device)
     _check_out(options.out, options.input, options.force)
+    _check_upstream()
     if device.type == "cuda":
         kernel_cache.use_own_caches()  # before the warm start imports Triton
     # Start-up costs while frames and weights load: CUDA and Triton on a thread, matplotlib in a process.
@@ -169,9 +168,9 @@ def _run(options: ReconstructOptions, formats: tuple[str, ...], device: torch.de
     start = time.perf_counter()
     if options.frames == "auto":
         options = dataclasses.replace(options, frames=fit.auto_frames(options, device))
-    # Upstream imported and the weights checked (the model's meta-device skeleton built) while the frames decode.
+    # The weights are checked (and the model's meta-device skeleton built) while the frames decode.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="vggt-turbo-plan") as checking:
-        planning = checking.submit(_plan_weights, options)
+        planning = checking.submit(weights.plan, options.weights, options.random_weights, options.model_size)
         images, names, kind, available = _load(options)
         loaded_at = time.perf_counter()
         dtype = _dtype(options.dtype, device)  # CUDA is initialised by now (the warm start)
@@ -239,12 +238,6 @@ def _run(options: ReconstructOptions, formats: tuple[str, ...], device: torch.de
         )
         _export(result, predictions, colors, formats, frames_ahead, previews)
         return result
-
-
-def _plan_weights(options: ReconstructOptions) -> weights.Plan:
-    """Upstream importable (``_check_upstream``), then the weights' plan."""
-    _check_upstream()
-    return weights.plan(options.weights, options.random_weights, options.model_size)
 
 
 def _check_upstream() -> None:
