@@ -92,3 +92,13 @@ def test_the_worker_ends_with_the_block_also_on_an_error() -> None:
             raise KeyError("a phase failed")
     assert proc is not None and proc.poll() is not None
     previews.close()  # idempotent
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads the worker's environment from /proc")
+def test_the_worker_runs_one_blas_thread_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    with preview_process.started() as previews:
+        assert previews._proc is not None
+        environ = Path(f"/proc/{previews._proc.pid}/environ").read_bytes().split(b"\0")
+    assert b"OPENBLAS_NUM_THREADS=1" in environ and b"OMP_NUM_THREADS=3" in environ

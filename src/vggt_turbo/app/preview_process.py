@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 # a PYTHONPATH), then ``main``.
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 _BOOTSTRAP = "import sys; sys.path.insert(0, sys.argv[1]); from vggt_turbo.app.preview_process import main; main()"
+# The drawing's matrix products are tiny (100,000 x 4 by 4 x 4): one BLAS/OpenMP thread, not a pool of one per
+# core woken for each, beside the command's own threads. Values the user set are kept.
+_ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 class PreviewProcess:
@@ -54,7 +57,7 @@ class PreviewProcess:
         self._proc: Optional[subprocess.Popen[bytes]] = None
         try:
             self._proc = subprocess.Popen(
-                [sys.executable, "-c", _BOOTSTRAP, _PACKAGE_ROOT],
+                [sys.executable, "-c", _BOOTSTRAP, _PACKAGE_ROOT], env={**_ONE_THREAD, **os.environ},
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL if quiet else None,
             )
         except OSError as exc:
