@@ -22,7 +22,6 @@ import json
 import platform
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from vggt_turbo.app.frames_ahead import FramesAhead
 from vggt_turbo.app.reconstruct import _export
 from vggt_turbo.app.report import RANDOM_WEIGHTS_NOTE, build_report
 from vggt_turbo.app.result import Result
+from vggt_turbo.bench.meta import turbo_commit
 
 FORMATS = ("ply", "colmap", "nerfstudio")
 PERCENTILE = 50.0  # reconstruct's default --conf-percentile
@@ -188,9 +188,7 @@ def _row(seconds: float, every: list[float]) -> dict[str, Any]:
 
 
 def _meta(frames: int, height: int, width: int, repeats: int, points: int, colmap_points: int) -> dict[str, Any]:
-    root = Path(__file__).resolve().parents[1]
-    git = ["git", "rev-parse", "--short", "HEAD"]
-    commit = subprocess.run(git, cwd=root, capture_output=True, text=True).stdout.strip()
+    commit = turbo_commit()  # the tree imported (VGGT_TURBO_COMMIT for a copy without .git), not the cwd's HEAD
     return {"frames": frames, "height": height, "width": width, "repeats": repeats, "points": points,
             "colmap_points": colmap_points, "threads": inputs.workers(), "cpu": _cpu_name(), "commit": commit,
             "numpy": np.__version__, "date": time.strftime("%Y-%m-%d")}
