@@ -23,7 +23,7 @@ from PIL import Image
 
 import vggt_turbo
 from vggt_turbo import cli
-from vggt_turbo.app import export, inputs, memory, weights
+from vggt_turbo.app import export, inputs, memory, selection, weights
 from vggt_turbo.app.errors import UserError
 from vggt_turbo.random_model import SMALL_IMAGE, build_vggt
 
@@ -459,10 +459,10 @@ def test_colmap_leaves_out_degenerate_cameras(tmp_path: Path) -> None:
 
 
 def test_select_frames() -> None:
-    assert inputs.select(8, frames=3) == [0, 4, 7]
-    assert inputs.select(8, frames=20) == list(range(8))
-    assert inputs.select(8, stride=3) == [0, 3, 6]
-    assert inputs.select(5) == [0, 1, 2, 3, 4]
+    assert selection.select(8, frames=3) == [0, 4, 7]
+    assert selection.select(8, frames=20) == list(range(8))
+    assert selection.select(8, stride=3) == [0, 3, 6]
+    assert selection.select(5) == [0, 1, 2, 3, 4]
 
 
 def test_quaternions_from_rotations_round_trip() -> None:

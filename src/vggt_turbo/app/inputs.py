@@ -45,7 +45,6 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
-from .selection import select  # inputs.select: --frames/--stride
 
 log = logging.getLogger(__name__)
 

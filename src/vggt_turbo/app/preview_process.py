@@ -103,7 +103,8 @@ class PreviewProcess:
         return reply
 
     def close(self) -> None:
-        """End the worker: its stdin closed, it exits; waited for briefly, then killed. Idempotent."""
+        """End the worker: its stdin closed, an idle worker exits at once; one still importing (a run that failed
+        early) is killed rather than waited for. Idempotent."""
         proc, self._proc = self._proc, None
         if proc is None:
             return
@@ -111,8 +112,8 @@ class PreviewProcess:
             with contextlib.suppress(OSError):
                 stream.close()  # type: ignore[union-attr]
         try:
-            proc.wait(timeout=2.0)
-        except subprocess.TimeoutExpired:  # mid-drawing of a preview nobody waits for any more
+            proc.wait(timeout=0.25)
+        except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
 

@@ -41,7 +41,8 @@ from tqdm import tqdm
 from .. import apply_optimizations, describe
 from ..config import PRESETS
 from ..random_model import SMALL_IMAGE
-from . import example_scene, export, export_options, fit, inputs, kernel_cache, memory, preview_process, warm_start, weights
+from . import (example_scene, export, export_options, fit, inputs, kernel_cache, memory, preview_process, selection,
+               warm_start, weights)
 from .errors import UserError
 from .export_colmap_binary import write_colmap_binary
 from .export_nerfstudio import write_nerfstudio
@@ -173,7 +174,7 @@ def _run(options: ReconstructOptions, formats: tuple[str, ...], device: torch.de
         planning = checking.submit(weights.plan, options.weights, options.random_weights, options.model_size)
         images, names, kind, available = _load(options)
         loaded_at = time.perf_counter()
-        dtype = _dtype(options.dtype, device)  # CUDA is initialised by now (the warm start)
+        dtype = _dtype(options.dtype, device)  # initialises CUDA: the warm start's thread has been doing so meanwhile
         plan = planning.result()
     checks = time.perf_counter() - loaded_at  # what the weights' check took beyond the frames
     kind = "example scene" if options.example else kind
@@ -266,8 +267,8 @@ def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarr
     ran (``frames``), each is written as soon as it is ready; the preview is drawn by another process
     (``previews``). What the writers share (the confident points, the COLMAP model) is computed on the pool too,
     the two side by side and beside predictions.npz, which needs neither; report.json, which counts what the
-    others wrote, comes last. The first failure (or Ctrl-C) cancels what has not started
-    and, through ``staged_directory``, leaves nothing behind.
+    others wrote, comes last. The first failure (or Ctrl-C) cancels what has not started and, through
+    ``staged_directory``, leaves nothing behind.
     """
     options, names = result.options, result.image_names
     start = time.perf_counter()
@@ -332,7 +333,7 @@ def _load(options: ReconstructOptions) -> tuple[torch.Tensor, list[str], str, in
     if source.is_dir():
         files = inputs.list_images(source)
         _say_frames_used(options, len(files), "images in the folder")
-        chosen = inputs.select(len(files), options.frames, options.stride)
+        chosen = selection.select(len(files), options.frames, options.stride)
         with _bar("load", len(files), "file", options.quiet) as bar:
             images = inputs.load_folder(files, chosen, options.mode, lambda name: _step(bar, name))
         return images, [files[i].name for i in chosen], "folder", len(files)
@@ -340,7 +341,8 @@ def _load(options: ReconstructOptions) -> tuple[torch.Tensor, list[str], str, in
     noise = inputs.DecoderNoise()
     count = inputs.video_frame_count(source, noise)
     _say_frames_used(options, count, "frames in the video's header")
-    wanted = inputs.select(count, options.frames or (None if options.stride else inputs.DEFAULT_VIDEO_FRAMES), options.stride)
+    wanted = selection.select(count, options.frames or (None if options.stride else inputs.DEFAULT_VIDEO_FRAMES),
+                              options.stride)
     with _bar("load", len(wanted), "frame", options.quiet) as bar:
         images, indices = inputs.load_frames(inputs.video_frames(source, wanted, noise), options.mode,
                                              lambda index: _step(bar, f"frame {index}"))

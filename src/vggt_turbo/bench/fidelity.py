@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..app import inputs
+from ..app.selection import select
 from ..config import FAST_GLOBAL_TO_FRAME_LAYERS, PRESETS, TurboConfig
 from ..patching import apply_optimizations, revert_optimizations
 from ..random_model import SMALL_IMAGE, Size, random_images
@@ -195,7 +196,7 @@ def example_inputs(root: Path, frames: Sequence[int], size: Size) -> list[Input]
             if n > len(paths):
                 log.info("%s: %d frames skipped (the scene has %d images)", scene.name, n, len(paths))
                 continue
-            images = inputs.load_images([paths[i] for i in inputs.select(len(paths), n)], mode="crop")
+            images = inputs.load_images([paths[i] for i in select(len(paths), n)], mode="crop")
             out.append(Input(scene.name, (_shrink(images) if size == "small" else images)[None]))
     return out
 
