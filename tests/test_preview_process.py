@@ -85,6 +85,18 @@ def test_a_worker_that_died_means_drawing_here(tmp_path: Path) -> None:
     assert (tmp_path / "p.png").read_bytes() == (tmp_path / "ref.png").read_bytes()
 
 
+def test_a_worker_whose_output_is_not_the_protocol_means_drawing_here(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Something in the worker's start-up (a sitecustomize, a start-up file) prints to its stdout."""
+    printing = "print('hello from a start-up file'); " + preview_process._BOOTSTRAP
+    monkeypatch.setattr(preview_process, "_BOOTSTRAP", printing)
+    with preview_process.started() as previews:
+        previews.render_preview(tmp_path / "p.png", *scene())
+        assert not previews.running
+    preview.render(tmp_path / "ref.png", preview_inputs(*scene()))
+    assert (tmp_path / "p.png").read_bytes() == (tmp_path / "ref.png").read_bytes()
+
+
 def test_the_worker_ends_with_the_block_also_on_an_error() -> None:
     with pytest.raises(KeyError):
         with preview_process.started() as previews:

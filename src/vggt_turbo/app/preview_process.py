@@ -14,8 +14,8 @@ the exception the drawing raised (re-raised here, its traceback attached as a no
 the ``OSError`` that ``export.staged_directory`` reports in one line. The worker ignores Ctrl-C (the command
 handles it and closes the pipe) and exits when its stdin closes, also when the command's process ends abruptly.
 
-Where the worker cannot start, or dies, the preview is drawn in this process as before (logged): slower, never
-missing.
+Where the worker cannot start, dies, or answers with something else than the protocol (a ``sitecustomize`` that
+prints, say), the preview is drawn in this process as before (logged): slower, never missing.
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ class PreviewProcess:
         if self._proc is not None:
             try:
                 reply = self._ask(self._proc, (str(path), inputs))
-            except (OSError, EOFError, pickle.UnpicklingError) as exc:  # the worker is gone
-                log.info("preview: the worker process stopped (%s: %s); drawing in this process",
+            except Exception as exc:  # noqa: BLE001 - the worker is gone, or its replies are not ours to read
+                log.info("preview: no answer from the worker process (%s: %s); drawing in this process",
                          type(exc).__name__, exc)
                 self.close()
             else:
