@@ -88,7 +88,7 @@ def test_a_worker_that_died_means_drawing_here(tmp_path: Path) -> None:
 def test_a_worker_whose_output_is_not_the_protocol_means_drawing_here(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Something in the worker's start-up (a sitecustomize, a start-up file) prints to its stdout."""
-    printing = "print('hello from a start-up file'); " + preview_process._BOOTSTRAP
+    printing = "print('Matplotlib is building the font cache'); " + preview_process._BOOTSTRAP
     monkeypatch.setattr(preview_process, "_BOOTSTRAP", printing)
     with preview_process.started() as previews:
         previews.render_preview(tmp_path / "p.png", *scene())
