@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -112,5 +113,13 @@ def test_the_worker_runs_one_blas_thread_unless_the_user_chose(monkeypatch: pyte
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     with preview_process.started() as previews:
         assert previews._proc is not None
-        environ = Path(f"/proc/{previews._proc.pid}/environ").read_bytes().split(b"\0")
+        environ = _environ(previews._proc.pid)
     assert b"OPENBLAS_NUM_THREADS=1" in environ and b"OMP_NUM_THREADS=3" in environ
+
+
+def _environ(pid: int) -> list[bytes]:
+    """A process's environment from /proc: empty for a moment while it is being exec'd, so read until it is not."""
+    deadline = time.monotonic() + 10
+    while not (data := Path(f"/proc/{pid}/environ").read_bytes()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return data.split(b"\0")
