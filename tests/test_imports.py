@@ -34,15 +34,8 @@ def modules_of(package: str) -> set[str]:
     return names
 
 
-def loaded_by(code: str) -> set[str]:
-    """The modules loaded after ``code`` runs in a fresh interpreter."""
-    code += "; import json, sys; print(json.dumps(sorted(sys.modules)))"
-    return set(json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                         check=True).stdout))
-
-
 def test_using_the_library_loads_the_core_only() -> None:
-    loaded = loaded_by("import vggt_turbo; vggt_turbo.apply_optimizations, vggt_turbo.plan")
+    loaded = modules_after(f"import vggt_turbo; vggt_turbo.apply_optimizations, vggt_turbo.plan; {PRINT_MODULES}")
     expected = {"vggt_turbo", *(f"vggt_turbo.{m}" for m in CORE), *modules_of("patches"), *modules_of("kernels")}
     assert {m for m in loaded if m.startswith("vggt_turbo")} == expected
     assert not loaded & set(NOT_LOADED)
@@ -52,7 +45,8 @@ def test_using_the_library_loads_the_core_only() -> None:
 def test_import_alone_loads_nothing_until_a_name_is_used() -> None:
     """The public names are imported on first use (PEP 562), so a torch-free part of the package (the preview's
     worker process) can be imported without torch; each name is then the one its module defines."""
-    assert not {m for m in loaded_by("import vggt_turbo") if m == "torch" or m.startswith("vggt_turbo.")}
+    loaded = modules_after(f"import vggt_turbo; {PRINT_MODULES}")
+    assert not {m for m in loaded if m == "torch" or m.startswith("vggt_turbo.")}
     from vggt_turbo import patching, planner, upstream
 
     assert vggt_turbo.apply_optimizations is patching.apply_optimizations
@@ -92,6 +86,9 @@ def test_the_library_never_imports_the_application_or_the_bench() -> None:
 def test_the_configuration_does_not_import_the_collectives() -> None:
     """``config`` recognises a process group through ``process_group``; ``distributed`` is the patches' business."""
     assert not {n for n in imported_names(PACKAGE / "config.py") if n.startswith("vggt_turbo.distributed")}
+
+
+PRINT_MODULES = "import json, sys; print(json.dumps(sorted(sys.modules)))"
 
 
 def modules_after(code: str) -> set[str]:

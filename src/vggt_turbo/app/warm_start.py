@@ -89,7 +89,8 @@ class WarmStart:
         self._thread = threading.Thread(target=self._run, name="vggt-turbo-warm-start", daemon=True)
 
     def start(self) -> None:
-        self._thread.start()
+        if self._steps:  # no thread for nothing to do (the CPU)
+            self._thread.start()
 
     def wait(self) -> None:
         if self._thread.ident is not None:  # started
