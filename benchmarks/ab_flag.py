@@ -54,7 +54,7 @@ def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
+def median_ms(fn: Callable[[], Any], repeats: int) -> float:
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -83,7 +83,7 @@ def _kernels(fn: Callable[[], Any]) -> dict[str, Any]:
     return {"count": len(events), "sum_ms": round(sum(e["dur"] for e in events) / 1e3, 3), "span_ms": round(span / 1e3, 3)}
 
 
-def _forward(model: nn.Module, images: torch.Tensor) -> Callable[[], Any]:
+def forward_call(model: nn.Module, images: torch.Tensor) -> Callable[[], Any]:
     def call() -> Any:
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             return model(images)
@@ -97,7 +97,7 @@ def compare(base: nn.Module, flag: str, frames: int, rounds: int, repeats: int) 
     models = {name: copy.deepcopy(base).cuda() for name in names}
     vggt_turbo.apply_optimizations(models[names[0]], "exact")
     vggt_turbo.apply_optimizations(models[names[1]], switched_off(TurboConfig.preset("exact"), flag))
-    calls = {name: _forward(model, images) for name, model in models.items()}
+    calls = {name: forward_call(model, images) for name, model in models.items()}
     outputs, reserved = {}, {}
     for name, call in calls.items():
         torch.cuda.empty_cache()
@@ -109,12 +109,12 @@ def compare(base: nn.Module, flag: str, frames: int, rounds: int, repeats: int) 
     timings: dict[str, dict[str, list[float]]] = {name: {"call_ms": [], "replay_ms": []} for name in names}
     for _ in range(rounds):
         for name, model in models.items():
-            timings[name]["call_ms"].append(round(_median_ms(calls[name], repeats), 3))
+            timings[name]["call_ms"].append(round(median_ms(calls[name], repeats), 3))
             cache = graph_cache(model)
             if cache is not None and cache.entries:
                 graph = next(iter(cache.entries.values())).graph
                 if graph is not None:
-                    timings[name]["replay_ms"].append(round(_median_ms(graph.replay, repeats), 3))
+                    timings[name]["replay_ms"].append(round(median_ms(graph.replay, repeats), 3))
     result: dict[str, Any] = {"frames": frames}
     for name, model in models.items():
         cache = graph_cache(model)
@@ -136,6 +136,23 @@ def compare(base: nn.Module, flag: str, frames: int, rounds: int, repeats: int) 
     return result
 
 
+def ab_meta(started: datetime.datetime, doc: str) -> dict[str, Any]:
+    """What every one-process A/B report records: the GPU, torch, upstream's and this tree's commits, the start
+    time and the method (``doc``'s third paragraph)."""
+    commit, source = upstream_commit()
+    return {
+        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "upstream_commit": commit,
+        "upstream_commit_source": source, "vggt_turbo_commit": turbo_commit(),
+        "time_utc": started.strftime("%Y-%m-%dT%H:%M:%SZ"), "what": doc.split("\n\n")[2].replace("\n", " "),
+    }
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    log.info("wrote %s", path)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse(argv)
@@ -143,19 +160,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise SystemExit("ab_flag.py needs a CUDA GPU")
     started = datetime.datetime.now(datetime.timezone.utc)
     base = build_vggt("full", seed=0, enable_track=False).eval()
-    commit, source = upstream_commit()
-    report = {
-        "meta": {
-            "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "upstream_commit": commit,
-            "upstream_commit_source": source, "vggt_turbo_commit": turbo_commit(),
-            "time_utc": started.strftime("%Y-%m-%dT%H:%M:%SZ"), "flag": args.flag, "rounds": args.rounds,
-            "repeats": args.repeats, "what": __doc__.split("\n\n")[2].replace("\n", " "),
-        },
-        "results": [compare(base, args.flag, int(f), args.rounds, args.repeats) for f in args.frames.split(",")],
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
-    log.info("wrote %s", args.out)
+    results = [compare(base, args.flag, int(f), args.rounds, args.repeats) for f in args.frames.split(",")]
+    meta = {**ab_meta(started, __doc__), "flag": args.flag, "rounds": args.rounds, "repeats": args.repeats}
+    write_report(args.out, {"meta": meta, "results": results})
 
 
 if __name__ == "__main__":
