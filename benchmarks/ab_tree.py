@@ -12,7 +12,7 @@ imports are relative, so it loads beside this one), and three deep copies of one
 seed 0) run on the same input: upstream unpatched, this tree's ``--preset`` and the other's. Each is called under
 bf16 autocast as upstream's README runs it; per round each copy takes the median of ``--repeats`` calls between
 CUDA events, round after round (``--rounds``), so clock and host drift hit all three alike. Reported per copy:
-the median over rounds and every round's time, peak memory of one call above what the copies hold, and each
+the median over rounds and every round's time, peak memory of a warm call above what was allocated before it, and each
 patched copy's outputs against upstream-autocast's (``||a-b||/||b||``; the contract's errors against fp32 are
 ``vggt-turbo bench --precision``'s). Needs a CUDA GPU and memory for three copies of the model.
 """
@@ -84,14 +84,15 @@ def compare(base: torch.nn.Module, other: ModuleType, preset: str, frames: int, 
     other.apply_optimizations(models[names[2]], preset)
     calls = {name: forward_call(model, images) for name, model in models.items()}
     outputs, peak = {}, {}
-    for name, call in calls.items():  # warm-up: compilation, CUDA-graph capture, caches
-        torch.cuda.synchronize()
-        held = torch.cuda.memory_allocated()
-        for _ in range(2):
-            torch.cuda.reset_peak_memory_stats()
+    for name, call in calls.items():
+        for _ in range(2):  # warm-up: compilation, CUDA-graph capture, caches
             outputs[name] = {k: v for k, v in call().items() if k in OUTPUTS}
         torch.cuda.synchronize()
-        peak[name] = round((torch.cuda.max_memory_allocated() - held) / 2**30, 3)
+        held = torch.cuda.memory_allocated()  # the copies, their caches and graphs, the outputs kept so far
+        torch.cuda.reset_peak_memory_stats()
+        outputs[name] = {k: v for k, v in call().items() if k in OUTPUTS}
+        torch.cuda.synchronize()
+        peak[name] = round((torch.cuda.max_memory_allocated() - held) / 2**30, 3)  # what one more call adds at most
     times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(rounds):
         for name in names:

@@ -5,7 +5,7 @@
 - nerfstudio (transforms.json): its OpenGL camera-to-world matrices convert back to predictions.npz's cameras;
   the convention itself is checked on a synthetic camera with a known pose.
 - COLMAP text: every number reads back as exactly the model's double.
-- preview.png: rendered, not blank, labelled RANDOM WEIGHTS; its points land where matplotlib projects them,
+- preview.png: rendered, not blank, labelled RANDOM WEIGHTS; its points land on the pixels their projection names,
   the nearest on top, at most ``preview.MAX_POINTS`` of them.
 - images_to_uint8: contiguous, the same values as the plain formula.
 - --export: validated, and only what is asked for is written.
@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -104,9 +105,13 @@ def test_colmap_points_have_the_colour_of_their_pixel(full: dict) -> None:
     assert checked > 0
 
 
-def test_colmap_text_reads_back_as_exactly_the_models_numbers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("rows_per_format", [export.ROWS_PER_FORMAT, 5])
+def test_colmap_text_reads_back_as_exactly_the_models_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              rows_per_format: int) -> None:
     """The text model is written column-wise with ``%r`` (and tracks as pixel + ".5"): parsed as doubles, every
-    point, track and camera is bit-equal to the model the binary model is written from."""
+    point, track and camera is bit-equal to the model the binary model is written from; also when the rows are
+    formatted in many pieces (5 rows each here: pieces end inside every image's track line)."""
+    monkeypatch.setattr(export, "ROWS_PER_FORMAT", rows_per_format)
     rng = np.random.default_rng(0)
     count, height, width = 3, 6, 8
     extrinsics = np.tile(np.eye(4)[:3], (count, 1, 1)) + 0.01 * rng.standard_normal((count, 3, 4))
@@ -220,54 +225,48 @@ def test_preview_png_is_a_labelled_picture(full: dict) -> None:
     assert len(np.unique(pixels[height // 2:].reshape(-1, 3), axis=0)) > 1000
 
 
-def _render_splat(xyz: np.ndarray, rgb: np.ndarray, elevation: float, azimuth: float) -> tuple[np.ndarray, np.ndarray]:
-    """(canvas RGBA, where matplotlib's own scatter puts each point in it as (row, col)) for ``preview._Splat``
-    alone in a 3-D axes."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(4, 4), dpi=100)
-    canvas = FigureCanvasAgg(fig)
-    ax = fig.add_subplot(projection="3d")
-    reference = ax.scatter(*xyz.T, s=0, depthshade=False)  # invisible: only its projected positions are used
-    ax.add_artist(preview._Splat(xyz, rgb))
-    for set_limits in (ax.set_xlim, ax.set_ylim, ax.set_zlim):
-        set_limits(-1, 1)
-    ax.view_init(elev=elevation, azim=azimuth)
-    ax.set_axis_off()
-    canvas.draw()
-    pixels = np.asarray(canvas.buffer_rgba())
-    x, y = ax.transData.transform(reference.get_offsets()).T
-    return pixels, np.stack([len(pixels) - 1 - np.floor(y), np.floor(x)], axis=1).astype(int)
-
-
 @pytest.mark.parametrize("elevation, azimuth", [(elevation, azimuth) for _, elevation, azimuth in preview.VIEWS])
-def test_preview_points_land_where_matplotlib_projects_them(elevation: float, azimuth: float) -> None:
-    xyz = np.random.default_rng(1).uniform(-0.9, 0.9, (40, 3))
-    pixels, where = _render_splat(xyz, np.tile(np.uint8([255, 0, 0]), (len(xyz), 1)), elevation, azimuth)
-    at = pixels[where[:, 0], where[:, 1]]
-    assert ((at[:, 0] == 255) & (at[:, 1] == 0) & (at[:, 2] == 0)).all()
-    assert ((pixels[..., 0] == 255) & (pixels[..., 1] == 0)).sum() <= len(xyz)  # one pixel each, nothing else
+def test_preview_view_axes_are_the_viewers_on_a_sphere(elevation: float, azimuth: float) -> None:
+    """Right, up and towards the viewer: orthonormal and right-handed; the viewer stands at (elevation, azimuth)
+    on a sphere around the scene (rotations of the front view, built another way: about the up axis, then tilted
+    about the screen's right)."""
+    right, up, toward = axes = preview.view_axes(elevation, azimuth)
+    np.testing.assert_allclose(axes @ axes.T, np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(np.cross(right, up), toward, atol=1e-12)
+    a, e = np.radians(azimuth + 90), np.radians(elevation)
+    turn = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    front = {"right": np.array([1.0, 0, 0]), "up": np.array([0, 0, 1.0]), "toward": np.array([0, -1.0, 0])}
+    tilt = lambda v: np.cos(e) * v - np.sin(e) * np.cross(turn @ front["right"], v)  # noqa: E731 - v is ⟂ the axis
+    np.testing.assert_allclose(right, turn @ front["right"], atol=1e-12)
+    np.testing.assert_allclose(toward, tilt(turn @ front["toward"]), atol=1e-12)
+    np.testing.assert_allclose(up, tilt(turn @ front["up"]), atol=1e-12)
+
+
+def test_preview_splat_puts_each_point_on_its_pixel() -> None:
+    uv = np.array([[0.5, 0.5], [3.99, 2.0], [7.2, 4.9], [-0.1, 1.0], [8.0, 1.0]])  # the last two outside
+    rgb = np.uint8([[255, 0, 0], [0, 255, 0], [0, 0, 255], [9, 9, 9], [9, 9, 9]])
+    image = preview.splat(uv, np.zeros(len(uv)), rgb, 8, 5)
+    assert image.shape == (5, 8, 4) and (image[..., 3] == 255).sum() == 3
+    for (x, y), colour in zip(uv[:3], rgb[:3]):
+        assert image[int(y), int(x)].tolist() == [*colour, 255]
 
 
 def test_preview_nearest_point_wins_its_pixel() -> None:
-    """Seen from straight above, points one above the other fall on one pixel: the highest one's colour shows."""
-    xyz = np.array([[0.0, 0.0, -0.5], [0.0, 0.0, 0.5], [0.0, 0.0, 0.0]])
+    uv = np.array([[1.2, 1.2], [1.7, 1.9], [1.0, 1.0]])  # one pixel
     rgb = np.uint8([[0, 0, 255], [255, 0, 0], [0, 255, 0]])
-    pixels, where = _render_splat(xyz, rgb, 90.0, -90.0)
-    assert (where == where[0]).all()
-    assert pixels[where[0, 0], where[0, 1], :3].tolist() == [255, 0, 0]
+    image = preview.splat(uv, np.array([-0.5, 0.5, 0.0]), rgb, 3, 3)  # the second is the nearest
+    assert (image[..., 3] == 255).sum() == 1 and image[1, 1].tolist() == [255, 0, 0, 255]
 
 
 def test_preview_draws_at_most_max_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     drawn: list[int] = []
+    splat = preview.splat
 
-    class Counting(preview._Splat):
-        def __init__(self, xyz: np.ndarray, rgb: np.ndarray) -> None:
-            drawn.append(len(xyz))
-            super().__init__(xyz, rgb)
+    def counting(uv: np.ndarray, *args: Any) -> np.ndarray:
+        drawn.append(len(uv))
+        return splat(uv, *args)
 
-    monkeypatch.setattr(preview, "_Splat", Counting)
+    monkeypatch.setattr(preview, "splat", counting)
     monkeypatch.setattr(preview_inputs, "MAX_POINTS", 500)
     rng = np.random.default_rng(0)
     xyz, rgb = rng.standard_normal((2000, 3)), rng.integers(0, 256, (2000, 3), dtype=np.uint8)
@@ -277,7 +276,7 @@ def test_preview_draws_at_most_max_points(tmp_path: Path, monkeypatch: pytest.Mo
     preview.render(tmp_path / "p.png", preview_inputs.preview_inputs(xyz, rgb, extrinsics, intrinsics, frames,
                                                                      np.ones((2, 12, 16, 1)), ["a.png", "b.png"]))
     assert drawn == [500] * len(preview.VIEWS)
-    assert Image.open(tmp_path / "p.png").size == (1200, 1100)
+    assert Image.open(tmp_path / "p.png").size == (preview.WIDTH, preview.HEIGHT)
 
 
 @pytest.mark.parametrize("points", [2000, 0])
@@ -291,7 +290,7 @@ def test_preview_without_a_usable_camera(tmp_path: Path, points: int) -> None:
     frames = rng.integers(0, 256, (2, 12, 16, 3), dtype=np.uint8)
     preview.render(tmp_path / "p.png", preview_inputs.preview_inputs(xyz, rgb, extrinsics, intrinsics, frames,
                                                                      np.ones((2, 12, 16, 1)), ["a.png", "b.png"]))
-    views = np.asarray(Image.open(tmp_path / "p.png").convert("RGB"))[120:560]  # the 3-D views, below the title
+    views = np.asarray(Image.open(tmp_path / "p.png").convert("RGB"))[preview.TITLE_ROOM:preview.VIEWS_BOTTOM]
     coloured = (views.max(axis=2).astype(int) - views.min(axis=2)) > 60  # points are coloured, axes grey
     assert coloured.any() == (points > 0)
 

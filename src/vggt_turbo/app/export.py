@@ -298,6 +298,9 @@ def colmap_model(
     )
 
 
+ROWS_PER_FORMAT = 2048  # a few milliseconds of formatting: about Python's thread switch interval (5 ms)
+
+
 def write_colmap(sparse: Path, model: ColmapModel, comments: Sequence[str] = ()) -> None:
     """COLMAP text model (cameras.txt, images.txt, points3D.txt) of ``model``, ``comments`` as header lines.
 
@@ -333,8 +336,17 @@ def write_colmap(sparse: Path, model: ColmapModel, comments: Sequence[str] = ())
 
 def _rows(row: str, columns: Sequence[Sequence[Any]], separator: str = "") -> str:
     """``row`` formatted with each row of ``columns`` (lists of Python scalars: numpy's would print as
-    ``np.float64(...)`` under ``%r``), joined by ``separator``, in one ``%``."""
-    return separator.join([row] * len(columns[0])) % tuple(itertools.chain.from_iterable(zip(*columns)))
+    ``np.float64(...)`` under ``%r``), joined by ``separator``, one ``%`` per ``ROWS_PER_FORMAT`` rows.
+
+    Why in pieces: one ``%`` is one call into C that holds the GIL until it returns, a third of a second for
+    100,000 points, during which no other thread of the export (the PLY and npz writers, the preview's hand-off)
+    can take a step. Between pieces Python hands the GIL over; the text is the same."""
+    rows = len(columns[0])
+    pieces = []
+    for start in range(0, rows, ROWS_PER_FORMAT):
+        part = [column[start:start + ROWS_PER_FORMAT] for column in columns]
+        pieces.append(separator.join([row] * len(part[0])) % tuple(itertools.chain.from_iterable(zip(*part))))
+    return separator.join(pieces)
 
 
 def output_image_names(names: Sequence[str]) -> list[str]:

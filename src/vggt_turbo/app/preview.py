@@ -2,41 +2,40 @@
 another program.
 
 Top: the coloured point cloud (a random subsample of the confident points, the ones in points.ply) with the
-camera frusta, from two viewpoints. Bottom: a strip of evenly spaced input frames above their depth maps. A run
-with random weights says so in red across the top, like every other output.
+camera frusta, from two viewpoints, inside the box that holds the scene. Bottom: a strip of evenly spaced input
+frames above their depth maps. A run with random weights says so in red across the top, like every other output.
 
-Rendered with matplotlib's Agg canvas directly (no pyplot, no display, no global backend switch), so it works on
-a headless server and inside a process that uses matplotlib for something else. matplotlib is a dependency of
-vggt-turbo: preview.png is written by every run, and next to torch the package is small.
-
-Why it is drawn the way it is: every run writes it, so it sits on the export's critical path, and matplotlib's
-own ways are slow at this (benchmarks/RESULTS.md, "Export (issue #20)"). A 3-D ``scatter`` with a colour per
-point costs Agg a path per marker, so the points are instead projected with the 3-D axes' own matrix and splatted
-into one image with numpy (``_Splat``: one pixel per point, the nearest point wins a pixel), which is why up to
-``preview_inputs.MAX_POINTS`` can be shown; the frusta are one ``Line3DCollection`` per view instead of a line
-artist per segment; the layout is fixed instead of ``constrained`` (which measures every label several times);
-and the PNG is encoded at zlib level 1. What is drawn is cut down first (``preview_inputs``), so that
-``reconstruct`` can have it drawn by another process (``preview_process``).
+Drawn with numpy and Pillow alone, no plotting library, because every run writes it and it sits on the export's
+critical path: matplotlib's 3-D axes, ticks and text layout cost most of a second per preview (import and
+drawing; benchmarks/RESULTS.md, "Export (issue #20)"). Here the views are orthographic projections computed
+directly: each point is one pixel in its colour, the nearest point wins a pixel (``splat``); the box's edges and
+the frusta are Pillow lines; the strip is one mosaic resized once. What is drawn is cut down first
+(``preview_inputs``), so that ``reconstruct`` can have it drawn by another process (``preview_process``).
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.artist import Artist
-from matplotlib.axes import Axes
-from matplotlib.backend_bases import RendererBase
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.gridspec import GridSpec
-from mpl_toolkits.mplot3d.art3d import Line3DCollection
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
 from .preview_inputs import PreviewInputs
 
+# (title, elevation, azimuth) in degrees, as a viewer on a sphere around the scene: azimuth -90 looks along the
+# plot's forward axis (the first camera's), elevation 90 straight down.
 VIEWS = (("front (as the first camera looks)", 10.0, -90.0), ("from above", 65.0, -55.0))
+WIDTH, HEIGHT = 1200, 1100  # px; the strip widens the picture for many frames (TILE_WIDTH each)
+TILE_WIDTH = 220
+TITLE_ROOM, VIEWS_BOTTOM = 100, 650  # px from the top: the title lines, then the views down to VIEWS_BOTTOM
+NEAR_TO_FAR = np.array([  # the depth maps' colours, near to far: dark blue, blue, green, orange, dark red
+    [0.19, 0.07, 0.23], [0.10, 0.50, 0.95], [0.20, 0.90, 0.50], [0.98, 0.70, 0.10], [0.60, 0.05, 0.02]
+])
+FIRST_CAMERA = (217, 26, 26)  # red: the world frame is its frame; the others run from blue to green in input order
+AXIS_NAMES = ("x", "z (forward)", "-y (up)")
 
 
 def to_plot_axes(xyz: np.ndarray) -> np.ndarray:
@@ -58,24 +57,50 @@ def frustum_lines(cam_from_world: np.ndarray, intrinsics: np.ndarray, width: int
     return np.array(spokes + rim)
 
 
+def view_axes(elevation: float, azimuth: float) -> np.ndarray:
+    """(3, 3) rows: the screen's right, the screen's up and the direction towards the viewer, in plot axes."""
+    e, a = np.radians(elevation), np.radians(azimuth)
+    toward = np.array([np.cos(e) * np.cos(a), np.cos(e) * np.sin(a), np.sin(e)])
+    right = np.array([-np.sin(a), np.cos(a), 0.0])
+    return np.stack([right, np.cross(toward, right), toward])
+
+
+def splat(uv: np.ndarray, nearness: np.ndarray, rgb: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(height, width, 4) uint8: each point one pixel in its colour (alpha 255), the nearest on top, transparent
+    where none falls. ``uv``: (N, 2) pixel coordinates (x right, y down); ``nearness``: (N,) larger is nearer."""
+    col, row = np.floor(uv[:, 0]).astype(np.int64), np.floor(uv[:, 1]).astype(np.int64)
+    inside = np.flatnonzero((col >= 0) & (col < width) & (row >= 0) & (row < height))
+    flat = row[inside] * width + col[inside]
+    near_first = np.argsort(-nearness[inside], kind="stable")
+    taken, first = np.unique(flat[near_first], return_index=True)
+    image = np.zeros((height * width, 4), np.uint8)
+    image[taken, :3] = rgb[inside[near_first[first]]]
+    image[taken, 3] = 255
+    return image.reshape(height, width, 4)
+
+
 def render(path: Path, inputs: PreviewInputs) -> None:
     """Write the preview that ``inputs`` describe to ``path`` (PNG)."""
+    width = max(WIDTH, TILE_WIDTH * len(inputs.names))
+    canvas = Image.new("RGB", (width, HEIGHT), "white")
+    draw = ImageDraw.Draw(canvas)
     notes = inputs.notes
-    fig = Figure(figsize=(max(12.0, 2.2 * len(inputs.names)), 11.0), dpi=100)
     title = f"{inputs.points:,} confident points, {len(inputs.extrinsics)} cameras, {inputs.width} x {inputs.height} px"
-    fig.suptitle("\n".join([*notes, title]), y=0.99, color="red" if notes else "black",
-                 fontsize=15 if notes else 13, fontweight="bold" if notes else "normal")
-    # Fixed places: the views take the top 60 % below the title, the strip the rest.
-    top = 0.9 if notes else 0.92
-    views = fig.add_gridspec(1, len(VIEWS), left=0.0, right=0.97, bottom=0.42, top=top, wspace=0.05)
-    _point_cloud(fig, views, inputs)
-    _strip(fig.add_axes((0.04, 0.005, 0.95, 0.39)), inputs.thumbnails, inputs.depths, inputs.names)
+    y = 12
+    for line, colour, size in [*((n, (200, 0, 0), 22) for n in notes), (title, (0, 0, 0), 18)]:
+        _centred(draw, line, width / 2, y, size, colour)
+        y += size + 8
+    _point_cloud(canvas, draw, inputs, width)
+    _strip(canvas, draw, inputs, (int(0.04 * width), VIEWS_BOTTOM + 15, int(0.99 * width), HEIGHT - 6))
     # The notes go into the PNG's text chunks too, where a program (or a test) reads them without OCR.
-    metadata = {"Title": "vggt-turbo reconstruct preview", **({"Warning": " / ".join(notes)} if notes else {})}
-    FigureCanvasAgg(fig).print_png(str(path), metadata=metadata, pil_kwargs={"compress_level": 1})
+    metadata = PngInfo()
+    metadata.add_text("Title", "vggt-turbo reconstruct preview")
+    if notes:
+        metadata.add_text("Warning", " / ".join(notes))
+    canvas.save(path, format="PNG", pnginfo=metadata, compress_level=1)
 
 
-def _point_cloud(fig: Figure, views: GridSpec, inputs: PreviewInputs) -> None:
+def _point_cloud(canvas: Image.Image, draw: ImageDraw.ImageDraw, inputs: PreviewInputs, width: int) -> None:
     xyz, rgb, extrinsics, intrinsics = inputs.xyz, inputs.rgb, inputs.extrinsics, inputs.intrinsics
     valid = np.isfinite(extrinsics).all(axis=(1, 2)) & np.isfinite(intrinsics).all(axis=(1, 2))
     rotations, translations = extrinsics[valid, :, :3], extrinsics[valid, :, 3]
@@ -89,101 +114,120 @@ def _point_cloud(fig: Figure, views: GridSpec, inputs: PreviewInputs) -> None:
     else:
         lo, hi = -np.ones(3), np.ones(3)
     middle, half = (lo + hi) / 2, max(float((hi - lo).max()) / 2, 1e-6)
-    size = 0.12 * half
-    segments = [frustum_lines(e, k, inputs.width, inputs.height, size)
+    segments = [frustum_lines(e, k, inputs.width, inputs.height, 0.12 * half)
                 for e, k in zip(extrinsics[valid], intrinsics[valid])]
-    lines = to_plot_axes(np.concatenate(segments)) if segments else np.empty((0, 2, 3))
+    # Everything in box units: the cube [-1, 1]^3 around the scene's middle, in plot axes.
+    unit = lambda p: (to_plot_axes(np.asarray(p, np.float64)) - to_plot_axes(middle)) / half  # noqa: E731
+    points, lines = unit(xyz), unit(np.concatenate(segments)) if segments else np.empty((0, 2, 3))
     colours = np.repeat(_camera_colours(len(segments)), 8, axis=0)  # 8 segments per frustum
-    box = to_plot_axes(np.stack([middle - half, middle + half]))
-    plotted = to_plot_axes(xyz.astype(np.float64))
+    corners = np.array([[(-1.0, 1.0)[i >> k & 1] for k in range(3)] for i in range(8)])
+    edges = np.array([(corners[i], corners[i | 1 << k]) for i in range(8) for k in range(3) if not i >> k & 1])
+    column = width // len(VIEWS)
     for i, (label, elevation, azimuth) in enumerate(VIEWS):
-        ax = fig.add_subplot(views[0, i], projection="3d")
-        ax.add_artist(_Splat(plotted, rgb))
-        if len(lines):  # frames whose cameras are not finite have no frustum (matplotlib refuses an empty set)
-            ax.add_collection3d(Line3DCollection(lines, colors=colours, linewidths=1.2))
-        for axis, (a, b) in zip((ax.set_xlim, ax.set_ylim, ax.set_zlim), box.T):
-            axis(min(a, b), max(a, b))
-        ax.set_box_aspect((1, 1, 1))
-        ax.view_init(elev=elevation, azim=azimuth)
-        ax.set_xlabel("x")
-        ax.set_ylabel("z (forward)")
-        ax.set_zlabel("-y (up)")
-        ax.tick_params(labelsize=7)
-        ax.locator_params(nbins=4)
-        ax.set_title(label, fontsize=11)
+        axes = view_axes(elevation, azimuth)
+        box = (i * column + 20, TITLE_ROOM + 30, (i + 1) * column - 20, VIEWS_BOTTOM)
+        _centred(draw, label, (box[0] + box[2]) / 2, TITLE_ROOM, 16, (0, 0, 0))
+        to_pixels = _fit(corners @ axes[:2].T, box)
+        if len(points):
+            projected = points @ axes.T
+            uv = to_pixels(projected[:, :2]) - np.array(box[:2])
+            layer = splat(uv, projected[:, 2], rgb, box[2] - box[0], box[3] - box[1])
+            canvas.paste(Image.fromarray(layer, "RGBA"), box[:2], Image.fromarray(layer[..., 3], "L"))
+        for segment in to_pixels(edges @ axes[:2].T):
+            draw.line([tuple(p) for p in segment], fill=(160, 160, 160), width=1)
+        for segment, colour in zip(to_pixels(lines @ axes[:2].T), colours):
+            draw.line([tuple(p) for p in segment], fill=tuple(int(c) for c in colour), width=2)
+        for k, name in enumerate(AXIS_NAMES):  # each axis named just past the far end of its edge from (-1, -1, -1)
+            end = to_pixels((-1.0 + 2.24 * np.eye(3)[k]) @ axes[:2].T)
+            _centred(draw, name, end[0], end[1] - 6, 12, (80, 80, 80))
 
 
-class _Splat(Artist):
-    """Points of a 3-D axes drawn as one image: each point one pixel in its colour, the nearest on top.
+def _fit(corners_2d: np.ndarray, box: tuple[int, int, int, int]):  # type: ignore[no-untyped-def]
+    """The map from view coordinates (right, up) to canvas pixels that fits ``corners_2d`` (the projected view
+    box) into ``box`` (left, top, right, bottom), centred, with a margin for the axis names."""
+    lo, hi = corners_2d.min(axis=0), corners_2d.max(axis=0)
+    scale = 0.86 * min((box[2] - box[0]) / (hi[0] - lo[0]), (box[3] - box[1]) / (hi[1] - lo[1]))
+    centre_view, centre_box = (lo + hi) / 2, np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
 
-    Why not ``scatter``: see the module's docstring. The projection is the axes' own (``M``, set by
-    ``Axes3D.draw`` before it draws its children), so the points line up with the box, the ticks and the frusta.
-    """
+    def to_pixels(uv: np.ndarray) -> np.ndarray:
+        offset = (uv - centre_view) * scale
+        return centre_box + offset * np.array([1.0, -1.0])  # screen up is the image's row 0
 
-    def __init__(self, xyz: np.ndarray, rgb: np.ndarray) -> None:
-        super().__init__()
-        self._xyzw = np.concatenate([xyz, np.ones((len(xyz), 1))], axis=1)  # (N, 4) homogeneous, plot axes
-        self._rgba = np.concatenate([rgb, np.full((len(rgb), 1), 255, np.uint8)], axis=1)
-
-    def draw(self, renderer: RendererBase) -> None:
-        ax = self.axes
-        projected = self._xyzw @ ax.M.T
-        projected = projected[:, :3] / projected[:, 3:]
-        pixels = np.floor(ax.transData.transform(projected[:, :2])).astype(np.int64)
-        x0, y0 = int(np.floor(ax.bbox.x0)), int(np.floor(ax.bbox.y0))
-        w, h = int(np.ceil(ax.bbox.x1)) - x0, int(np.ceil(ax.bbox.y1)) - y0
-        col, row = pixels[:, 0] - x0, pixels[:, 1] - y0  # Agg draws the first row at the bottom, at y0
-        inside = np.flatnonzero((col >= 0) & (col < w) & (row >= 0) & (row < h))
-        flat = row[inside] * w + col[inside]
-        near_first = np.argsort(projected[inside, 2])  # mplot3d's depth: smaller is nearer
-        taken, first = np.unique(flat[near_first], return_index=True)
-        image = np.zeros((h * w, 4), np.uint8)  # transparent where no point falls
-        image[taken] = self._rgba[inside[near_first[first]]]
-        gc = renderer.new_gc()
-        gc.set_clip_rectangle(ax.bbox)
-        renderer.draw_image(gc, x0, y0, image.reshape(h, w, 4))
-        gc.restore()
+    return to_pixels
 
 
 def _camera_colours(count: int) -> np.ndarray:
-    """(count, 4) RGBA: the first camera red (the world frame is its frame), the others from blue to green in
-    input order."""
-    ramp = colormaps["winter"]
-    colours = [(0.85, 0.1, 0.1, 1.0)] + [ramp(i / max(count - 2, 1)) for i in range(count - 1)]
-    return np.array(colours[:count]).reshape(-1, 4)
+    """(count, 3) RGB 0-255: the first camera red, the others from blue to green in input order."""
+    t = np.arange(count - 1, dtype=np.float64) / max(count - 2, 1)
+    ramp = np.stack([np.zeros_like(t), t, 1.0 - 0.5 * t], axis=1) * 255
+    return np.concatenate([np.array([FIRST_CAMERA], np.float64), ramp])[:count].reshape(-1, 3)
 
 
-def _strip(ax: Axes, frames: np.ndarray, depth: np.ndarray, names: Sequence[str]) -> None:
-    """The thumbnails ``frames`` above their ``depth`` maps, as one mosaic in one axes (twelve axes cost more to
-    lay out and draw than the whole mosaic), each tile titled with its name."""
+def _strip(canvas: Image.Image, draw: ImageDraw.ImageDraw, inputs: PreviewInputs,
+           box: tuple[int, int, int, int]) -> None:
+    """The thumbnails above their depth maps as one mosaic, resized once into ``box``, each tile titled with its
+    name and its depth range."""
+    frames, depth, names = inputs.thumbnails, inputs.depths, inputs.names
     height, width = frames.shape[1:3]
     gap, title_room = max(width // 20, 1), max(height // 6, 1)
     step_x, step_y = width + gap, height + title_room
     mosaic = np.full((2 * step_y, len(names) * step_x - gap, 3), 255, np.uint8)  # white between the tiles
+    ranges = []
     for i in range(len(names)):
-        x, top, bottom = i * step_x, title_room, title_room + step_y
-        mosaic[top:top + height, x:x + width] = frames[i]
+        x = i * step_x
+        mosaic[title_room:title_room + height, x:x + width] = frames[i]
         lo, hi, coloured = _depth_colours(depth[i])
-        mosaic[bottom:bottom + height, x:x + width] = coloured
-        centre = x + width / 2
-        ax.text(centre, top - title_room / 4, _short(names[i]), fontsize=9, ha="center", va="bottom")
-        ax.text(centre, bottom - title_room / 4, f"depth {lo:.3g} - {hi:.3g}", fontsize=8, ha="center", va="bottom")
-    ax.imshow(mosaic)
-    ax.text(-gap / 2, title_room + height / 2, "frame", fontsize=10, rotation=90, ha="right", va="center")
-    ax.text(-gap / 2, title_room + step_y + height / 2, "depth (near blue, far red)", fontsize=10, rotation=90,
-            ha="right", va="center")
-    ax.set_axis_off()
+        mosaic[title_room + step_y:title_room + step_y + height, x:x + width] = coloured
+        ranges.append((lo, hi))
+    left, top, right, bottom = box
+    scale = min((right - left - 30) / mosaic.shape[1], (bottom - top) / mosaic.shape[0])
+    size = (max(1, round(mosaic.shape[1] * scale)), max(1, round(mosaic.shape[0] * scale)))
+    x0 = left + 30 + (right - left - 30 - size[0]) // 2
+    canvas.paste(Image.fromarray(mosaic).resize(size, Image.BILINEAR), (x0, top))
+    for i, (name, (lo, hi)) in enumerate(zip(names, ranges)):
+        centre = x0 + (i * step_x + width / 2) * scale
+        _centred(draw, _short(name), centre, top + title_room * scale - 16, 12, (0, 0, 0))
+        _centred(draw, f"depth {lo:.3g} - {hi:.3g}", centre, top + (title_room + step_y) * scale - 15, 11, (0, 0, 0))
+    for row, label in enumerate(("frame", "depth (near blue, far red)")):
+        _vertical(canvas, label, x0 - 8, top + (title_room + row * step_y + height / 2) * scale)
 
 
 def _depth_colours(d: np.ndarray) -> tuple[float, float, np.ndarray]:
-    """(lo, hi, (H, W, 3) uint8): ``d`` in the turbo colour map from its 2nd to its 98th percentile, non-finite
-    values white."""
+    """(lo, hi, (H, W, 3) uint8): ``d`` coloured near to far (``NEAR_TO_FAR``) from its 2nd to its 98th
+    percentile, non-finite values white."""
     finite = np.isfinite(d)
     lo, hi = (float(v) for v in np.percentile(d[finite], [2, 98])) if finite.any() else (0.0, 1.0)
     scaled = np.clip((np.where(finite, d, lo) - lo) / max(hi - lo, 1e-12), 0.0, 1.0)
-    coloured = colormaps["turbo"](scaled, bytes=True)[..., :3]
+    stops = np.linspace(0.0, 1.0, len(NEAR_TO_FAR))
+    coloured = np.stack([np.interp(scaled, stops, NEAR_TO_FAR[:, c]) for c in range(3)], axis=-1)
+    coloured = np.rint(coloured * 255).astype(np.uint8)
     coloured[~finite] = 255
     return lo, hi, coloured
+
+
+@functools.lru_cache(maxsize=None)
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's own font at ``size`` px (FreeType, Pillow >= 10.1); its fixed bitmap font where that is missing."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: no size argument
+        return ImageFont.load_default()
+
+
+def _centred(draw: ImageDraw.ImageDraw, text: str, x: float, top: float, size: int, colour: tuple[int, ...]) -> None:
+    font = _font(size)
+    left, _, right, _ = draw.textbbox((0, 0), text, font=font)
+    draw.text((x - (right - left) / 2, top), text, fill=colour, font=font)
+
+
+def _vertical(canvas: Image.Image, text: str, right: float, middle: float) -> None:
+    """``text`` turned 90 degrees (reading upwards), its right edge at ``right``, centred on ``middle``."""
+    font = _font(13)
+    left, top, r, bottom = ImageDraw.Draw(canvas).textbbox((0, 0), text, font=font)
+    label = Image.new("L", (r - left + 2, bottom + 2), 0)
+    ImageDraw.Draw(label).text((-left + 1, 0), text, fill=255, font=font)
+    turned = label.rotate(90, expand=True)
+    canvas.paste((0, 0, 0), (int(right - turned.width), int(middle - turned.height / 2)), turned)
 
 
 def _short(name: str, limit: int = 24) -> str:

@@ -1,9 +1,9 @@
 """What ``preview.png`` draws, cut down from a reconstruction: at most ``MAX_POINTS`` points and ``MAX_FRAMES``
 thumbnails, a few MB whatever the run's size.
 
-Apart from the drawing (``preview``, matplotlib) because it runs in the command's own process, which never
-imports matplotlib, while the drawing runs in another (``preview_process``): what crosses between the two is this
-small record, not the run's full point cloud and frames.
+Apart from the drawing (``preview``) because it runs in the command's own process, while the drawing runs in
+another (``preview_process``): what crosses between the two is this small record, not the run's full point cloud
+and frames.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """preview.png drawn by a Python process of its own, started when ``reconstruct`` starts.
 
-Why: the preview is matplotlib, whose import (about 0.4 s) and drawing (about 0.35 s for the two 3-D views and
-the strip) are Python that holds the GIL. In the command's own process they competed with everything else that
-holds it: the import with the weights' check and the model's build, the drawing with the COLMAP text writer, the
-export's other GIL-bound job (benchmarks/RESULTS.md). Threads cannot run those side by side; processes can. The
-worker imports matplotlib while the command decodes the frames and loads the model, then waits; the export sends
+Why: the export's writers share one interpreter, and its GIL: while the COLMAP text is formatted (pure Python)
+nothing else in the process takes a step, and drawing the preview (numpy and Pillow, about 0.2 s) would queue
+behind it and the other writers. In a process of its own it runs beside them: on a 2-core machine the whole
+export was 0.60-0.75 s with the worker against 0.78-1.08 s drawing in-process (benchmarks/RESULTS.md). The worker
+imports numpy and Pillow while the command decodes the frames and loads the model, then waits; the export sends
 it a small ``PreviewInputs`` record (``preview_inputs``: at most 100,000 points and six thumbnails, a few MB) and
 the worker writes the file. The worker imports no torch (``vggt_turbo``'s names are imported lazily), so it costs
-one core for about half a second and some 100 MB of memory.
+one core for a fraction of a second and some tens of MB of memory.
 
 The protocol is pickle over the worker's stdin and stdout: one ``(path, inputs)`` per job; the reply ``None``, or
 the exception the drawing raised (re-raised here, its traceback attached as a note), so that a full disk is still
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 # a PYTHONPATH), then ``main``.
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 _BOOTSTRAP = "import sys; sys.path.insert(0, sys.argv[1]); from vggt_turbo.app.preview_process import main; main()"
-# The drawing's matrix products are tiny (100,000 x 4 by 4 x 4): one BLAS/OpenMP thread, not a pool of one per
+# The drawing's matrix products are tiny (100,000 x 3 by 3 x 3): one BLAS/OpenMP thread, not a pool of one per
 # core woken for each, beside the command's own threads. Values the user set are kept.
 _ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -88,7 +88,7 @@ class PreviewProcess:
                 if reply is not None:
                     raise reply
                 return
-        from .preview import render  # matplotlib: imported in this process only on this fallback
+        from .preview import render
 
         render(path, inputs)
 
@@ -153,7 +153,7 @@ def main() -> None:
         pickle.dump(reply, replies, protocol=pickle.HIGHEST_PROTOCOL)
         replies.flush()
     replies.close()
-    os._exit(0)  # nothing to tear down: skip the interpreter's teardown of matplotlib
+    os._exit(0)  # nothing to tear down: skip the interpreter's teardown
 
 
 def _portable(exc: BaseException) -> BaseException:

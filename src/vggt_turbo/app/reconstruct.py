@@ -155,7 +155,7 @@ def reconstruct(options: ReconstructOptions) -> Result:
     _check_upstream()
     if device.type == "cuda":
         kernel_cache.use_own_caches()  # before the warm start imports Triton
-    # Start-up costs while frames and weights load: CUDA and Triton on a thread, matplotlib in a process.
+    # Start-up costs while frames and weights load: CUDA and Triton on a thread, the preview's worker process.
     with preview_process.started(options.quiet) as previews, warm_start.running(device) as warm:
         return _run(options, formats, device, warm, previews)
 
@@ -266,8 +266,9 @@ def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarr
     encoding, file writes and much of numpy release the GIL); the frames of images/ were encoded while the model
     ran (``frames``), each is written as soon as it is ready; the preview is drawn by another process
     (``previews``). What the writers share (the confident points, the COLMAP model) is computed on the pool too,
-    the two side by side and beside predictions.npz, which needs neither; report.json, which counts what the
-    others wrote, comes last. The first failure (or Ctrl-C) cancels what has not started and, through
+    the two side by side and beside predictions.npz, which needs neither; the COLMAP text, the longest writer
+    left in this process, follows its model on the same thread; report.json, which counts what the others
+    wrote, comes last. The first failure (or Ctrl-C) cancels what has not started and, through
     ``staged_directory``, leaves nothing behind.
     """
     options, names = result.options, result.image_names
@@ -275,15 +276,22 @@ def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarr
     notes = [RANDOM_WEIGHTS_NOTE] if result.random_weights else []
     steps = len(names) + 4 + len(formats)  # each frame, predictions.npz, sparse/, preview.png, report.json, formats
     with _bar("export", steps, "step", options.quiet) as bar, export.staged_directory(options.out, options.force) as stage, \
-            ThreadPoolExecutor(max_workers=inputs.workers(), thread_name_prefix="vggt-turbo-export") as pool:
+            ThreadPoolExecutor(max_workers=inputs.workers(), thread_name_prefix="vggt-turbo-export") as pool, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="vggt-turbo-preview") as drawing:
         jobs: dict[Future[None], str] = {}
         try:
             points = pool.submit(export.confident_points, predictions["world_points"],
                                  predictions["world_points_conf"], colors, options.conf_percentile)
-            colmap = pool.submit(
-                export.colmap_model, predictions["extrinsics"], predictions["intrinsics"], predictions["depth"],
-                predictions["depth_conf"], colors, names, result.width, result.height, options.conf_percentile,
-            )
+            def colmap_text() -> export.ColmapModel:  # the longest writer in this process: started first
+                model = export.colmap_model(
+                    predictions["extrinsics"], predictions["intrinsics"], predictions["depth"],
+                    predictions["depth_conf"], colors, names, result.width, result.height, options.conf_percentile,
+                )
+                export.write_colmap(stage / "sparse", model, notes)
+                return model
+
+            colmap = pool.submit(colmap_text)
+            jobs[colmap] = "sparse/"
             arrays = dict(predictions, image_names=np.array(names), input_names=np.array(result.input_names),
                           weights=np.array(result.weights),
                           random_weights=np.array(result.random_weights))
@@ -291,9 +299,9 @@ def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarr
 
             xyz, rgb, result.conf_threshold = points.result()
             result.points = len(xyz)
-            # The preview, the longest job, before the frames: the pool takes jobs in the order they come. Drawn
-            # by another process (``previews``): this thread only waits for it, the GIL stays with the others.
-            jobs[pool.submit(previews.render_preview, stage / "preview.png", xyz, rgb, predictions["extrinsics"],
+            # The preview, the longest job, drawn by another process (``previews``): a thread of its own hands it
+            # over and waits, so that no writer's thread waits with it.
+            jobs[drawing.submit(previews.render_preview, stage / "preview.png", xyz, rgb, predictions["extrinsics"],
                              predictions["intrinsics"], colors, predictions["depth"], names, notes)] = "preview.png"
             if "ply" in formats:
                 ply = export.write_ply
@@ -304,7 +312,6 @@ def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarr
 
             model = colmap.result()
             result.colmap_points, result.colmap_skipped = len(model.xyz), model.skipped
-            jobs[pool.submit(export.write_colmap, stage / "sparse", model, notes)] = "sparse/"
             if "colmap" in formats:
                 jobs[pool.submit(write_colmap_binary, stage / "sparse" / "0", model)] = "sparse/0/"
             if "nerfstudio" in formats:
@@ -313,7 +320,8 @@ def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarr
                 done.result()
                 _step(bar, jobs[done])
         except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)  # nothing may still write once the stage is removed
+            for executor in (drawing, pool):  # nothing may still write once the stage is removed
+                executor.shutdown(wait=True, cancel_futures=True)
             raise
 
         result.timings["export"] = time.perf_counter() - start

@@ -7,7 +7,7 @@ looked up in the on-disk cache). Profiled on an H200, these were about half a se
 took 1.5 s and a quarter of a second before it (benchmarks/RESULTS.md). A thread started when the command
 starts does them while the main thread decodes the frames and reads the checkpoint (file reads, decoding and
 host-to-device copies release the GIL); the main thread waits for it before the forward, where it would
-otherwise pay what is left itself. (matplotlib, for the preview, is imported by a process of its own:
+otherwise pay what is left itself. (The preview's drawing code is imported by a process of its own:
 ``preview_process``.)
 
 Nothing here changes what the run computes: the context, the libraries and Triton's key are what the run would
