@@ -278,10 +278,11 @@ def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarr
     with _bar("export", steps, "step", options.quiet) as bar, export.staged_directory(options.out, options.force) as stage, \
             ThreadPoolExecutor(max_workers=inputs.workers(), thread_name_prefix="vggt-turbo-export") as pool, \
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="vggt-turbo-preview") as drawing:
-        jobs: dict[Future[None], str] = {}
+        jobs: dict[Future[Any], str] = {}
         try:
             points = pool.submit(export.confident_points, predictions["world_points"],
                                  predictions["world_points_conf"], colors, options.conf_percentile)
+
             def colmap_text() -> export.ColmapModel:  # the longest writer in this process: started first
                 model = export.colmap_model(
                     predictions["extrinsics"], predictions["intrinsics"], predictions["depth"],
@@ -302,7 +303,7 @@ def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarr
             # The preview, the longest job, drawn by another process (``previews``): a thread of its own hands it
             # over and waits, so that no writer's thread waits with it.
             jobs[drawing.submit(previews.render_preview, stage / "preview.png", xyz, rgb, predictions["extrinsics"],
-                             predictions["intrinsics"], colors, predictions["depth"], names, notes)] = "preview.png"
+                                predictions["intrinsics"], colors, predictions["depth"], names, notes)] = "preview.png"
             if "ply" in formats:
                 ply = export.write_ply
                 jobs[pool.submit(ply, stage / "points.ply", xyz, rgb, [*notes, f"weights: {result.weights}"])] = "points.ply"
