@@ -69,7 +69,6 @@ class TurboConfig:
         concurrent_heads: the three heads on CUDA streams of their own at one frame (exact, bit for bit).
         fused_layer_scale: each block's LayerScale product and residual sum in one pass (exact, bit for bit).
         fused_add_norm: with fused_layer_scale, each residual sum and the next LayerNorm in one pass (exact).
-        gelu_kernel: the MLPs' GELU in one Triton pass at memory bandwidth (exact, bit for bit).
         dino_attention: the patch embed's attention on FlashAttention-4 or the forced backend (exact).
         single_key_attention: the camera head's one-token attention as its value rows (exact to fp32 rounding).
         patch_embed_matmul: the 14 x 14 patch projection as one matrix product on cuBLAS (exact).
@@ -102,7 +101,6 @@ class TurboConfig:
     concurrent_heads: bool = True
     fused_layer_scale: bool = True
     fused_add_norm: bool = True
-    gelu_kernel: bool = True
     dino_attention: bool = True
     single_key_attention: bool = True
     patch_embed_matmul: bool = True

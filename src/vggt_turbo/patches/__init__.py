@@ -23,7 +23,6 @@ from .heads.fused_dpt_upsample import PATCH as FUSED_DPT_UPSAMPLE
 from .aggregator.fused_frame_batching import PATCH as FUSED_FRAME_BATCHING
 from .aggregator.fused_layer_scale import PATCH as FUSED_LAYER_SCALE
 from .aggregator.fused_qk_norm_rope import PATCH as FUSED_QK_NORM_ROPE
-from .aggregator.gelu_kernel import PATCH as GELU_KERNEL
 from .approximate.global_to_frame import PATCH as GLOBAL_TO_FRAME
 from .approximate.kv_subsample import PATCH as KV_SUBSAMPLE
 from .runtime.nvtx_ranges import PATCH as NVTX
@@ -52,7 +51,6 @@ ALL_PATCHES: tuple[Patch, ...] = (
     FUSED_FRAME_BATCHING,
     GLOBAL_TO_FRAME,
     KV_SUBSAMPLE,  # above sdpa and fused_qk_norm_rope: computes its global layers' attention itself
-    GELU_KERNEL,  # inside the MLPs, below every block wrapper
     CHUNKED_MLP,  # below fused_layer_scale, which slices long sequences itself; serves the calls it leaves
     FUSED_LAYER_SCALE,
     COMPILE,  # above chunked_mlp: long sequences fall through to it; compiles upstream's Block.forward otherwise
