@@ -6,8 +6,8 @@ camera frusta, from two viewpoints, inside the box that holds the scene. Bottom:
 frames above their depth maps. A run with random weights says so in red across the top, like every other output.
 
 Drawn with numpy and Pillow alone, no plotting library, because every run writes it and it sits on the export's
-critical path: matplotlib's 3-D axes, ticks and text layout cost most of a second per preview (import and
-drawing; benchmarks/RESULTS.md, "Export (issue #20)"). Here the views are orthographic projections computed
+critical path: matplotlib's import, 3-D axes, ticks and text layout were most of its cost (benchmarks/RESULTS.md,
+"a preview without matplotlib"). Here the views are orthographic projections computed
 directly: each point is one pixel in its colour, the nearest point wins a pixel (``splat``); the box's edges and
 the frusta are Pillow lines; the strip is one mosaic resized once. What is drawn is cut down first
 (``preview_inputs``), so that ``reconstruct`` can have it drawn by another process (``preview_process``).
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Sequence
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -117,7 +117,9 @@ def _point_cloud(canvas: Image.Image, draw: ImageDraw.ImageDraw, inputs: Preview
     segments = [frustum_lines(e, k, inputs.width, inputs.height, 0.12 * half)
                 for e, k in zip(extrinsics[valid], intrinsics[valid])]
     # Everything in box units: the cube [-1, 1]^3 around the scene's middle, in plot axes.
-    unit = lambda p: (to_plot_axes(np.asarray(p, np.float64)) - to_plot_axes(middle)) / half  # noqa: E731
+    def unit(p: np.ndarray) -> np.ndarray:
+        return (to_plot_axes(np.asarray(p, np.float64)) - to_plot_axes(middle)) / half
+
     points, lines = unit(xyz), unit(np.concatenate(segments)) if segments else np.empty((0, 2, 3))
     colours = np.repeat(_camera_colours(len(segments)), 8, axis=0)  # 8 segments per frustum
     corners = np.array([[(-1.0, 1.0)[i >> k & 1] for k in range(3)] for i in range(8)])
@@ -142,7 +144,7 @@ def _point_cloud(canvas: Image.Image, draw: ImageDraw.ImageDraw, inputs: Preview
             _centred(draw, name, end[0], end[1] - 6, 12, (80, 80, 80))
 
 
-def _fit(corners_2d: np.ndarray, box: tuple[int, int, int, int]):  # type: ignore[no-untyped-def]
+def _fit(corners_2d: np.ndarray, box: tuple[int, int, int, int]) -> Callable[[np.ndarray], np.ndarray]:
     """The map from view coordinates (right, up) to canvas pixels that fits ``corners_2d`` (the projected view
     box) into ``box`` (left, top, right, bottom), centred, with a margin for the axis names."""
     lo, hi = corners_2d.min(axis=0), corners_2d.max(axis=0)

@@ -1,13 +1,13 @@
 """preview.png drawn by a Python process of its own, started when ``reconstruct`` starts.
 
 Why: the export's writers share one interpreter, and its GIL: while the COLMAP text is formatted (pure Python)
-nothing else in the process takes a step, and drawing the preview (numpy and Pillow, about 0.2 s) would queue
-behind it and the other writers. In a process of its own it runs beside them: on a 2-core machine the whole
-export was 0.60-0.75 s with the worker against 0.78-1.08 s drawing in-process (benchmarks/RESULTS.md). The worker
+nothing else in the process takes a step, and drawing the preview (numpy and Pillow) would queue behind it and
+the other writers. In a process of its own it runs beside them; measured faster than drawing in-process on a
+2-core machine and no slower on a 16-core GPU host (benchmarks/RESULTS.md, "the export's GIL"). The worker
 imports numpy and Pillow while the command decodes the frames and loads the model, then waits; the export sends
 it a small ``PreviewInputs`` record (``preview_inputs``: at most 100,000 points and six thumbnails, a few MB) and
 the worker writes the file. The worker imports no torch (``vggt_turbo``'s names are imported lazily), so it costs
-one core for a fraction of a second and some tens of MB of memory.
+one core while it draws and some tens of MB of memory.
 
 The protocol is pickle over the worker's stdin and stdout: one ``(path, inputs)`` per job; the reply ``None``, or
 the exception the drawing raised (re-raised here, its traceback attached as a note), so that a full disk is still
