@@ -133,8 +133,8 @@ def _point_cloud(canvas: Image.Image, draw: ImageDraw.ImageDraw, inputs: Preview
         if len(points):
             projected = points @ axes.T
             uv = to_pixels(projected[:, :2]) - np.array(box[:2])
-            layer = splat(uv, projected[:, 2], rgb, box[2] - box[0], box[3] - box[1])
-            canvas.paste(Image.fromarray(layer, "RGBA"), box[:2], Image.fromarray(layer[..., 3], "L"))
+            layer = Image.fromarray(splat(uv, projected[:, 2], rgb, box[2] - box[0], box[3] - box[1]), "RGBA")
+            canvas.paste(layer, box[:2], layer)  # its own alpha as the mask: only the points' pixels
         for segment in to_pixels(edges @ axes[:2].T):
             draw.line([tuple(p) for p in segment], fill=(160, 160, 160), width=1)
         for segment, colour in zip(to_pixels(lines @ axes[:2].T), colours):
