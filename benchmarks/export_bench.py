@@ -8,8 +8,10 @@ little noise so PNG encoding costs what it costs on photos) and seeded, so runs 
 Each writer is called as ``reconstruct._export`` calls it, into a fresh folder, ``--repeats`` times; the table
 shows the median. ``export (whole)`` is ``reconstruct._export`` itself: what the command's critical path pays,
 writers side by side on its thread pool, the shared inputs (confident points, COLMAP model) and the staging
-included; twice: with images/ encoded within it, and encoded beforehand, as ``reconstruct`` has them when the
-model's load and forward took longer than the encoding (``app.frames_ahead``). CPU timings of the export phase only; see benchmarks/RESULTS.md.
+included, the confidence thresholds not (``reconstruct`` finds them on the device before the export; here they
+are found on the host, in a row of their own); twice: with images/ encoded within it, and encoded beforehand,
+as ``reconstruct`` has them when the model's load and forward took longer than the encoding
+(``app.frames_ahead``). CPU timings of the export phase only; see benchmarks/RESULTS.md.
 
     PYTHONPATH=src python benchmarks/export_bench.py --frames 28 --out /tmp/export.json
 """
@@ -38,6 +40,7 @@ from vggt_turbo.app.preview import render
 from vggt_turbo.app.preview_inputs import preview_inputs
 from vggt_turbo.app.preview_process import PreviewProcess, started
 from vggt_turbo.app.frames_ahead import FramesAhead
+from vggt_turbo.app.percentile import percentile
 from vggt_turbo.app.reconstruct import _export
 from vggt_turbo.app.report import RANDOM_WEIGHTS_NOTE, build_report
 from vggt_turbo.app.result import Result
@@ -132,19 +135,25 @@ def bench(frames: int, height: int, width: int, repeats: int, previews: PreviewP
                     dtype=torch.float32, optimizations={}, outputs=())
 
     shared: dict[str, Any] = {}
+    thresholds: dict[str, float] = {}
+
+    def found(_: Path) -> None:  # as reconstruct finds them, but on the host: the CPU's (numpy's) path
+        for name in ("world_points_conf", "depth_conf"):
+            thresholds[name] = percentile(torch.from_numpy(predictions[name]), PERCENTILE)
 
     def points(_: Path) -> None:
-        shared["xyz"], shared["rgb"], _threshold = export.confident_points(
-            predictions["world_points"], predictions["world_points_conf"], colors, PERCENTILE)
+        shared["xyz"], shared["rgb"] = export.confident_points(
+            predictions["world_points"], predictions["world_points_conf"], colors, thresholds["world_points_conf"])
 
     def model(_: Path) -> None:
         shared["model"] = export.colmap_model(
             predictions["extrinsics"], predictions["intrinsics"], predictions["depth"], predictions["depth_conf"],
-            colors, names, width, height, PERCENTILE)
+            colors, names, width, height, thresholds["depth_conf"])
 
     rows: dict[str, dict[str, Any]] = {}
     rows["colours (images_to_uint8)"] = _row(*median_seconds(lambda _: export.images_to_uint8(images), repeats))
-    for name, call in (("confident points", points), ("COLMAP model", model)):
+    for name, call in (("thresholds (host; on the GPU in reconstruct)", found), ("confident points", points),
+                       ("COLMAP model", model)):
         rows[name] = _row(*median_seconds(call, repeats))
     xyz, rgb, colmap = shared["xyz"], shared["rgb"], shared["model"]
     timed: dict[str, Callable[[Path], Any]] = {
@@ -169,7 +178,7 @@ def bench(frames: int, height: int, width: int, repeats: int, previews: PreviewP
     def whole(folder: Path, ahead: Optional[FramesAhead] = None) -> None:
         fresh = dataclasses.replace(result, options=dataclasses.replace(options, out=folder / "out"), timings={})
         with ahead or FramesAhead(colors, names) as frames_ahead:  # a fresh Result: the export fills it in
-            _export(fresh, predictions, colors, FORMATS, frames_ahead, previews)
+            _export(fresh, predictions, thresholds, colors, FORMATS, frames_ahead, previews)
 
     def encoded(folder: Path) -> FramesAhead:  # as reconstruct has them when the model took longer than encoding
         ahead, scratch = FramesAhead(colors, names), folder / "scratch"

@@ -118,8 +118,9 @@ def test_colmap_text_reads_back_as_exactly_the_models_numbers(tmp_path: Path, mo
     intrinsics = np.tile(np.array([[9.0, 0, 4], [0, 9.5, 3], [0, 0, 1]]), (count, 1, 1))
     depth = rng.uniform(1.0, 3.0, (count, height, width, 1)).astype(np.float32)
     colors = rng.integers(0, 256, (count, height, width, 3), dtype=np.uint8)
-    model = export.colmap_model(extrinsics, intrinsics, depth, rng.random((count, height, width)), colors,
-                                ["a.png", "b.png", "c.png"], width, height, 50.0)
+    conf = rng.random((count, height, width))
+    model = export.colmap_model(extrinsics, intrinsics, depth, conf, colors, ["a.png", "b.png", "c.png"], width, height,
+                                float(np.median(conf)))
     export.write_colmap(tmp_path, model, ["a note"])
 
     points = np.loadtxt(tmp_path / "points3D.txt")
@@ -170,7 +171,7 @@ def test_transforms_json_converts_back_to_the_predicted_cameras(full: dict) -> N
 def synthetic_model(extrinsics: np.ndarray, intrinsics: np.ndarray) -> export.ColmapModel:
     count = len(extrinsics)
     return export.colmap_model(extrinsics, intrinsics, np.ones((count, 2, 2, 1)), np.ones((count, 2, 2)),
-                               np.zeros((count, 2, 2, 3), np.uint8), [f"{i}.png" for i in range(count)], 64, 48, 0.0)
+                               np.zeros((count, 2, 2, 3), np.uint8), [f"{i}.png" for i in range(count)], 64, 48, 1.0)
 
 
 def test_nerfstudio_convention_on_a_synthetic_camera() -> None:

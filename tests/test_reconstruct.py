@@ -103,7 +103,8 @@ def test_points_ply_parses_with_colours_and_the_confident_points(room: dict) -> 
     assert types_ == {"x": "f4", "y": "f4", "z": "f4", "red": "u1", "green": "u1", "blue": "u1"}
 
     d = room["npz"]
-    keep = d["world_points_conf"] >= np.percentile(d["world_points_conf"], 50)
+    keep = d["world_points_conf"] >= np.percentile(d["world_points_conf"].astype(np.float64), 50)
+    assert room_report(room)["points"]["conf_threshold"] == np.percentile(d["world_points_conf"].astype(np.float64), 50)
     assert vertex.count == keep.sum() > 0
     xyz = np.stack([vertex["x"], vertex["y"], vertex["z"]], axis=1)
     np.testing.assert_array_equal(xyz, d["world_points"][keep])
@@ -449,7 +450,7 @@ def test_colmap_leaves_out_degenerate_cameras(tmp_path: Path) -> None:
     intrinsics[1, 0, 0] = np.inf  # a field of view of 0
     depth, conf = np.ones((3, 4, 4, 1), np.float32), np.ones((3, 4, 4), np.float32)
     colors = np.full((3, 4, 4, 3), 7, np.uint8)
-    model = export.colmap_model(extrinsics, intrinsics, depth, conf, colors, ["a.png", "b.png", "c.png"], 56, 56, 50.0)
+    model = export.colmap_model(extrinsics, intrinsics, depth, conf, colors, ["a.png", "b.png", "c.png"], 56, 56, 1.0)
     assert (len(model.xyz), model.skipped) == (32, ["b.png"])  # frame b's 16 pixels are left out with it
     export.write_colmap(tmp_path, model)
     rec = pycolmap.Reconstruction(str(tmp_path))

@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import UserError
+from .percentile import at_least
 
 log = logging.getLogger(__name__)
 
@@ -128,19 +129,19 @@ def images_to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def confident_points(
-    world_points: np.ndarray, conf: np.ndarray, colors: np.ndarray, percentile: float
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """The points whose confidence is at least the ``percentile``-th percentile of all, with their colours.
+    world_points: np.ndarray, conf: np.ndarray, colors: np.ndarray, threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The points whose confidence is at least ``threshold`` (the ``--conf-percentile``-th percentile of ``conf``,
+    ``app.percentile``), with their colours: (xyz float32 (N, 3), rgb uint8 (N, 3)).
 
-    Returns (xyz float32 (N, 3), rgb uint8 (N, 3), threshold). Non-finite points are dropped as well: a PLY
-    viewer would choke on them and they carry no geometry. Gathered by flat index (``np.take``) rather than with
-    a boolean mask over (S, H, W), and checked for finiteness a coordinate at a time rather than with
-    ``all(axis=-1)`` over an axis of 3: the same points, each several times faster in numpy.
+    Non-finite points are dropped as well: a PLY viewer would choke on them and they carry no geometry. Gathered
+    by flat index (``np.take``) rather than with a boolean mask over (S, H, W), and checked for finiteness a
+    coordinate at a time rather than with ``all(axis=-1)`` over an axis of 3: the same points, each several times
+    faster in numpy.
     """
-    threshold = float(np.percentile(conf, percentile))
-    keep = np.flatnonzero((conf >= threshold) & _finite(world_points))
+    keep = np.flatnonzero((conf >= at_least(threshold, conf.dtype)) & _finite(world_points))
     xyz = np.take(world_points.reshape(-1, 3), keep, axis=0).astype(np.float32, copy=False)
-    return xyz, np.take(colors.reshape(-1, 3), keep, axis=0), threshold
+    return xyz, np.take(colors.reshape(-1, 3), keep, axis=0)
 
 
 def _finite(xyz: np.ndarray) -> np.ndarray:
@@ -248,7 +249,7 @@ def colmap_model(
     names: Sequence[str],
     width: int,
     height: int,
-    percentile: float,
+    threshold: float,
 ) -> ColmapModel:
     """One PINHOLE camera per frame, its pose, and up to ``MAX_COLMAP_POINTS`` points with one-view tracks.
 
@@ -256,11 +257,12 @@ def colmap_model(
     world-to-camera pose COLMAP stores, so they are kept as they are. The intrinsics are at the processed
     resolution (``width`` x ``height``), the resolution of the images written beside ``sparse/``.
 
-    The points are the depth map's pixels whose depth confidence is at least its ``percentile``-th percentile,
-    lifted through their frame's predicted camera, not the point head's ``world_points`` (points.ply): COLMAP
-    readers treat a point's track as an observation, and only depth-lifted points reproject onto the pixel they
-    came from (the two heads disagree, by a lot with random weights). Each point's track is that pixel, at its
-    centre (COLMAP puts pixel centres at +0.5; VGGT's principal point at W/2, H/2 is in the same convention).
+    The points are the depth map's pixels whose depth confidence is at least ``threshold`` (its
+    ``--conf-percentile``-th percentile, ``app.percentile``), lifted through their frame's predicted camera, not
+    the point head's ``world_points`` (points.ply): COLMAP readers treat a point's track as an observation, and
+    only depth-lifted points reproject onto the pixel they came from (the two heads disagree, by a lot with
+    random weights). Each point's track is that pixel, at its centre (COLMAP puts pixel centres at +0.5; VGGT's
+    principal point at W/2, H/2 is in the same convention).
 
     A frame whose camera is degenerate (non-finite values, focal length <= 0) cannot be represented, and COLMAP
     refuses the whole model if it is there: such frames and their points are left out (they stay in the npz)
@@ -276,7 +278,7 @@ def colmap_model(
     if skipped:
         log.warning("left out of the COLMAP model, their predicted cameras are degenerate: %s", ", ".join(skipped))
     z = depth[..., 0]
-    keep = (depth_conf >= np.percentile(depth_conf, percentile)) & np.isfinite(z) & (z > 0) & valid[:, None, None]
+    keep = (depth_conf >= at_least(threshold, depth_conf.dtype)) & np.isfinite(z) & (z > 0) & valid[:, None, None]
     index = np.flatnonzero(keep)  # row-major: sorted by frame, as ColmapModel needs
     if len(index) > MAX_COLMAP_POINTS:
         index = index[np.sort(np.random.default_rng(0).choice(len(index), MAX_COLMAP_POINTS, replace=False))]

@@ -8,11 +8,13 @@ CUDA the hooks synchronise, so each phase's time is the GPU's, not the launch qu
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
+
+from .percentile import percentile
 
 PHASES = ("aggregator", "camera_head", "depth_head", "point_head")
 OUTPUTS = ("depth", "depth_conf", "world_points", "world_points_conf")
@@ -23,15 +25,24 @@ def phases(model: nn.Module) -> list[str]:
     return [name for name in PHASES if getattr(model, name, None) is not None]
 
 
+class Predicted(NamedTuple):
+    predictions: dict[str, np.ndarray]  # the single scene's, float32 (see ``predict``)
+    seconds: dict[str, float]  # spent in the aggregator and in the heads
+    percentiles: dict[str, float]  # output name -> the percentile of it asked for
+
+
 @torch.no_grad()
 def predict(
-    model: nn.Module, images: torch.Tensor, dtype: torch.dtype, on_phase: Callable[[str], None]
-) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    model: nn.Module, images: torch.Tensor, dtype: torch.dtype, on_phase: Callable[[str], None],
+    percentiles: Mapping[str, float],
+) -> Predicted:
     """Run ``model`` on ``images`` (S, 3, H, W) on the model's device under autocast ``dtype``.
 
     Returns the predictions of the single scene as float32 numpy (extrinsics (S, 3, 4), intrinsics (S, 3, 3),
-    depth (S, H, W, 1), depth_conf, world_points (S, H, W, 3), world_points_conf) and the seconds spent in the
-    aggregator and in the heads. ``on_phase(name)`` is called as each phase ends (for a progress bar).
+    depth (S, H, W, 1), depth_conf, world_points (S, H, W, 3), world_points_conf), the seconds spent in the
+    aggregator and in the heads, and for each ``output: q`` of ``percentiles`` the q-th percentile of that output
+    (``app.percentile``: computed on the device before the copy back, where it costs milliseconds).
+    ``on_phase(name)`` is called as each phase ends (for a progress bar).
     """
     from vggt.utils.pose_enc import pose_encoding_to_extri_intri
 
@@ -59,9 +70,10 @@ def predict(
         for handle in handles:
             handle.remove()
     arrays = {"extrinsics": extrinsics, "intrinsics": intrinsics, **{k: out[k] for k in OUTPUTS}}
+    found = {name: percentile(arrays[name][0].float(), q) for name, q in percentiles.items()}
     predictions = {k: v[0].float().cpu().numpy() for k, v in arrays.items()}  # drop the batch of one scene
     aggregator_end = ended.get("aggregator", start)
-    return predictions, {"aggregator": aggregator_end - start, "heads": end - aggregator_end}
+    return Predicted(predictions, {"aggregator": aggregator_end - start, "heads": end - aggregator_end}, found)
 
 
 def _sync(device: torch.device) -> None:

@@ -56,6 +56,7 @@ from .weights import DEFAULT_WEIGHTS
 log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+CONFIDENCES = ("world_points_conf", "depth_conf")  # thresholded at --conf-percentile: points.ply, the COLMAP model
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -210,7 +211,9 @@ def _run(options: ReconstructOptions, formats: tuple[str, ...], device: torch.de
             if kernels.progress_note():
                 bar.set_postfix_str(kernels.progress_note())
             try:
-                predictions, inner = predict(model, images.to(device), dtype, lambda name: _step(bar, name))
+                predictions, inner, thresholds = predict(
+                    model, images.to(device), dtype, lambda name: _step(bar, name),
+                    {name: options.conf_percentile for name in CONFIDENCES})
             except (torch.OutOfMemoryError, RuntimeError) as exc:
                 error = fit.out_of_memory_error(exc, planned, options.preset,
                                                 f"{device} with {frames} frames at {width}x{height}")
@@ -237,7 +240,7 @@ def _run(options: ReconstructOptions, formats: tuple[str, ...], device: torch.de
             optimizations={"config": applied.config.as_dict() if applied.config else None, "exact": applied.exact,
                            "tier": applied.tier.label, "patched": applied.targets},
         )
-        _export(result, predictions, colors, formats, frames_ahead, previews)
+        _export(result, predictions, thresholds, colors, formats, frames_ahead, previews)
         return result
 
 
@@ -258,17 +261,18 @@ def _check_upstream() -> None:
         ) from exc
 
 
-def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarray, formats: tuple[str, ...],
-            frames: FramesAhead, previews: preview_process.PreviewProcess) -> None:
+def _export(result: Result, predictions: dict[str, np.ndarray], thresholds: dict[str, float], colors: np.ndarray,
+            formats: tuple[str, ...], frames: FramesAhead, previews: preview_process.PreviewProcess) -> None:
     """Write every output into a staging folder that replaces ``--out`` only once all are written.
 
     The writers are independent of one another, so they run side by side on a thread per core (PNG and zlib
     encoding, file writes and much of numpy release the GIL); the frames of images/ were encoded while the model
     ran (``frames``), each is written as soon as it is ready; the preview is drawn by another process
-    (``previews``). What the writers share (the confident points, the COLMAP model) is computed on the pool too,
-    the two side by side and beside predictions.npz, which needs neither; the COLMAP text, the longest writer
-    left in this process, follows its model on the same thread; report.json, which counts what the others
-    wrote, comes last. The first failure (or Ctrl-C) cancels what has not started and, through
+    (``previews``). ``thresholds``: the ``--conf-percentile``-th percentile of each of ``CONFIDENCES``, found
+    where the predictions were. What the writers share (the confident points, the COLMAP model) is computed on
+    the pool too, the two side by side and beside predictions.npz, which needs neither; the COLMAP text, the
+    longest writer left in this process, follows its model on the same thread; report.json, which counts what
+    the others wrote, comes last. The first failure (or Ctrl-C) cancels what has not started and, through
     ``staged_directory``, leaves nothing behind.
     """
     options, names = result.options, result.image_names
@@ -280,13 +284,14 @@ def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarr
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="vggt-turbo-preview") as drawing:
         jobs: dict[Future[Any], str] = {}
         try:
+            result.conf_threshold = thresholds["world_points_conf"]
             points = pool.submit(export.confident_points, predictions["world_points"],
-                                 predictions["world_points_conf"], colors, options.conf_percentile)
+                                 predictions["world_points_conf"], colors, result.conf_threshold)
 
             def colmap_text() -> export.ColmapModel:  # the longest writer in this process: started first
                 model = export.colmap_model(
                     predictions["extrinsics"], predictions["intrinsics"], predictions["depth"],
-                    predictions["depth_conf"], colors, names, result.width, result.height, options.conf_percentile,
+                    predictions["depth_conf"], colors, names, result.width, result.height, thresholds["depth_conf"],
                 )
                 export.write_colmap(stage / "sparse", model, notes)
                 return model
@@ -298,7 +303,7 @@ def _export(result: Result, predictions: dict[str, np.ndarray], colors: np.ndarr
                           random_weights=np.array(result.random_weights))
             jobs[pool.submit(export.write_npz, stage / "predictions.npz", arrays)] = "predictions.npz"
 
-            xyz, rgb, result.conf_threshold = points.result()
+            xyz, rgb = points.result()
             result.points = len(xyz)
             # The preview, the longest job, drawn by another process (``previews``): a thread of its own hands it
             # over and waits, so that no writer's thread waits with it.

@@ -1,0 +1,71 @@
+"""The confidence thresholds of the export: numpy's default percentile, computed where the values are.
+
+``reconstruct`` keeps the points whose confidence is at least the ``--conf-percentile``-th percentile of all, for
+points.ply (``world_points_conf``) and for the COLMAP model (``depth_conf``). ``np.percentile`` over millions of
+values was most of what the export's first step (the confident points, which the preview waits for) spent on the
+host; the GPU finds the two order statistics it needs in a fraction of that, before the predictions are copied
+back (benchmarks/RESULTS.md).
+
+The number is numpy's: ``np.percentile(values.astype(np.float64), q)`` (method "linear"), the same index
+arithmetic and interpolation in float64 from the same two order statistics (which are values of the array, so
+where they are found does not change them). Tested against numpy on the CPU and on the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def percentile(values: torch.Tensor, q: float) -> float:
+    """``float(np.percentile(values.double().numpy(), q))`` for ``q`` in [0, 100], computed on ``values``' device."""
+    flat = values.detach().reshape(-1)
+    n = flat.numel()
+    if n == 0:
+        raise ValueError("percentile of no values")
+    virtual = (n - 1) * (q / 100.0)
+    below = math.floor(virtual)
+    neighbours = _neighbours_numpy if flat.device.type == "cpu" else _neighbours_torch
+    # q = 100 (or a single value): numpy takes the largest for both
+    found = neighbours(flat, n - 1 if virtual >= n - 1 else below)
+    if found is None:
+        return math.nan  # numpy's answer when a value is NaN (NaN sorts last, and interpolates to NaN)
+    a, b = found
+    if virtual >= n - 1:
+        b = a
+    gamma = virtual - below
+    diff = b - a
+    return b - diff * (1.0 - gamma) if gamma >= 0.5 else a + diff * gamma  # numpy's _lerp, in float64
+
+
+def at_least(threshold: float, dtype: np.dtype) -> np.generic:
+    """The smallest value of the float ``dtype`` that is at least ``threshold``: values of that dtype compare
+    with it as with the threshold itself (numpy would round a Python float to the array's dtype, to the nearest,
+    and a float32 array would then keep values just below a float64 threshold)."""
+    kind = np.dtype(dtype).type
+    value = kind(threshold)
+    return np.nextafter(value, kind(np.inf)) if float(value) < threshold else value
+
+
+def _neighbours_torch(flat: torch.Tensor, rank: int) -> tuple[float, float] | None:
+    """The values of rank ``rank`` and ``rank + 1`` (from 0, ascending; the last twice), None if any is NaN. For
+    the GPU: a selection and two reductions, no sort of the whole array (torch's CPU selection is slower than
+    numpy's)."""
+    if bool(torch.isnan(flat).any()):
+        return None
+    a = float(torch.kthvalue(flat, rank + 1).values)  # kthvalue counts from 1
+    if rank + 1 >= flat.numel() or int((flat <= a).sum()) >= rank + 2:  # the last, or a value that occurs again
+        return a, a
+    return a, float(torch.where(flat > a, flat, math.inf).min())  # else the smallest value above it
+
+
+def _neighbours_numpy(flat: torch.Tensor, rank: int) -> tuple[float, float] | None:
+    """As ``_neighbours_torch``, for a CPU tensor, with numpy's selection."""
+    values = flat.numpy()
+    if np.isnan(values).any():
+        return None
+    kth = [rank, rank + 1] if rank + 1 < len(values) else [rank]
+    part = np.partition(values, kth)
+    return float(part[rank]), float(part[kth[-1]])
