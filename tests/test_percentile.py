@@ -60,6 +60,32 @@ def test_equals_numpys_percentile_in_float64(monkeypatch: pytest.MonkeyPatch, pa
     assert not wrong
 
 
+@pytest.mark.parametrize("kind", ["exponential", "ties", "infinities"])
+def test_the_gpus_bracket_on_millions_of_values(kind: str) -> None:
+    """Past ``SAMPLE`` values the torch path brackets the ranks with a sample and sorts only what is inside."""
+    rng = np.random.default_rng(3)
+    n = 3 * module.SAMPLE + 12345
+    x = {"exponential": lambda: 1 + rng.exponential(2.0, n), "ties": lambda: rng.integers(0, 7, n) / 4,
+         "infinities": lambda: np.where(rng.random(n) < 0.3, np.inf, rng.standard_normal(n))}[kind]()
+    values = torch.from_numpy(x.astype(np.float32))
+    for q in (0.0, 0.5, 37.5, 50.0, 99.99, 100.0):
+        rank = min(math.floor((n - 1) * q / 100), n - 1)
+        assert module._neighbours_torch(values, rank) == module._neighbours_numpy(values, rank), q
+
+
+def test_a_bracket_that_misses_sorts_everything(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A strided sample unlike the whole (every 100th value huge): the bracket misses, the answer is still right."""
+    monkeypatch.setattr(module, "SAMPLE", 100)
+    monkeypatch.setattr(module, "MARGIN", 2)
+    x = np.random.default_rng(4).random(10_000).astype(np.float32)
+    x[::100] = 1000 + np.arange(100)
+    sorts = []
+    original = torch.sort
+    monkeypatch.setattr(torch, "sort", lambda t, *a, **k: sorts.append(t.numel()) or original(t, *a, **k))
+    assert module._neighbours_torch(torch.from_numpy(x), 5000) == module._neighbours_numpy(torch.from_numpy(x), 5000)
+    assert sorts[-1] == len(x)  # the fallback ran
+
+
 def test_a_confidence_map_and_its_shape() -> None:
     conf = 1 + np.random.default_rng(1).exponential(2.0, (3, 40, 50)).astype(np.float32)
     for q in (0.0, 12.5, 50.0, 99.9, 100.0):
