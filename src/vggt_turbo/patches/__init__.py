@@ -11,6 +11,7 @@ from ._base import Patch, Target, Tier
 from .aggregator.bf16_weights import PATCH as BF16_WEIGHTS
 from .aggregator.cached_casts import PATCH as CACHED_CASTS
 from .aggregator.cached_positions import PATCH as CACHED_POSITIONS
+from .heads.camera_head_matmul import PATCH as CAMERA_HEAD_MATMUL
 from .aggregator.chunked_mlp import PATCH as CHUNKED_MLP
 from .patch_embed.chunked_patch_embed import PATCH as CHUNKED_PATCH_EMBED
 from .aggregator.compile_blocks import PATCH as COMPILE
@@ -46,6 +47,7 @@ ALL_PATCHES: tuple[Patch, ...] = (
     OFFLOAD_INTERMEDIATES,
     SDPA,
     DINO_ATTENTION,  # the patch embed's attention: the kernel choice sdpa makes for the aggregator's blocks
+    CAMERA_HEAD_MATMUL,  # the camera head's linear layers, inside single_key_attention's value-row product
     SINGLE_KEY_ATTENTION,  # the camera head's trunk attention; below concurrent_heads (runs on its stream)
     FUSED_QK_NORM_ROPE,  # above sdpa: computes the attention itself (sdpa_backend), falls back to sdpa's wrapper
     FUSED_FRAME_BATCHING,
