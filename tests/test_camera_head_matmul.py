@@ -45,7 +45,7 @@ def test_outside_rows_it_calls_upstream_bit_for_bit(model, images) -> None:
     assert_equal(run(model, images), expected)
 
 
-@pytest.mark.parametrize("rows", [7, 8, 128, 129])
+@pytest.mark.parametrize("rows", [7, 8, 100, 101])
 def test_the_rows_bounds(monkeypatch, rows: int) -> None:
     linear = nn.Linear(16, 24).eval()
     x = torch.randn(1, rows, 16)

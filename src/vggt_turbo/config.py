@@ -71,7 +71,7 @@ class TurboConfig:
         fused_add_norm: with fused_layer_scale, each residual sum and the next LayerNorm in one pass (exact).
         dino_attention: the patch embed's attention on FlashAttention-4 or the forced backend (exact).
         single_key_attention: the camera head's one-token attention as its value rows (exact to fp32 rounding).
-        camera_head_matmul: the camera head's fp32 products of 8-128 rows as W x^T, another cuBLAS kernel (exact).
+        camera_head_matmul: the camera head's fp32 products of 8-100 rows as W x^T, another cuBLAS kernel (exact).
         patch_embed_matmul: the 14 x 14 patch projection as one matrix product on cuBLAS (exact).
         sequence_parallel: frames split over a torch.distributed group's ranks (exact; False, True or a group).
         sequence_parallel_output: ``"gathered"`` (every rank gets every frame) or ``"sharded"`` (its own frames).
