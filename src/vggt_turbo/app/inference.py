@@ -41,7 +41,7 @@ def predict(
     Returns the predictions of the single scene as float32 numpy (extrinsics (S, 3, 4), intrinsics (S, 3, 3),
     depth (S, H, W, 1), depth_conf, world_points (S, H, W, 3), world_points_conf), the seconds spent in the
     aggregator and in the heads, and for each ``output: q`` of ``percentiles`` the q-th percentile of that output
-    (``app.percentile``: computed on the device before the copy back, where it costs milliseconds).
+    (``app.percentile``: computed on the device, before the copy back).
     ``on_phase(name)`` is called as each phase ends (for a progress bar).
     """
     from vggt.utils.pose_enc import pose_encoding_to_extri_intri

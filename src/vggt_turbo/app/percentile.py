@@ -36,8 +36,6 @@ def percentile(values: torch.Tensor, q: float) -> float:
     if found is None:
         return math.nan  # numpy's answer when a value is NaN (NaN sorts last, and interpolates to NaN)
     a, b = found
-    if virtual >= n - 1:
-        b = a
     gamma = virtual - below
     diff = b - a
     return b - diff * (1.0 - gamma) if gamma >= 0.5 else a + diff * gamma  # numpy's _lerp, in float64

@@ -2,11 +2,11 @@
 
 The camera head runs in fp32 (upstream turns autocast off for the heads) on one token per frame, so its products
 have as many rows as frames: for 10 frames, 10 rows against weights of up to 2048 x 8192. There cuBLAS's choice
-for ``F.linear`` (x W^T, a "small-n" kernel) reads the weights at a fraction of the memory bandwidth, while the
-same product asked the other way round, W x^T (its transpose), gets a kernel that streams them at several times
-the rate: on an H200 the trunk's MLP product of 10 rows took half the time (the probe's figures:
-benchmarks/RESULTS.md). So calls of ``ROWS`` rows compute ``addmm(b, W, x^T)`` and return its transpose,
-contiguous; with fewer rows (1 frame: cuBLAS's kernel is already at the bandwidth) or more, upstream's call runs.
+for ``F.linear`` (x W^T, a "small-n" kernel) reads the weights well below the memory bandwidth, while the same
+product asked the other way round, W x^T (its transpose), gets a kernel that streams them faster (the probe of
+each shape and the model's A/B: benchmarks/RESULTS.md). So calls of ``ROWS`` rows compute ``addmm(b, W, x^T)``
+and return its transpose, contiguous; with fewer rows (1 frame: cuBLAS's kernel is already at the bandwidth) or
+more, upstream's call runs.
 
 Exact: the same fp32 products of the same operands (no TF32, no lower precision), summed in another order by
 another kernel; the outputs differ from upstream's by fp32 rounding only (tests: the CPU in fp32, and on the GPU
