@@ -43,7 +43,8 @@ def test_chunked_heads_equal_upstream(model, query_points) -> None:
     expected = run(model, images, query_points)
     # dpt_channels_last off: it changes the last chunk's (one frame) rounding on purpose (see its tests);
     # camera_head_matmul off: its products of 8 or more rows (frames) are summed in another order (see its tests)
-    vggt_turbo.apply_optimizations(model, "exact", dpt_channels_last=False, camera_head_matmul=False)
+    vggt_turbo.apply_optimizations(model, "exact", dpt_channels_last=False, dpt_channels_last_weights=False,
+                                   camera_head_matmul=False)
     assert_equal(run(model, images, query_points), expected)
 
 

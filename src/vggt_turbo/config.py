@@ -66,6 +66,7 @@ class TurboConfig:
         fused_dpt_upsample: the DPT heads' bilinear resizes in one Triton kernel each (exact, fp32 bit for bit).
         fused_dpt_epilogue: each DPT convolution's bias with its ReLU or residual add in one pass (bit for bit).
         dpt_channels_last: the DPT heads' feature maps channels-last at one frame, as from two frames on (exact).
+        dpt_channels_last_weights: channels-last copies of the DPT heads' k x k weights kept between calls (exact).
         concurrent_heads: the three heads on CUDA streams of their own at one frame (exact, bit for bit).
         fused_layer_scale: each block's LayerScale product and residual sum in one pass (exact, bit for bit).
         fused_add_norm: with fused_layer_scale, each residual sum and the next LayerNorm in one pass (exact).
@@ -99,6 +100,7 @@ class TurboConfig:
     fused_dpt_upsample: bool = True
     fused_dpt_epilogue: bool = True
     dpt_channels_last: bool = True
+    dpt_channels_last_weights: bool = True
     concurrent_heads: bool = True
     fused_layer_scale: bool = True
     fused_add_norm: bool = True

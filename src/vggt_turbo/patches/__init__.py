@@ -19,6 +19,7 @@ from .heads.concurrent_heads import PATCH as CONCURRENT_HEADS
 from .runtime.cuda_graphs import PATCH as CUDA_GRAPHS
 from .patch_embed.dino_attention import PATCH as DINO_ATTENTION
 from .heads.dpt_channels_last import PATCH as DPT_CHANNELS_LAST
+from .heads.dpt_channels_last_weights import PATCH as DPT_CHANNELS_LAST_WEIGHTS
 from .heads.fused_dpt_epilogue import PATCH as FUSED_DPT_EPILOGUE
 from .heads.fused_dpt_upsample import PATCH as FUSED_DPT_UPSAMPLE
 from .aggregator.fused_frame_batching import PATCH as FUSED_FRAME_BATCHING
@@ -39,6 +40,7 @@ ALL_PATCHES: tuple[Patch, ...] = (
     FUSED_DPT_UPSAMPLE,  # replaces DPTHead._forward_impl without calling upstream's: below the head-input wrappers
     FUSED_DPT_EPILOGUE,  # the heads' residual units and convolutions
     DPT_CHANNELS_LAST,  # above fused_dpt_epilogue: hands its projects convolutions a restrided view
+    DPT_CHANNELS_LAST_WEIGHTS,  # around the whole head's forward: every convolution in it sees the copies
     CACHED_POSITIONS,  # replaces Aggregator.forward without calling upstream's: must sit below sync_free_rope
     SYNC_FREE_ROPE,
     CACHED_CASTS,  # below bf16_weights, which turns autocast off inside it (then these copies are not used)

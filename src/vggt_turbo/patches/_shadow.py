@@ -1,7 +1,8 @@
-"""Low-precision copies of a module's fp32 parameters, kept between calls and swapped in for one forward.
+"""Copies of a module's fp32 parameters in another dtype or memory layout, kept between calls and swapped in for
+one forward.
 
-Shared by ``bf16_weights`` (every aggregator parameter, autocast off) and ``cached_casts`` (the matmul weights
-only, autocast on). A copy is rebuilt when its parameter is moved, replaced or changed in place (its storage
+Shared by ``bf16_weights`` (every aggregator parameter, autocast off), ``cached_casts`` (the matmul weights
+only, autocast on) and ``dpt_channels_last_weights`` (the DPT heads' convolution weights, channels-last). A copy is rebuilt when its parameter is moved, replaced or changed in place (its storage
 address or version counter moves), so an ``optimizer.step()`` or ``load_state_dict`` is never served stale
 copies. During the forward each parameter's ``.data`` points at its copy (as ``Module.half()`` does) and is
 restored after, so a model must not run the same module from two threads at once.
@@ -19,8 +20,8 @@ Selector = Callable[[nn.Module], Iterable[nn.Parameter]]
 
 
 class Shadow:
-    """The ``dtype`` copies of the fp32 parameters ``select(module)`` names, valid while those keep address and
-    version."""
+    """The ``dtype`` (and ``memory_format``) copies of the fp32 parameters ``select(module)`` names, valid while
+    those keep address and version."""
 
     def __init__(self, select: Selector) -> None:
         self._select = select
@@ -28,13 +29,14 @@ class Shadow:
         self._copies: list[torch.Tensor] = []
         self._key: Optional[tuple] = None
 
-    def refresh(self, module: nn.Module, dtype: torch.dtype) -> None:
+    def refresh(self, module: nn.Module, dtype: torch.dtype,
+                memory_format: torch.memory_format = torch.preserve_format) -> None:
         params = [p for p in self._select(module) if p.dtype == torch.float32]
-        key = (dtype, tuple((p.data_ptr(), p._version) for p in params))
+        key = (dtype, memory_format, tuple((p.data_ptr(), p._version) for p in params))
         if key != self._key:
             self._copies = []  # free the old copies before making the new ones
             with torch.no_grad(), torch.inference_mode(False):  # plain tensors: .data may be swapped to them
-                self._copies = [p.detach().to(dtype) for p in params]
+                self._copies = [p.detach().to(dtype, memory_format=memory_format, copy=True) for p in params]
             self._params, self._key = params, key
 
     def swap(self) -> None:
