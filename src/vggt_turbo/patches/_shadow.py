@@ -10,7 +10,9 @@ restored after, so a model must not run the same module from two threads at once
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+import contextlib
+import weakref
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -43,3 +45,26 @@ class Shadow:
         """Exchange every parameter's data with its copy (called twice: in, then out)."""
         for i, p in enumerate(self._params):
             p.data, self._copies[i] = self._copies[i], p.data
+
+
+class Shadows(weakref.WeakKeyDictionary):
+    """A ``Shadow`` per module instance, weakly held: a patch's wrapper holds one, so its copies go with it on
+    revert."""
+
+    def __init__(self, select: Selector) -> None:
+        super().__init__()
+        self._select = select
+
+    @contextlib.contextmanager
+    def swapped(self, module: nn.Module, dtype: torch.dtype,
+                memory_format: torch.memory_format = torch.preserve_format) -> Iterator[None]:
+        """``module``'s copies, refreshed, in its parameters' ``.data`` for the ``with`` block."""
+        shadow = self.get(module)
+        if shadow is None:
+            shadow = self[module] = Shadow(self._select)
+        shadow.refresh(module, dtype, memory_format)
+        shadow.swap()
+        try:
+            yield
+        finally:
+            shadow.swap()

@@ -29,7 +29,6 @@ Aggregator alone it returns fp32, as upstream.
 from __future__ import annotations
 
 import contextvars
-import weakref
 from typing import Any
 
 import torch
@@ -40,7 +39,7 @@ from ...config import TurboConfig
 from ...upstream import AGGREGATOR_FORWARD, Requirement, aggregator_of, looks_like_vggt
 from .._base import Patch, Target, Tier, aggregator_path, join
 from .._head_inputs import HEAD_INPUT_REQUIREMENTS, head_input_targets
-from .._shadow import Shadow
+from .._shadow import Shadows
 
 # True while a patched aggregator runs in bf16: tells its patch_embed to take bf16 input.
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("vggt_turbo_bf16_active", default=False)
@@ -48,7 +47,7 @@ _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("vggt_turbo_bf16_
 
 def make_aggregator_wrapper(upcast_outputs: bool):
     """The ``Aggregator.forward`` wrapper; ``upcast_outputs``: return fp32 intermediates (no patched heads)."""
-    shadows: "weakref.WeakKeyDictionary[nn.Module, Shadow]" = weakref.WeakKeyDictionary()
+    shadows = Shadows(nn.Module.parameters)
 
     def aggregator_forward(wrapped: Any, agg: nn.Module, args: tuple, kwargs: dict) -> Any:
         device_type = AGGREGATOR_FORWARD.bind(*args, **kwargs)[0].device.type
@@ -61,17 +60,11 @@ def make_aggregator_wrapper(upcast_outputs: bool):
             or first.dtype != torch.float32
         ):
             return wrapped(*args, **kwargs)
-        shadow = shadows.get(agg)
-        if shadow is None:
-            shadow = shadows[agg] = Shadow(nn.Module.parameters)
-        shadow.refresh(agg, torch.bfloat16)
         token = _ACTIVE.set(True)
-        shadow.swap()
         try:
-            with torch.autocast(device_type, enabled=False):
+            with shadows.swapped(agg, torch.bfloat16), torch.autocast(device_type, enabled=False):
                 outputs, patch_start_idx = wrapped(*args, **kwargs)
         finally:
-            shadow.swap()
             _ACTIVE.reset(token)
         if upcast_outputs:
             outputs = [None if t is None else t.float() for t in outputs]

@@ -23,7 +23,6 @@ receive identical operands.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, Iterator
 
 import torch
@@ -33,7 +32,7 @@ from ...autocast import autocast_dtype
 from ...config import TurboConfig
 from ...upstream import AGGREGATOR_FORWARD
 from .._base import Patch, Target, Tier, aggregator_path
-from .._shadow import Shadow
+from .._shadow import Shadows
 
 MATMUL_MODULES = (nn.Linear, nn.Conv2d)  # what autocast casts for: linear and conv2d run in its lower precision
 HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -52,21 +51,14 @@ def matmul_parameters(module: nn.Module) -> Iterator[nn.Parameter]:
 
 def make_wrapper():
     """The ``Aggregator.forward`` wrapper; its copies are per aggregator instance (weakly held, dropped on revert)."""
-    shadows: "weakref.WeakKeyDictionary[nn.Module, Shadow]" = weakref.WeakKeyDictionary()
+    shadows = Shadows(matmul_parameters)
 
     def aggregator_forward(wrapped: Any, agg: nn.Module, args: tuple, kwargs: dict) -> Any:
         dtype = autocast_dtype(AGGREGATOR_FORWARD.bind(*args, **kwargs)[0].device.type)
         if agg.training or torch.is_grad_enabled() or dtype not in HALF_DTYPES:
             return wrapped(*args, **kwargs)
-        shadow = shadows.get(agg)
-        if shadow is None:
-            shadow = shadows[agg] = Shadow(matmul_parameters)
-        shadow.refresh(agg, dtype)
-        shadow.swap()
-        try:
+        with shadows.swapped(agg, dtype):
             return wrapped(*args, **kwargs)
-        finally:
-            shadow.swap()
 
     aggregator_forward.shadows = shadows  # type: ignore[attr-defined]
     return aggregator_forward

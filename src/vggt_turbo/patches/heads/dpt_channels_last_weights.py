@@ -17,7 +17,6 @@ off) outside autocast, as upstream runs its heads; otherwise upstream's forward.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, Iterator
 
 import torch
@@ -28,7 +27,7 @@ from ...config import TurboConfig
 from ...upstream import DPT_FORWARD, dpt_heads
 from .._base import Patch, Target, Tier
 from .._head_inputs import first_param
-from .._shadow import Shadow
+from .._shadow import Shadows
 
 CONVS = (nn.Conv2d, nn.ConvTranspose2d)
 
@@ -44,20 +43,13 @@ def spatial_weights(head: nn.Module) -> Iterator[nn.Parameter]:
 
 def make_wrapper():
     """The ``DPTHead.forward`` wrapper; its copies are per head instance (weakly held, dropped on revert)."""
-    shadows: "weakref.WeakKeyDictionary[nn.Module, Shadow]" = weakref.WeakKeyDictionary()
+    shadows = Shadows(spatial_weights)
 
     def head_forward(wrapped: Any, head: nn.Module, args: tuple, kwargs: dict) -> Any:
         if head.training or torch.is_grad_enabled() or autocast_dtype(first_param(head).device.type) is not None:
             return wrapped(*args, **kwargs)
-        shadow = shadows.get(head)
-        if shadow is None:
-            shadow = shadows[head] = Shadow(spatial_weights)
-        shadow.refresh(head, torch.float32, torch.channels_last)
-        shadow.swap()
-        try:
+        with shadows.swapped(head, torch.float32, torch.channels_last):
             return wrapped(*args, **kwargs)
-        finally:
-            shadow.swap()
 
     head_forward.shadows = shadows  # type: ignore[attr-defined]
     return head_forward
