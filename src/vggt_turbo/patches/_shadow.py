@@ -2,10 +2,11 @@
 one forward.
 
 Shared by ``bf16_weights`` (every aggregator parameter, autocast off), ``cached_casts`` (the matmul weights
-only, autocast on) and ``dpt_channels_last_weights`` (the DPT heads' convolution weights, channels-last). A copy is rebuilt when its parameter is moved, replaced or changed in place (its storage
-address or version counter moves), so an ``optimizer.step()`` or ``load_state_dict`` is never served stale
-copies. During the forward each parameter's ``.data`` points at its copy (as ``Module.half()`` does) and is
-restored after, so a model must not run the same module from two threads at once.
+only, autocast on) and ``dpt_channels_last_weights`` (the DPT heads' convolution weights, channels-last). A copy
+is rebuilt when its parameter is moved, replaced or changed in place (its storage address or version counter
+moves), so an ``optimizer.step()`` or ``load_state_dict`` is never served stale copies. During the forward each
+parameter's ``.data`` points at its copy (as ``Module.half()`` does) and is restored after, so a model must not run
+the same module from two threads at once.
 """
 
 from __future__ import annotations

@@ -56,7 +56,10 @@ PATCH = Patch(
     name="camera_head_matmul",
     tier=Tier.EXACT,
     sequence_parallel=True,  # each call's own rows, wherever it runs
-    summary="the camera head's fp32 products of 8 to 100 rows (frames) computed as W x^T, a kernel that streams the weights faster",
+    summary=(
+        "the camera head's fp32 products of 8 to 100 rows (frames) computed as W x^T, a kernel that streams the"
+        " weights faster"
+    ),
     requirements=members("CameraHead", head_of("camera_head"), ("trunk", None)),  # its linear layers are found in it
     enabled=lambda c: c.camera_head_matmul,
     targets=_targets,
