@@ -341,8 +341,9 @@ def _rows(row: str, columns: Sequence[Sequence[Any]], separator: str = "") -> st
     ``np.float64(...)`` under ``%r``), joined by ``separator``, one ``%`` per ``ROWS_PER_FORMAT`` rows.
 
     Why in pieces: one ``%`` is one call into C that holds the GIL until it returns (for 100,000 points, longer
-    than the preview's drawing: benchmarks/RESULTS.md, "the export's GIL"), during which no other thread of the export (the PLY and npz writers, the preview's hand-off)
-    can take a step. Between pieces Python hands the GIL over; the text is the same."""
+    than the preview's drawing: benchmarks/RESULTS.md, "the export's GIL"), during which no other thread of the
+    export (the PLY and npz writers, the preview's hand-off) can take a step. Between pieces Python hands the GIL
+    over; the text is the same."""
     rows = len(columns[0])
     pieces = []
     for start in range(0, rows, ROWS_PER_FORMAT):

@@ -28,7 +28,7 @@ def phases(model: nn.Module) -> list[str]:
 class Predicted(NamedTuple):
     predictions: dict[str, np.ndarray]  # the single scene's, float32 (see ``predict``)
     seconds: dict[str, float]  # spent in the aggregator and in the heads
-    percentiles: dict[str, float]  # output name -> the percentile of it asked for
+    thresholds: dict[str, float]  # output name -> the percentile of it asked for (``percentiles``)
 
 
 @torch.no_grad()
@@ -70,8 +70,9 @@ def predict(
         for handle in handles:
             handle.remove()
     arrays = {"extrinsics": extrinsics, "intrinsics": intrinsics, **{k: out[k] for k in OUTPUTS}}
-    found = {name: percentile(arrays[name][0].float(), q) for name, q in percentiles.items()}
-    predictions = {k: v[0].float().cpu().numpy() for k, v in arrays.items()}  # drop the batch of one scene
+    scene = {k: v[0].float() for k, v in arrays.items()}  # drop the batch of one scene
+    found = {name: percentile(scene[name], q) for name, q in percentiles.items()}
+    predictions = {k: v.cpu().numpy() for k, v in scene.items()}
     aggregator_end = ended.get("aggregator", start)
     return Predicted(predictions, {"aggregator": aggregator_end - start, "heads": end - aggregator_end}, found)
 
